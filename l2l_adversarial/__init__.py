@@ -1,0 +1,23 @@
+"""l2l-adversarial: adversarial meta-learning (ADML, MAML-AD, Adversarial Querying) and
+L-infinity attacks as drop-in pieces for learn2learn training loops."""
+
+from l2l_adversarial.algorithms import ADML, MAMLAD, AdversarialQuerying
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.models import CNN4, MLP
+from l2l_adversarial.task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADML",
+    "CNN4",
+    "FFGSM",
+    "FGSM",
+    "MAMLAD",
+    "MLP",
+    "PGD",
+    "Task",
+    "AdversarialQuerying",
+    "Attack",
+    "__version__",
+]

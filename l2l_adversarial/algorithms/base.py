@@ -1,0 +1,96 @@
+"""What ADML, MAML-AD and Adversarial Querying share: a learn2learn ``MAML`` wrapper with an
+attack and a functional inner loop."""
+
+from __future__ import annotations
+
+import math
+
+from learn2learn.algorithms import MAML
+from torch import Tensor, nn
+
+from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.functional import FunctionalModel, LossFn, Params
+
+DEFAULT_TRAINING_EPS = 2 / 255
+"""The paper's meta-training FGSM radius, eps = 2 on 8-bit images scaled to [0, 1]."""
+
+ATTACK_TARGETS = ("initial", "adapted")
+
+
+def check_step_size(name: str, value: float) -> float:
+    """A learning rate must be a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (the paper uses 0.01), got {value}")
+    return float(value)
+
+
+def check_steps(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class AdversarialMetaLearner(MAML):
+    """A ``learn2learn.algorithms.MAML`` that also knows an attack.
+
+    ``clone()`` and ``adapt()`` behave exactly as in learn2learn, so an unchanged MAML loop
+    still runs; subclasses add ``meta_loss(...)``, the adversarial meta-objective of one task.
+
+    Args:
+        model: the network; any ``nn.Module`` with trainable parameters.
+        lr: inner-loop step size (alpha).
+        first_order: drop second-order terms of the meta-gradient (FOMAML).
+        attack: an :class:`~l2l_adversarial.attacks.Attack`; default ``FGSM(eps=2/255)``.
+        adaptation_steps: inner gradient steps per task (the paper: 5 in meta-training).
+        loss_fn: task loss ``loss_fn(logits, labels)``; cross-entropy by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        first_order: bool = False,
+        *,
+        attack: Attack | None = None,
+        adaptation_steps: int = 1,
+        loss_fn: LossFn | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
+    ) -> None:
+        functional = FunctionalModel(model, loss_fn)
+        super().__init__(
+            model,
+            lr=check_step_size("lr", lr),
+            first_order=bool(first_order),
+            allow_unused=allow_unused,
+            allow_nograd=allow_nograd,
+        )
+        if attack is None:
+            attack = FGSM(eps=DEFAULT_TRAINING_EPS)
+        if not isinstance(attack, Attack):
+            raise TypeError(
+                "attack must be an l2l_adversarial.attacks.Attack (FGSM, FFGSM, PGD, ...), "
+                f"got {type(attack).__name__}"
+            )
+        self.attack = attack
+        self.adaptation_steps = check_steps("adaptation_steps", adaptation_steps)
+        self.functional = functional
+
+    def meta_parameters(self) -> Params:
+        """theta: the wrapped model's trainable parameters, by name."""
+        return self.functional.parameters()
+
+    def resolve_steps(self, steps: int | None) -> int:
+        return self.adaptation_steps if steps is None else check_steps("steps", steps)
+
+    def adapt_functional(
+        self, params: Params, inputs: Tensor, labels: Tensor, lr: float, steps: int
+    ) -> Params:
+        """Fast weights after ``steps`` inner steps from ``params`` (second-order unless first_order)."""
+        return self.functional.adapt(params, inputs, labels, lr, steps, self.first_order)
+
+    def perturb(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Adversarial copies of ``inputs`` against the model at ``params`` (constants for autograd)."""
+        return self.attack(self.functional.at(params), inputs, labels)

@@ -1,0 +1,257 @@
+"""L-infinity evasion attacks for few-shot models: FGSM, FGSM with random start, and PGD.
+
+Conventions (read these before choosing ``eps``):
+
+* ``eps`` and ``step_size`` are in the units of the data's *pixel* range ``data_range``
+  (default ``(0, 1)``). The paper's "eps = 2" and "eps = 0.2" on 8-bit images are
+  ``eps=2/255`` and ``eps=0.2/255`` here.
+* If the model expects normalised inputs, pass ``mean`` and ``std``: the attack takes and
+  returns inputs in the model's (normalised) space, but perturbs and clamps in pixel space.
+* Unlike torchattacks, an attack object is not bound to a model: meta-learning attacks a
+  different set of parameters for every task, so the model is an argument of each call,
+  ``attack(model, inputs, labels)``. ``model`` may be any callable returning logits: an
+  ``nn.Module``, a learn2learn clone whose parameters are non-leaf tensors, a torchmeta
+  ``MetaModule`` or a closure over functional parameters.
+* The attack never writes into the model: ``nn.Module`` parameters are read detached, so no
+  ``.grad`` is touched and no edge joins the caller's autograd graph, and buffers are
+  copied, so BatchNorm running statistics are never updated by an attack. BatchNorm itself
+  behaves as the model's mode says: in ``train()`` mode (as in MAML's transductive
+  setting) it normalises with the statistics of the attacked batch, in ``eval()`` mode
+  with its running statistics. The result is always detached.
+
+Example:
+    >>> import torch
+    >>> from l2l_adversarial import FGSM
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> x_adv = FGSM(eps=2 / 255)(model, x, y)
+    >>> bool((x_adv - x).abs().max() <= 2 / 255 + 1e-7)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l2l_adversarial.functional import stateless
+from l2l_adversarial.validation import check_finite, check_labels
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[[Tensor], Tensor]
+
+__all__ = ["Attack", "FGSM", "FFGSM", "PGD"]
+
+
+def _check_eps(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0 in the units of data_range "
+            f"(e.g. 2/255 for the paper's eps=2 on images in [0, 1]), got {value}"
+        )
+    return float(value)
+
+
+class Attack(ABC):
+    """Base class: an L-infinity attack of radius ``eps`` in pixel space.
+
+    Subclasses implement :meth:`perturb_pixels`. Call an attack as
+    ``attack(model, inputs, labels)``.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        data_range: tuple[float, float] = (0.0, 1.0),
+        mean: Sequence[float] | Tensor | None = None,
+        std: Sequence[float] | Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        self.eps = _check_eps("eps", eps)
+        lower, upper = (float(v) for v in data_range)
+        if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+            raise ValueError(
+                f"data_range must be (lower, upper) with lower < upper, got {data_range}"
+            )
+        self.data_range = (lower, upper)
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std must be given together (or both left as None)")
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if self.std is not None and bool((self.std <= 0).any()):
+            raise ValueError(f"std must be positive, got {self.std.tolist()}")
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
+
+    def __call__(self, model: Model, inputs: Tensor, labels: Tensor) -> Tensor:
+        """Return adversarial copies of ``inputs`` (detached, same space and shape)."""
+        check_finite("inputs", inputs)
+        labels = labels.detach()
+        pixels = self._to_pixels(inputs.detach())
+        self._check_range(pixels)
+        if self.eps == 0:
+            return inputs.detach().clone()
+        forward = stateless(model)
+        adversarial = self.perturb_pixels(forward, pixels, labels)
+        return self._to_model_space(adversarial).detach()
+
+    @abstractmethod
+    def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
+        """Return the adversarial pixels for clean ``pixels`` (inside ``data_range``)."""
+
+    # -- helpers shared by the attacks -------------------------------------------------
+    def input_gradient(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
+        """Gradient of the loss with respect to the pixels (not the model's parameters)."""
+        with torch.enable_grad():
+            pixels = pixels.detach().requires_grad_(True)
+            logits = forward(self._to_model_space(pixels))
+            check_labels("labels", labels, logits.shape[-1])
+            loss = self.loss_fn(logits, labels)
+            (gradient,) = torch.autograd.grad(loss, pixels)
+        return gradient
+
+    def project(self, adversarial: Tensor, clean: Tensor) -> Tensor:
+        """Clip into the eps-ball around ``clean`` and into ``data_range``."""
+        adversarial = torch.max(torch.min(adversarial, clean + self.eps), clean - self.eps)
+        return adversarial.clamp(*self.data_range)
+
+    def uniform_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        device = generator.device if generator is not None else like.device
+        noise = torch.rand(like.shape, generator=generator, device=device, dtype=like.dtype)
+        return ((2 * noise - 1) * self.eps).to(like.device)
+
+    def _channel_view(self, stat: Tensor, like: Tensor) -> Tensor:
+        shape = [1] * like.dim()
+        if like.dim() >= 3:
+            shape[-3] = -1
+        else:
+            shape[-1] = -1
+        return stat.to(device=like.device, dtype=like.dtype).view(shape)
+
+    def _to_pixels(self, inputs: Tensor) -> Tensor:
+        if self.mean is None or self.std is None:
+            return inputs
+        return inputs * self._channel_view(self.std, inputs) + self._channel_view(self.mean, inputs)
+
+    def _to_model_space(self, pixels: Tensor) -> Tensor:
+        if self.mean is None or self.std is None:
+            return pixels
+        return (pixels - self._channel_view(self.mean, pixels)) / self._channel_view(
+            self.std, pixels
+        )
+
+    def _check_range(self, pixels: Tensor) -> None:
+        lower, upper = self.data_range
+        slack = 1e-4 * (upper - lower)
+        low, high = pixels.min().item(), pixels.max().item()
+        if low < lower - slack or high > upper + slack:
+            raise ValueError(
+                f"inputs (in pixel space) lie in [{low:.4g}, {high:.4g}], outside "
+                f"data_range={self.data_range}. Images from learn2learn's MiniImagenet are "
+                "in 0-255: divide them by 255 (l2l_adversarial.data does), or pass "
+                "data_range=(0, 255) and eps in the same units; for normalised inputs pass "
+                "mean= and std=."
+            )
+
+
+class FGSM(Attack):
+    """Fast Gradient Sign Method (Goodfellow et al., 2015), the attack used by ADML.
+
+    ``x_adv = clip(x + eps * sign(grad_x L(f(x), y)), data_range)``.
+
+    Example:
+        >>> attack = FGSM(eps=2 / 255)  # the paper's eps = 2 for 8-bit images in [0, 1]
+    """
+
+    def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
+        gradient = self.input_gradient(forward, pixels, labels)
+        return (pixels + self.eps * gradient.sign()).clamp(*self.data_range)
+
+
+class FFGSM(Attack):
+    """FGSM with a uniform random start (Wong et al., 2020, "Fast is better than free").
+
+    ``x0 = x + U(-eps, eps)``; ``x_adv = project(x0 + step_size * sign(grad L(f(x0), y)))``.
+    ``step_size`` defaults to ``1.25 * eps`` as in that paper. Named as in torchattacks.
+
+    Example:
+        >>> attack = FFGSM(eps=2 / 255, generator=torch.Generator().manual_seed(0))
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        step_size: float | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(eps, **kwargs)
+        self.step_size = _check_eps(
+            "step_size", 1.25 * self.eps if step_size is None else step_size
+        )
+        self.generator = generator
+
+    def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
+        start = (pixels + self.uniform_noise(pixels, self.generator)).clamp(*self.data_range)
+        gradient = self.input_gradient(forward, start, labels)
+        return self.project(start + self.step_size * gradient.sign(), pixels)
+
+
+class PGD(Attack):
+    """Projected gradient descent in the L-infinity ball (Madry et al., 2018).
+
+    ``steps`` signed-gradient steps of ``step_size`` (default ``2.5 * eps / steps``), each
+    projected onto the eps-ball and ``data_range``, from a uniform random start in the ball
+    when ``random_start`` (default). With ``steps=1, random_start=False, step_size=eps`` it
+    is exactly :class:`FGSM`.
+
+    Example:
+        >>> attack = PGD(eps=2 / 255, steps=10)
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(eps, **kwargs)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        self.steps = steps
+        default_step = 2.5 * self.eps / steps
+        self.step_size = _check_eps("step_size", default_step if step_size is None else step_size)
+        self.random_start = bool(random_start)
+        self.generator = generator
+
+    def __repr__(self) -> str:
+        return (
+            f"PGD(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"random_start={self.random_start})"
+        )
+
+    def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
+        adversarial = pixels
+        if self.random_start:
+            adversarial = (pixels + self.uniform_noise(pixels, self.generator)).clamp(
+                *self.data_range
+            )
+        for _ in range(self.steps):
+            gradient = self.input_gradient(forward, adversarial, labels)
+            adversarial = self.project(adversarial + self.step_size * gradient.sign(), pixels)
+        return adversarial

@@ -1,0 +1,139 @@
+"""Stateless forward passes and inner-loop adaptation on named parameter dictionaries.
+
+The algorithms never copy modules: a task's fast weights are a ``dict`` of tensors that are
+differentiable functions of the meta-parameters, and the module is evaluated at them with
+``torch.func.functional_call``. This works for any ``nn.Module`` (torchmeta ``MetaModule``
+included) and keeps second-order gradients exact.
+
+Example:
+    >>> import torch
+    >>> from l2l_adversarial.functional import FunctionalModel
+    >>> net = FunctionalModel(torch.nn.Linear(4, 2))
+    >>> theta = net.parameters()
+    >>> x, y = torch.rand(6, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    >>> fast = net.adapt(theta, x, y, lr=0.1, steps=2)
+    >>> net(fast, x).shape
+    torch.Size([6, 2])
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["FunctionalModel", "Params", "accuracy", "stateless"]
+
+
+def stateless(
+    model: Callable[[Tensor], Tensor], params: Params | None = None
+) -> Callable[[Tensor], Tensor]:
+    """Return a callable computing ``model(x)`` that cannot write into ``model``.
+
+    For an ``nn.Module`` the forward pass uses detached parameters (``params`` if given,
+    else the module's own) and copies of the buffers: no ``.grad`` is touched, no edge joins
+    the caller's autograd graph and BatchNorm running statistics are not updated. Any other
+    callable is returned unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        return model
+    source = params if params is not None else dict(model.named_parameters())
+    state: Params = {name: p.detach() for name, p in source.items()}
+    state.update({name: b.clone() for name, b in model.named_buffers()})
+    return lambda inputs: functional_call(model, state, (inputs,))
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of samples whose arg-max logit is the label (a 0-d tensor)."""
+    return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+def _warn_on_tracked_batchnorm(module: nn.Module) -> None:
+    tracked = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+    ]
+    if tracked:
+        warnings.warn(
+            f"{type(module).__name__} has BatchNorm layers that track running statistics "
+            f"({', '.join(tracked[:3])}{'...' if len(tracked) > 3 else ''}). Inner-loop "
+            "forward passes on every task update those shared statistics (learn2learn's "
+            "clone() shares them too). For MAML-style batch statistics use "
+            "track_running_stats=False, as l2l_adversarial.models.CNN4 does.",
+            stacklevel=3,
+        )
+
+
+class FunctionalModel:
+    """Evaluate ``module`` at arbitrary (fast) parameters.
+
+    Args:
+        module: any ``nn.Module`` with at least one trainable parameter.
+        loss_fn: task loss, ``loss_fn(logits, labels)``; cross-entropy by default.
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn | None = None) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(module).__name__}")
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"{type(module).__name__} has no trainable parameters (requires_grad=True): "
+                "meta-learning needs at least one"
+            )
+        _warn_on_tracked_batchnorm(module)
+        self.module = module
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+
+    def parameters(self) -> Params:
+        """The module's trainable parameters theta, by name (the live tensors, not copies)."""
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def __call__(self, params: Params, inputs: Tensor) -> Tensor:
+        """Logits of the module evaluated at ``params``."""
+        return functional_call(self.module, params, (inputs,))
+
+    def at(self, params: Params) -> Callable[[Tensor], Tensor]:
+        """A callable for attacks: the module at detached ``params`` with copied buffers."""
+        return stateless(self.module, params)
+
+    def loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Task loss and accuracy of the module at ``params``."""
+        logits = self(params, inputs)
+        return self.loss_fn(logits, labels), accuracy(logits.detach(), labels)
+
+    def step(self, params: Params, loss: Tensor, lr: float, first_order: bool = False) -> Params:
+        """One gradient-descent step ``params - lr * grad(loss)``.
+
+        Second-order (default) keeps the graph of the gradient so the meta-gradient includes
+        the Hessian terms; ``first_order=True`` treats the gradient as a constant (FOMAML).
+        """
+        grads = torch.autograd.grad(
+            loss, list(params.values()), create_graph=not first_order, allow_unused=True
+        )
+        return {
+            name: p if g is None else p - lr * g
+            for (name, p), g in zip(params.items(), grads, strict=True)
+        }
+
+    def adapt(
+        self,
+        params: Params,
+        inputs: Tensor,
+        labels: Tensor,
+        lr: float,
+        steps: int,
+        first_order: bool = False,
+    ) -> Params:
+        """``steps`` gradient-descent steps on ``(inputs, labels)`` starting from ``params``."""
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = self.loss_fn(self(params, inputs), labels)
+                params = self.step(params, loss, lr, first_order)
+        return params
