@@ -84,8 +84,8 @@ class Attack(ABC):
         self.data_range = (lower, upper)
         if (mean is None) != (std is None):
             raise ValueError("mean and std must be given together (or both left as None)")
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float64)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float64)
         if self.std is not None and bool((self.std <= 0).any()):
             raise ValueError(f"std must be positive, got {self.std.tolist()}")
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
