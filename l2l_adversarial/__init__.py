@@ -1,7 +1,7 @@
 """l2l-adversarial: adversarial meta-learning (ADML, MAML-AD, Adversarial Querying) and
 L-infinity attacks as drop-in pieces for learn2learn training loops."""
 
-from l2l_adversarial.algorithms import ADML, MAMLAD, AdversarialQuerying
+from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.models import CNN4, MLP
 from l2l_adversarial.task import Task
@@ -13,6 +13,7 @@ __all__ = [
     "CNN4",
     "FFGSM",
     "FGSM",
+    "MAML",
     "MAMLAD",
     "MLP",
     "PGD",

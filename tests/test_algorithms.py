@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial import ADML, CNN4, FGSM, MAMLAD, MLP, AdversarialQuerying, Task
+from l2l_adversarial import ADML, CNN4, FGSM, MAML, MAMLAD, MLP, AdversarialQuerying, Task
 from l2l_adversarial.algorithms.maml_ad import per_class_prefix
 
 WAYS, DIM = 3, 5
@@ -296,13 +296,15 @@ def image_task(seed: int = 0) -> Task:
 def test_without_attack_all_methods_reduce_to_learn2learn_maml(
     make_model: Callable[[], nn.Module],
 ) -> None:
-    """With eps=0: ADML's objective is twice MAML's, MAML-AD's and AQ's equal MAML's."""
+    """Our MAML equals learn2learn's; with eps=0 ADML's objective is twice MAML's, and
+    MAML-AD's and AQ's equal it."""
     task = image_task()
     torch.manual_seed(0)
     model = make_model()
     expected = learn2learn_maml_gradient(model, task, lr=0.1, steps=2)
     no_attack = FGSM(eps=0.0)
     for learner, scale in (
+        (MAML(model, lr=0.1, adaptation_steps=2), 1.0),
         (ADML(model, lr=0.1, attack=no_attack, adaptation_steps=2), 2.0),
         (
             MAMLAD(model, lr=0.1, attack=no_attack, adaptation_steps=2, adversarial_fraction=0.0),

@@ -2,7 +2,8 @@
 
 from l2l_adversarial.algorithms.adml import ADML, ADMLObjective, AdversarialTask
 from l2l_adversarial.algorithms.adversarial_querying import AdversarialQuerying
-from l2l_adversarial.algorithms.base import AdversarialMetaLearner
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner, MetaLearner
+from l2l_adversarial.algorithms.maml import MAML
 from l2l_adversarial.algorithms.maml_ad import MAMLAD
 
 __all__ = [
@@ -11,5 +12,7 @@ __all__ = [
     "AdversarialMetaLearner",
     "AdversarialQuerying",
     "AdversarialTask",
+    "MAML",
     "MAMLAD",
+    "MetaLearner",
 ]

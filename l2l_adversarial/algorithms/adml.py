@@ -60,6 +60,11 @@ class ADMLObjective(NamedTuple):
         """``L(theta'_adv, D'_c) + L(theta'_c, D'_adv)``: the joint meta-objective."""
         return self.adversarial_support_loss + self.clean_support_loss
 
+    @property
+    def accuracy(self) -> Tensor:
+        """Mean query accuracy of the two adapted models."""
+        return (self.adversarial_support_accuracy + self.clean_support_accuracy) / 2
+
 
 class ADML(AdversarialMetaLearner):
     """ADversarial Meta-Learner: a drop-in replacement for ``learn2learn.algorithms.MAML``.
@@ -163,6 +168,19 @@ class ADML(AdversarialMetaLearner):
         """Eq. (1) for one task: ``L(theta'_adv, D'_c) + L(theta'_c, D'_adv)``."""
         task = self.adversarial_task(support_inputs, support_labels, query_inputs, query_labels)
         return self.objective(task, steps).total
+
+    def loss_and_accuracy(
+        self,
+        support_inputs: Tensor,
+        support_labels: Tensor,
+        query_inputs: Tensor,
+        query_labels: Tensor,
+        steps: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Eq. (1) for one task and the mean query accuracy of theta'_adv and theta'_c."""
+        task = self.adversarial_task(support_inputs, support_labels, query_inputs, query_labels)
+        objective = self.objective(task, steps)
+        return objective.total, objective.accuracy
 
     def meta_step(
         self,

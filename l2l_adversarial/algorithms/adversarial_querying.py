@@ -57,14 +57,14 @@ class AdversarialQuerying(AdversarialMetaLearner):
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 
-    def meta_loss(
+    def loss_and_accuracy(
         self,
         support_inputs: Tensor,
         support_labels: Tensor,
         query_inputs: Tensor,
         query_labels: Tensor,
         steps: int | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         """``L(theta', D'_adv)`` for one task, theta' adapted on the clean support set."""
         check_task(support_inputs, support_labels, query_inputs, query_labels)
         theta = self.meta_parameters()
@@ -73,5 +73,4 @@ class AdversarialQuerying(AdversarialMetaLearner):
         )
         attacked = adapted if self.attack_target == "adapted" else theta
         query_adversarial = self.perturb(attacked, query_inputs, query_labels)
-        loss, _ = self.functional.loss(adapted, query_adversarial, query_labels)
-        return loss
+        return self.functional.loss(adapted, query_adversarial, query_labels)

@@ -32,19 +32,90 @@ def check_steps(name: str, value: int) -> int:
     return value
 
 
-class AdversarialMetaLearner(MAML):
-    """A ``learn2learn.algorithms.MAML`` that also knows an attack.
+class MetaLearner(MAML):
+    """A ``learn2learn.algorithms.MAML`` with a functional inner loop and ``meta_loss``.
 
     ``clone()`` and ``adapt()`` behave exactly as in learn2learn, so an unchanged MAML loop
-    still runs; subclasses add ``meta_loss(...)``, the adversarial meta-objective of one task.
+    still runs; subclasses add ``meta_loss(support_inputs, support_labels, query_inputs,
+    query_labels, steps=None)``, the meta-objective of one task, differentiable in theta.
 
     Args:
         model: the network; any ``nn.Module`` with trainable parameters.
         lr: inner-loop step size (alpha).
         first_order: drop second-order terms of the meta-gradient (FOMAML).
-        attack: an :class:`~l2l_adversarial.attacks.Attack`; default ``FGSM(eps=2/255)``.
         adaptation_steps: inner gradient steps per task (the paper: 5 in meta-training).
         loss_fn: task loss ``loss_fn(logits, labels)``; cross-entropy by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        first_order: bool = False,
+        *,
+        adaptation_steps: int = 1,
+        loss_fn: LossFn | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
+    ) -> None:
+        functional = FunctionalModel(model, loss_fn)
+        super().__init__(
+            model,
+            lr=check_step_size("lr", lr),
+            first_order=bool(first_order),
+            allow_unused=allow_unused,
+            allow_nograd=allow_nograd,
+        )
+        self.adaptation_steps = check_steps("adaptation_steps", adaptation_steps)
+        self.functional = functional
+
+    def meta_parameters(self) -> Params:
+        """theta: the wrapped model's trainable parameters, by name."""
+        return self.functional.parameters()
+
+    def loss_and_accuracy(
+        self,
+        support_inputs: Tensor,
+        support_labels: Tensor,
+        query_inputs: Tensor,
+        query_labels: Tensor,
+        steps: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The meta-objective of one task (differentiable in theta) and the adapted model's
+        query accuracy (detached)."""
+        raise NotImplementedError
+
+    def meta_loss(
+        self,
+        support_inputs: Tensor,
+        support_labels: Tensor,
+        query_inputs: Tensor,
+        query_labels: Tensor,
+        steps: int | None = None,
+    ) -> Tensor:
+        """The meta-objective of one task, differentiable in theta."""
+        loss, _ = self.loss_and_accuracy(
+            support_inputs, support_labels, query_inputs, query_labels, steps
+        )
+        return loss
+
+    def resolve_steps(self, steps: int | None) -> int:
+        return self.adaptation_steps if steps is None else check_steps("steps", steps)
+
+    def adapt_functional(
+        self, params: Params, inputs: Tensor, labels: Tensor, lr: float, steps: int
+    ) -> Params:
+        """Fast weights after ``steps`` inner steps from ``params`` (second-order unless
+        first_order)."""
+        return self.functional.adapt(params, inputs, labels, lr, steps, self.first_order)
+
+
+class AdversarialMetaLearner(MetaLearner):
+    """A :class:`MetaLearner` that also knows an attack.
+
+    Args:
+        model, lr, first_order, adaptation_steps, loss_fn: as for :class:`MetaLearner`.
+        attack: an :class:`~l2l_adversarial.attacks.Attack`; default ``FGSM(eps=2/255)``.
     """
 
     def __init__(
@@ -59,11 +130,12 @@ class AdversarialMetaLearner(MAML):
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
     ) -> None:
-        functional = FunctionalModel(model, loss_fn)
         super().__init__(
             model,
-            lr=check_step_size("lr", lr),
-            first_order=bool(first_order),
+            lr,
+            first_order,
+            adaptation_steps=adaptation_steps,
+            loss_fn=loss_fn,
             allow_unused=allow_unused,
             allow_nograd=allow_nograd,
         )
@@ -75,22 +147,8 @@ class AdversarialMetaLearner(MAML):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
-        self.adaptation_steps = check_steps("adaptation_steps", adaptation_steps)
-        self.functional = functional
-
-    def meta_parameters(self) -> Params:
-        """theta: the wrapped model's trainable parameters, by name."""
-        return self.functional.parameters()
-
-    def resolve_steps(self, steps: int | None) -> int:
-        return self.adaptation_steps if steps is None else check_steps("steps", steps)
-
-    def adapt_functional(
-        self, params: Params, inputs: Tensor, labels: Tensor, lr: float, steps: int
-    ) -> Params:
-        """Fast weights after ``steps`` inner steps from ``params`` (second-order unless first_order)."""
-        return self.functional.adapt(params, inputs, labels, lr, steps, self.first_order)
 
     def perturb(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Adversarial copies of ``inputs`` against the model at ``params`` (constants for autograd)."""
+        """Adversarial copies of ``inputs`` against the model at ``params`` (constants for
+        autograd)."""
         return self.attack(self.functional.at(params), inputs, labels)

@@ -86,19 +86,18 @@ class MAMLAD(AdversarialMetaLearner):
         adversarial = self.perturb(params, inputs[chosen], labels[chosen])
         return torch.cat([inputs, adversarial]), torch.cat([labels, labels[chosen]])
 
-    def meta_loss(
+    def loss_and_accuracy(
         self,
         support_inputs: Tensor,
         support_labels: Tensor,
         query_inputs: Tensor,
         query_labels: Tensor,
         steps: int | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
         """Eq. (3)'s term for one task: ``L(theta'_i, D'_i)`` with ``theta'_i`` from Eq. (2)."""
         check_task(support_inputs, support_labels, query_inputs, query_labels)
         theta = self.meta_parameters()
         support = self.mixed(theta, support_inputs, support_labels)
         query = self.mixed(theta, query_inputs, query_labels)
         adapted = self.adapt_functional(theta, *support, self.lr, self.resolve_steps(steps))
-        loss, _ = self.functional.loss(adapted, *query)
-        return loss
+        return self.functional.loss(adapted, *query)

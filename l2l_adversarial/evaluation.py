@@ -1,0 +1,533 @@
+"""The paper's meta-test protocol (Sec. 4.2): accuracy under clean and adversarial scenarios.
+
+For every test task and attack radius eps, a meta-learned model is adapted on a support set
+that is clean, 40% adversarial (only when shots > 1) or fully adversarial, and scored on a
+clean and on an adversarial query set: the scenarios "Clean-Clean", "Clean-Adversarial",
+"40%-Clean", "40%-Adversarial", "Adversarial-Clean" and "Adversarial-Adversarial" of
+Tables 1-4. Each entry is the mean top-1 accuracy over the tasks with a 95% confidence
+interval ``1.96 * std / sqrt(n)`` (population std, as MAML's reference evaluation code), in
+percent. Query loss and accuracy are also recorded after every adaptation step 0..steps
+(Figures 2-5).
+
+Where adversarial samples come from (``protocol``):
+
+* ``"paper"`` (default): support and query samples are attacked against the meta-learned
+  initialisation theta, before any adaptation (the paper generates its meta-test samples
+  with FGSM the same way as in meta-training, where Algorithm 1 attacks theta). The same
+  adversarial query set is then scored after every adaptation step.
+* ``"adapted"``: the support set is attacked against theta, the query set against the model
+  that is scored (theta after k steps, for every step k): a white-box attack on the final
+  classifier, as in Adversarial Querying (Goldblum et al.).
+
+Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` by default;
+``functools.partial(PGD, steps=20)`` for PGD). Attacks with a random start are seeded from
+``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
+and seed give identical results, and every method sees the same random starts.
+
+Example:
+    >>> import torch
+    >>> from l2l_adversarial import MLP, Task
+    >>> from l2l_adversarial.evaluation import GradientLearner, evaluate
+    >>> tasks = [Task(torch.rand(5, 8), torch.arange(5), torch.rand(15, 8),
+    ...               torch.arange(5).repeat(3)) for _ in range(3)]
+    >>> result = evaluate(GradientLearner(MLP(8, 5), lr=0.01, steps=10), tasks, method="MAML")
+    >>> [s.scenario for s in result.scenarios][:4]
+    ['Clean-Clean', 'Clean-Adversarial', 'Adversarial-Clean', 'Adversarial-Adversarial']
+    >>> len(result.scenarios[0].accuracy_curve)  # after steps 0..10
+    11
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from learn2learn.algorithms import MAML
+from torch import Tensor, nn
+
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner, check_step_size
+from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
+from l2l_adversarial.task import Task
+from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, perturb
+from l2l_adversarial.validation import check_choice, check_task
+
+Model = Callable[[Tensor], Tensor]
+
+PROTOCOLS = ("paper", "adapted")
+DEFAULT_EPSILONS = (2.0, 0.2)
+"""The paper's meta-test radii, in 8-bit pixel levels (multiplied by ``pixel_scale``)."""
+PIXEL_LEVEL = 1 / 255
+"""Default ``pixel_scale``: one 8-bit level of images scaled to [0, 1]."""
+DEFAULT_NUM_TASKS = 600
+"""Number of test tasks the paper averages over."""
+Z_95 = 1.96
+
+__all__ = [
+    "DEFAULT_EPSILONS",
+    "DEFAULT_NUM_TASKS",
+    "PIXEL_LEVEL",
+    "PROTOCOLS",
+    "EvaluationResult",
+    "FewShotLearner",
+    "GradientLearner",
+    "Scenario",
+    "ScenarioResult",
+    "confidence_interval",
+    "evaluate",
+    "paper_scenarios",
+]
+
+
+class FewShotLearner(ABC):
+    """A meta-learned few-shot classifier as the evaluation sees it.
+
+    Adaptation returns the models to score rather than their predictions, so the evaluation
+    can also attack the model that is scored (``protocol="adapted"``). A model is any callable
+    mapping a batch of inputs to logits (or log-probabilities) that leaves the learner
+    unchanged. A learner whose adaptation is conditioning on the support set (Matching
+    Networks) returns one conditioned model: its curves have a single point.
+    """
+
+    @abstractmethod
+    def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
+        """The model attacked before adaptation (theta), given the clean support set.
+
+        Gradient-based learners ignore the support set; learners whose predictions depend on
+        it (Matching Networks) condition on it.
+        """
+
+    @abstractmethod
+    def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
+        """The models after each adaptation step on the support set, step 0 first."""
+
+
+class GradientLearner(FewShotLearner):
+    """Meta-test adaptation of MAML, MAML-AD, ADML and AQ: plain SGD from theta.
+
+    ``steps`` gradient steps of size ``lr`` on the support loss (the paper: 10 steps of 0.01),
+    first order (no graph is kept); :meth:`adapt` returns the model at theta and after every
+    step. theta is read from ``model`` on every call and never written.
+
+    Args:
+        model: the meta-learned network: an ``nn.Module``, a learn2learn ``MAML`` (ADML,
+            MAMLAD, AdversarialQuerying included; the wrapped module is used) or a
+            :class:`~l2l_adversarial.functional.FunctionalModel`.
+        lr: adaptation step size.
+        steps: number of adaptation steps (0: score theta itself).
+        loss_fn: adaptation loss; default: that of ``model`` if it has one, else cross-entropy.
+
+    Example:
+        >>> from l2l_adversarial import CNN4
+        >>> learner = GradientLearner(CNN4(ways=5, image_size=32), lr=0.01, steps=10)
+        >>> models = learner.adapt(torch.rand(5, 3, 32, 32), torch.arange(5))
+        >>> len(models), models[-1](torch.rand(2, 3, 32, 32)).shape
+        (11, torch.Size([2, 5]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalModel,
+        lr: float = 0.01,
+        steps: int = 10,
+        *,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        if isinstance(model, AdversarialMetaLearner) and loss_fn is None:
+            self.functional = model.functional
+        elif isinstance(model, MAML):
+            self.functional = FunctionalModel(model.module, loss_fn)
+        elif isinstance(model, FunctionalModel):
+            self.functional = model if loss_fn is None else FunctionalModel(model.module, loss_fn)
+        elif isinstance(model, nn.Module):
+            self.functional = FunctionalModel(model, loss_fn)
+        else:
+            raise TypeError(
+                "model must be an nn.Module, a learn2learn MAML (ADML, MAMLAD, ...) or a "
+                f"FunctionalModel, got {type(model).__name__}"
+            )
+        self.lr = check_step_size("lr", lr)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0 (the paper: 10), got {steps!r}")
+        self.steps = steps
+
+    def __repr__(self) -> str:
+        return f"GradientLearner(lr={self.lr:g}, steps={self.steps})"
+
+    def theta(self) -> Params:
+        """The meta-learned parameters, detached."""
+        return {name: p.detach() for name, p in self.functional.parameters().items()}
+
+    def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
+        return self.functional.at(self.theta())
+
+    def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
+        params = self.theta()
+        models = [self.functional.at(params)]
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                params = {name: p.detach().requires_grad_() for name, p in params.items()}
+                loss = self.functional.loss_fn(
+                    self.functional(params, support_inputs), support_labels
+                )
+                stepped = self.functional.step(params, loss, self.lr, first_order=True)
+                params = {name: p.detach() for name, p in stepped.items()}
+                models.append(self.functional.at(params))
+        return models
+
+
+def _fraction_label(fraction: float) -> str:
+    if fraction == 0:
+        return "clean"
+    if fraction == 1:
+        return "adversarial"
+    return f"{100 * fraction:g}%"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A meta-test scenario: fractions of adversarial support and query samples per class.
+
+    Example:
+        >>> Scenario(0.4, 1.0).name, Scenario(0.4, 1.0).support, Scenario(0.4, 1.0).query
+        ('40%-Adversarial', '40%', 'adversarial')
+    """
+
+    support_fraction: float
+    query_fraction: float
+
+    @property
+    def support(self) -> str:
+        """The support label of the paper's tables: "clean", "40%" or "adversarial"."""
+        return _fraction_label(self.support_fraction)
+
+    @property
+    def query(self) -> str:
+        """The query label of the paper's tables: "clean" or "adversarial"."""
+        return _fraction_label(self.query_fraction)
+
+    @property
+    def name(self) -> str:
+        """E.g. ``"Clean-Adversarial"`` (support scenario - query scenario)."""
+        return f"{self.support.capitalize()}-{self.query.capitalize()}"
+
+
+def paper_scenarios(shots: int) -> list[Scenario]:
+    """The scenarios of Tables 1-4, in table order; the 40% rows only when ``shots > 1``.
+
+    Example:
+        >>> [s.name for s in paper_scenarios(1)]
+        ['Clean-Clean', 'Clean-Adversarial', 'Adversarial-Clean', 'Adversarial-Adversarial']
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    supports = (0.0, 0.4, 1.0) if shots > 1 else (0.0, 1.0)
+    return [Scenario(s, q) for s in supports for q in (0.0, 1.0)]
+
+
+def confidence_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` (population std).
+
+    Example:
+        >>> mean, ci = confidence_interval([20.0, 40.0, 60.0, 80.0])
+        >>> round(mean, 3), round(ci, 3)
+        (50.0, 21.913)
+    """
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {array.shape}")
+    return float(array.mean()), float(Z_95 * array.std() / math.sqrt(array.size))
+
+
+@dataclass
+class ScenarioResult:
+    """One table entry and its curves. Accuracies are in percent.
+
+    ``accuracy``/``ci95``/``loss`` are after the last adaptation step; ``accuracy_curve`` and
+    ``loss_curve`` hold the task means after every step 0..steps; ``task_accuracies`` the
+    final accuracy of every task, in task order.
+    """
+
+    support: str
+    query: str
+    epsilon: float
+    accuracy: float
+    ci95: float
+    loss: float
+    accuracy_curve: list[float]
+    loss_curve: list[float]
+    task_accuracies: list[float]
+
+    @property
+    def scenario(self) -> str:
+        """E.g. ``"40%-Adversarial"``."""
+        return f"{self.support.capitalize()}-{self.query.capitalize()}"
+
+
+@dataclass
+class EvaluationResult:
+    """All scenarios of one method, JSON-serialisable with :meth:`to_dict`/:meth:`from_dict`.
+
+    ``epsilon`` of a scenario is in 8-bit pixel levels (the paper's units); the attacks ran
+    with ``epsilon * pixel_scale``. ``attacks`` holds the attack of every epsilon.
+    """
+
+    method: str
+    ways: int
+    shots: int
+    num_tasks: int
+    protocol: str
+    seed: int
+    learner: str
+    pixel_scale: float
+    attacks: list[str]
+    dataset: str | None
+    scenarios: list[ScenarioResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionaries, lists and numbers (``json.dumps`` ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            fields = dict(data)
+            fields["scenarios"] = [ScenarioResult(**entry) for entry in fields["scenarios"]]
+            return cls(**fields)
+        except (TypeError, KeyError) as error:
+            raise ValueError(
+                f"not an EvaluationResult dictionary ({error}); expected the output of "
+                "EvaluationResult.to_dict()"
+            ) from error
+
+    def find(self, support: str, query: str, epsilon: float) -> ScenarioResult | None:
+        """The entry for ``support`` ("clean", "40%", "adversarial"), ``query`` and epsilon."""
+        for entry in self.scenarios:
+            if (
+                entry.support == support
+                and entry.query == query
+                and math.isclose(entry.epsilon, epsilon, rel_tol=1e-9, abs_tol=1e-12)
+            ):
+                return entry
+        return None
+
+
+class SupportsUpdate(Protocol):
+    """A progress bar such as ``tqdm.tqdm``: ``update(1)`` after every task."""
+
+    def update(self, n: int = 1) -> object: ...
+
+
+def evaluate(
+    learner: FewShotLearner,
+    tasks: Sequence[Task],
+    *,
+    method: str,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    make_attack: Callable[[float], Attack] = FGSM,
+    pixel_scale: float = PIXEL_LEVEL,
+    protocol: str = "paper",
+    scenarios: Sequence[Scenario] | None = None,
+    seed: int = 0,
+    dataset: str | None = None,
+    device: torch.device | str | None = None,
+    progress: SupportsUpdate | None = None,
+) -> EvaluationResult:
+    """Evaluate ``learner`` on ``tasks`` in every scenario at every epsilon.
+
+    Args:
+        learner: the method, e.g. ``GradientLearner(model, lr=0.01, steps=10)``.
+        tasks: the test tasks, the same for every method (all with the same ways and shots).
+        method: name shown in reports: "MAML", "MAML-AD", "ADML", "Matching Nets", "AQ", ...
+        epsilons: attack radii in 8-bit pixel levels; the paper: 2 and 0.2.
+        make_attack: builds the attack for a radius in input units (``epsilon * pixel_scale``):
+            ``FGSM`` (the paper), ``functools.partial(PGD, steps=20)``, ...
+        pixel_scale: input units per pixel level: 1/255 for images in [0, 1].
+        protocol: ``"paper"`` (all attacks against theta) or ``"adapted"`` (query attacked
+            against the scored, adapted model); see the module docstring.
+        scenarios: default :func:`paper_scenarios` for the tasks' shots.
+        seed: seeds attacks with a random start, per task: ``derive_seed(seed, index)``.
+        dataset: recorded for the report ("MiniImageNet", "CIFAR100").
+        device: move every task there first (where the learner's model lives).
+        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every task.
+
+    The clean support adaptation is shared by every epsilon, and one adaptation serves both
+    query scenarios of a support scenario.
+    """
+    check_choice("protocol", protocol, PROTOCOLS)
+    if not isinstance(learner, FewShotLearner):
+        raise TypeError(
+            "learner must be a FewShotLearner (e.g. GradientLearner(model, lr=0.01, steps=10)), "
+            f"got {type(learner).__name__}"
+        )
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a non-empty name such as 'ADML', got {method!r}")
+    if len(tasks) == 0:
+        raise ValueError("tasks is empty: pass the list of test tasks to evaluate on")
+    epsilons = [float(e) for e in epsilons]
+    if not epsilons or not all(math.isfinite(e) and e >= 0 for e in epsilons):
+        raise ValueError(f"epsilons must be a non-empty list of numbers >= 0, got {epsilons}")
+    if not (math.isfinite(pixel_scale) and pixel_scale > 0):
+        raise ValueError(f"pixel_scale must be a number > 0 (1/255 for [0, 1]), got {pixel_scale}")
+    derive_seed(seed)  # validates
+    ways, shots = _task_shape(tasks)
+    scenarios = list(paper_scenarios(shots) if scenarios is None else scenarios)
+    if not scenarios:
+        raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
+    attacks = [make_attack(e * pixel_scale) for e in epsilons]
+    for attack in attacks:
+        if not isinstance(attack, Attack):
+            raise TypeError(
+                f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
+            )
+
+    per_task = []
+    for index, task in enumerate(tasks):
+        if device is not None:
+            task = Task(*(t.to(device) for t in task))
+        per_task.append(
+            _evaluate_task(learner, task, derive_seed(seed, index), attacks, scenarios, protocol)
+        )
+        if progress is not None:
+            progress.update(1)
+
+    lengths = {len(curves[key][0]) for curves in per_task for key in curves}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"{learner!r}.adapt returned {sorted(lengths)} models for different support sets: "
+            "every adaptation must return the same number of steps"
+        )
+    results = []
+    for e, epsilon in enumerate(epsilons):
+        for scenario in scenarios:
+            losses = np.array([curves[e, scenario][0] for curves in per_task], dtype=np.float64)
+            accuracies = 100 * np.array(
+                [curves[e, scenario][1] for curves in per_task], dtype=np.float64
+            )
+            mean, ci95 = confidence_interval(accuracies[:, -1])
+            results.append(
+                ScenarioResult(
+                    support=scenario.support,
+                    query=scenario.query,
+                    epsilon=epsilon,
+                    accuracy=mean,
+                    ci95=ci95,
+                    loss=float(losses[:, -1].mean()),
+                    accuracy_curve=accuracies.mean(axis=0).tolist(),
+                    loss_curve=losses.mean(axis=0).tolist(),
+                    task_accuracies=accuracies[:, -1].tolist(),
+                )
+            )
+    return EvaluationResult(
+        method=method,
+        ways=ways,
+        shots=shots,
+        num_tasks=len(tasks),
+        protocol=protocol,
+        seed=seed,
+        learner=repr(learner),
+        pixel_scale=float(pixel_scale),
+        attacks=[repr(a) for a in attacks],
+        dataset=dataset,
+        scenarios=results,
+    )
+
+
+def _task_shape(tasks: Sequence[Task]) -> tuple[int, int]:
+    """(ways, shots) shared by all tasks; every class must have ``shots`` support samples."""
+    shape = None
+    for index, task in enumerate(tasks):
+        if not isinstance(task, tuple) or len(task) != 4:
+            raise TypeError(f"tasks[{index}] must be a Task, got {type(task).__name__}")
+        ways = check_task(*task)
+        counts = torch.bincount(task.support_labels.cpu(), minlength=ways)
+        if int(counts.min()) != int(counts.max()):
+            raise ValueError(
+                f"tasks[{index}] has {counts.tolist()} support samples per class: the "
+                "evaluation needs the same number of shots for every class"
+            )
+        if shape is not None and shape != (ways, int(counts[0])):
+            raise ValueError(
+                f"tasks[{index}] is {ways}-way {int(counts[0])}-shot but tasks[0] is "
+                f"{shape[0]}-way {shape[1]}-shot: evaluate each setting separately"
+            )
+        shape = (ways, int(counts[0]))
+    assert shape is not None
+    return shape
+
+
+@torch.no_grad()
+def _score(model: Model, inputs: Tensor, labels: Tensor) -> tuple[float, float]:
+    logits = model(inputs)
+    loss = nn.functional.cross_entropy(logits, labels)
+    return float(loss), float(accuracy(logits, labels))
+
+
+def _evaluate_task(
+    learner: FewShotLearner,
+    task: Task,
+    task_seed: int,
+    attacks: Sequence[Attack],
+    scenarios: Sequence[Scenario],
+    protocol: str,
+) -> dict[tuple[int, Scenario], tuple[list[float], list[float]]]:
+    """Per (epsilon index, scenario): query losses and accuracies after every step."""
+    support_x, support_y, query_x, query_y = task
+    initial = learner.initial_model(support_x, support_y)
+    support_seed = derive_seed(task_seed, SUPPORT_STREAM)
+    by_support: dict[float, list[Scenario]] = {}
+    for scenario in scenarios:
+        by_support.setdefault(scenario.support_fraction, []).append(scenario)
+
+    clean_models: list[Model] | None = None
+    curves = {}
+    for e, attack in enumerate(attacks):
+        initial_queries: dict[float, Tensor] = {}  # "paper" protocol: one query set per eps
+        for support_fraction, group in by_support.items():
+            if support_fraction == 0 and clean_models is not None:
+                models = clean_models
+            else:
+                support, _ = perturb(
+                    attack, initial, support_x, support_y, support_fraction, seed=support_seed
+                )
+                models = learner.adapt(support, support_y)
+                if not models:
+                    raise ValueError(f"{learner!r}.adapt returned no model to score")
+                if support_fraction == 0:
+                    clean_models = models
+            for scenario in group:
+                losses, accuracies = [], []
+                for step, model in enumerate(models):
+                    fraction = scenario.query_fraction
+                    if protocol == "paper":
+                        if fraction not in initial_queries:
+                            initial_queries[fraction], _ = perturb(
+                                attack,
+                                initial,
+                                query_x,
+                                query_y,
+                                fraction,
+                                seed=derive_seed(task_seed, QUERY_STREAM, 0),
+                            )
+                        query = initial_queries[fraction]
+                    else:
+                        query, _ = perturb(
+                            attack,
+                            model,
+                            query_x,
+                            query_y,
+                            fraction,
+                            seed=derive_seed(task_seed, QUERY_STREAM, step),
+                        )
+                    loss, acc = _score(model, query, query_y)
+                    losses.append(loss)
+                    accuracies.append(acc)
+                curves[e, scenario] = (losses, accuracies)
+    return curves

@@ -1,0 +1,384 @@
+"""Tables 1-4 and Figures 2-5 of the paper from evaluation results, next to the paper's numbers.
+
+The paper's numbers ship with the package (``resources/paper_tables.json``, the tables
+digitised). A table has the paper's layout: methods x support scenario (rows) x epsilon x
+query scenario (columns); every cell reads ``ours ± ci | paper ± ci`` (accuracy in percent),
+with "—" where a number does not exist (a method the paper did not run, or one we did not).
+All files are written atomically (temporary file, then ``os.replace``).
+
+Example:
+    >>> print(format_table([], "MiniImageNet", shots=1).splitlines()[0])
+    ### Table 1. Average classification accuracies on MiniImageNet (5-way, 1-shot)
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from l2l_adversarial.evaluation import EvaluationResult, Scenario
+from l2l_adversarial.validation import check_choice
+
+PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
+"""The methods of Tables 1-4, in the paper's order; other methods are appended."""
+PAPER_EPSILONS = (2.0, 0.2)
+TABLE_NUMBERS = {
+    ("miniimagenet", 1): 1,
+    ("miniimagenet", 5): 2,
+    ("cifar100", 1): 3,
+    ("cifar100", 5): 4,
+}
+"""(normalised dataset name, shots) -> table number."""
+FIGURE_SCENARIOS = (
+    Scenario(0.0, 0.0),
+    Scenario(0.0, 1.0),
+    Scenario(1.0, 0.0),
+    Scenario(1.0, 1.0),
+)
+"""The four panels of Figures 2-5."""
+METRICS = ("accuracy", "loss")
+MISSING = "—"
+
+__all__ = [
+    "FIGURE_SCENARIOS",
+    "PAPER_METHODS",
+    "TABLE_NUMBERS",
+    "format_table",
+    "load_paper_tables",
+    "load_results",
+    "paper_entries",
+    "plot_curves",
+    "save_results",
+    "table_json",
+    "table_number",
+    "write_atomic",
+    "write_report",
+]
+
+
+def load_paper_tables() -> list[dict[str, Any]]:
+    """The paper's Tables 1-4 as entries ``{table, dataset, ways, shots, method, support,
+    epsilon, query, accuracy, ci95}`` (accuracy and ci95 in percent).
+
+    Example:
+        >>> len(load_paper_tables())
+        160
+    """
+    return list(json.loads(_paper_tables_text()))
+
+
+@functools.cache
+def _paper_tables_text() -> str:
+    resource = resources.files("l2l_adversarial").joinpath("resources", "paper_tables.json")
+    return resource.read_text(encoding="utf-8")
+
+
+def _dataset_key(dataset: str) -> str:
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(
+            f"dataset must be a non-empty name such as 'MiniImageNet', got {dataset!r}"
+        )
+    return re.sub(r"[^a-z0-9]", "", dataset.lower())
+
+
+def table_number(dataset: str, shots: int) -> int | None:
+    """The paper's table for ``dataset`` and ``shots``; ``None`` if the paper has none.
+
+    Example:
+        >>> table_number("MiniImageNet", 5), table_number("cifar-100", 1), table_number("Omniglot", 1)
+        (2, 3, None)
+    """
+    return TABLE_NUMBERS.get((_dataset_key(dataset), shots))
+
+
+def paper_entries(dataset: str, shots: int) -> list[dict[str, Any]]:
+    """The paper's entries of the table for ``dataset`` and ``shots`` (empty if none)."""
+    number = table_number(dataset, shots)
+    return [entry for entry in load_paper_tables() if entry["table"] == number]
+
+
+def _supports(shots: int) -> tuple[str, ...]:
+    return ("clean", "40%", "adversarial") if shots > 1 else ("clean", "adversarial")
+
+
+def _check_results(
+    results: Sequence[EvaluationResult], dataset: str, shots: int
+) -> list[EvaluationResult]:
+    results = list(results)
+    key = _dataset_key(dataset)
+    seen = set()
+    for result in results:
+        if not isinstance(result, EvaluationResult):
+            raise TypeError(f"results must hold EvaluationResult, got {type(result).__name__}")
+        if result.shots != shots:
+            raise ValueError(
+                f"result of {result.method!r} is {result.shots}-shot, the table {shots}-shot"
+            )
+        if result.dataset is not None and _dataset_key(result.dataset) != key:
+            raise ValueError(
+                f"result of {result.method!r} is on {result.dataset!r}, the table on {dataset!r}"
+            )
+        if result.method in seen:
+            raise ValueError(f"two results for method {result.method!r}: give each a unique name")
+        seen.add(result.method)
+    return results
+
+
+def _epsilons(results: Sequence[EvaluationResult]) -> list[float]:
+    epsilons = list(PAPER_EPSILONS)
+    for result in results:
+        for entry in result.scenarios:
+            if not any(math.isclose(entry.epsilon, e) for e in epsilons):
+                epsilons.append(entry.epsilon)
+    return epsilons
+
+
+def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) -> dict[str, Any]:
+    """The table as a JSON-ready dictionary: one entry per (method, support, epsilon, query)
+    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``).
+
+    Example:
+        >>> table = table_json([], "CIFAR100", shots=5)
+        >>> table["table"], table["entries"][0]["paper"]
+        (4, {'accuracy': 74.03, 'ci95': 0.89})
+    """
+    results = _check_results(results, dataset, shots)
+    number = table_number(dataset, shots)
+    reference_entries = paper_entries(dataset, shots)
+    paper = {
+        (e["method"], e["support"], float(e["epsilon"]), e["query"]): e for e in reference_entries
+    }
+    ours = {result.method: result for result in results}
+    methods = list(PAPER_METHODS) + [m for m in ours if m not in PAPER_METHODS]
+    ways_found = {result.ways for result in results} or {e["ways"] for e in paper.values()}
+    ways = ways_found.pop() if len(ways_found) == 1 else None
+    display = reference_entries[0]["dataset"] if reference_entries else dataset
+    epsilons = _epsilons(results)
+    entries = []
+    for method in methods:
+        for support in _supports(shots):
+            for epsilon in epsilons:
+                for query in ("clean", "adversarial"):
+                    found = ours[method].find(support, query, epsilon) if method in ours else None
+                    reference = next(
+                        (
+                            v
+                            for (m, s, e, q), v in paper.items()
+                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
+                        ),
+                        None,
+                    )
+                    entries.append(
+                        {
+                            "method": method,
+                            "support": support,
+                            "epsilon": epsilon,
+                            "query": query,
+                            "ours": None
+                            if found is None
+                            else {"accuracy": found.accuracy, "ci95": found.ci95},
+                            "paper": None
+                            if reference is None
+                            else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
+                        }
+                    )
+    prefix = f"Table {number}. " if number is not None else ""
+    return {
+        "table": number,
+        "title": f"{prefix}Average classification accuracies on {display} "
+        f"({ways if ways is not None else '?'}-way, {shots}-shot)",
+        "dataset": display,
+        "ways": ways,
+        "shots": shots,
+        "epsilons": epsilons,
+        "methods": [
+            {
+                "method": r.method,
+                "num_tasks": r.num_tasks,
+                "protocol": r.protocol,
+                "attacks": r.attacks,
+                "learner": r.learner,
+                "seed": r.seed,
+            }
+            for r in results
+        ],
+        "entries": entries,
+    }
+
+
+def _cell(value: dict[str, float] | None) -> str:
+    return MISSING if value is None else f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+
+
+def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) -> str:
+    """The table in Markdown; every cell reads ``ours ± ci | paper ± ci`` (percent).
+
+    Example:
+        >>> "48.47 ± 1.78" in format_table([], "MiniImageNet", shots=1)
+        True
+    """
+    table = table_json(results, dataset, shots)
+    epsilons = table["epsilons"]
+    columns = [(e, q) for e in epsilons for q in ("clean", "adversarial")]
+    header = ["Method", "Meta-testing"] + [f"ε = {e:g}, {q.capitalize()}" for e, q in columns]
+    cells = {(x["method"], x["support"], x["epsilon"], x["query"]): x for x in table["entries"]}
+    lines = [
+        f"### {table['title']}",
+        "",
+        "Accuracy (%) ± 95% confidence interval: ours \\| paper. Rows: support set at "
+        "meta-test; columns: attack radius (8-bit pixel levels) and query set.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    methods = list(dict.fromkeys(x["method"] for x in table["entries"]))
+    for method in methods:
+        for support in _supports(shots):
+            row = [method, support.capitalize()]
+            for epsilon, query in columns:
+                entry = cells[method, support, epsilon, query]
+                row.append(f"{_cell(entry['ours'])} \\| {_cell(entry['paper'])}")
+            lines.append("| " + " | ".join(row) + " |")
+    if table["methods"]:
+        lines.append("")
+        for m in table["methods"]:
+            lines.append(
+                f"- {m['method']}: tasks {m['num_tasks']}, protocol {m['protocol']!r}, "
+                f"{m['learner']}, seed {m['seed']}, attacks: {'; '.join(m['attacks'])}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    results: Sequence[EvaluationResult],
+    path: str | os.PathLike[str],
+    metric: str = "accuracy",
+    *,
+    epsilon: float = 2.0,
+    title: str | None = None,
+) -> Path:
+    """Figures 2-5: mean query loss or top-1 accuracy over the adaptation step, one line per
+    method, one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
+    Adversarial-Adversarial) at ``epsilon``. Writes a PNG to ``path``.
+
+    Example:
+        >>> plot_curves(results, "figure3.png", "accuracy")  # doctest: +SKIP
+    """
+    check_choice("metric", metric, METRICS)
+    if not results:
+        raise ValueError("results is empty: nothing to plot")
+    figure = Figure(figsize=(10, 8), layout="constrained")
+    axes = figure.subplots(2, 2, sharex=True).ravel()
+    plotted = 0
+    for axis, scenario in zip(axes, FIGURE_SCENARIOS, strict=True):
+        for result in results:
+            entry = result.find(scenario.support, scenario.query, epsilon)
+            if entry is None:
+                continue
+            curve = entry.accuracy_curve if metric == "accuracy" else entry.loss_curve
+            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method)
+            plotted += 1
+        axis.set_title(scenario.name)
+        axis.set_xlabel("Gradient update step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel("Top-1 accuracy (%)" if metric == "accuracy" else "Average loss")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    if plotted == 0:
+        raise ValueError(
+            f"no result has the scenarios of Figures 2-5 at epsilon={epsilon:g}; evaluate "
+            "with that epsilon or pass epsilon= one of the evaluated radii"
+        )
+    first = results[0]
+    name = "Top-1 accuracy" if metric == "accuracy" else "Average loss"
+    figure.suptitle(
+        title
+        or f"{name} over the gradient update step, {first.ways}-way {first.shots}-shot"
+        f"{' ' + first.dataset if first.dataset else ''}, ε = {epsilon:g}"
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return write_atomic(path, buffer.getvalue())
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: all or nothing.
+
+    Creates the parent directory. Returns the path.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    handle = tempfile.NamedTemporaryFile(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_results(results: Sequence[EvaluationResult], path: str | os.PathLike[str]) -> Path:
+    """Write evaluation results as a JSON list (atomically)."""
+    payload = [result.to_dict() for result in results]
+    return write_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+
+
+def load_results(path: str | os.PathLike[str]) -> list[EvaluationResult]:
+    """Read what :func:`save_results` wrote (a list, or a single result's dictionary)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-run the evaluation") from error
+    items = data if isinstance(data, list) else [data]
+    try:
+        return [EvaluationResult.from_dict(item) for item in items]
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def write_report(
+    results: Sequence[EvaluationResult],
+    directory: str | os.PathLike[str],
+    dataset: str,
+    shots: int,
+    *,
+    epsilon: float = 2.0,
+) -> list[Path]:
+    """Write the table (``.md``, ``.json``) and the loss and accuracy figures (``.png``).
+
+    Files are named ``table{N}`` for the paper's tables, else ``{dataset}_{shots}shot``.
+    """
+    number = table_number(dataset, shots)
+    stem = f"table{number}" if number is not None else f"{_dataset_key(dataset)}_{shots}shot"
+    folder = Path(directory)
+    table = table_json(results, dataset, shots)
+    paths = [
+        write_atomic(folder / f"{stem}.md", format_table(results, dataset, shots)),
+        write_atomic(folder / f"{stem}.json", json.dumps(table, indent=1, ensure_ascii=False)),
+    ]
+    if results:
+        for metric in METRICS:
+            paths.append(
+                plot_curves(results, folder / f"{stem}_{metric}.png", metric, epsilon=epsilon)
+            )
+    return paths

@@ -1,0 +1,336 @@
+"""Adversarial meta-test scenarios as task transforms (paper Sec. 4.2).
+
+A sampled :class:`~l2l_adversarial.task.Task` becomes one of the paper's scenarios by
+perturbing a fraction of every class's support and/or query samples with an attack against a
+given model: fraction 0 is "Clean", 0.4 is "40%" (2 of 5 shots per class) and 1 is
+"Adversarial". The chosen samples are the first ``round(fraction * count)`` of each class.
+
+* The whole set is attacked and only the chosen rows are kept, so a sample's perturbation does
+  not depend on the fraction: the "40%" samples are exactly the corresponding "Adversarial"
+  ones (this matters for models whose output for one sample depends on the batch, such as
+  MAML's transductive BatchNorm).
+* Inputs are never modified: the result is a new tensor whose clean rows are bit-identical to
+  the input's (the input itself when nothing is perturbed).
+* Deterministic given a seed: attacks with a random start (``FFGSM``, ``PGD``) run on a copy
+  whose ``torch.Generator`` is seeded from the seed; the attack passed in is not touched.
+
+Example:
+    >>> import torch
+    >>> from l2l_adversarial import FGSM, Task
+    >>> from l2l_adversarial.transforms import AdversarialTaskTransform
+    >>> model = torch.nn.Linear(4, 2)
+    >>> task = Task(torch.rand(10, 4), torch.arange(2).repeat(5),
+    ...             torch.rand(6, 4), torch.arange(2).repeat(3))
+    >>> to_40_clean = AdversarialTaskTransform(FGSM(2 / 255), model, 0.4, 0.0)
+    >>> perturbed = to_40_clean(task)
+    >>> int(perturbed.support_mask.sum()), int(perturbed.query_mask.sum())
+    (4, 0)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from l2l_adversarial.algorithms.maml_ad import per_class_prefix
+from l2l_adversarial.attacks import Attack
+from l2l_adversarial.functional import FunctionalModel, stateless
+from l2l_adversarial.task import Task
+from l2l_adversarial.validation import check_labels, check_task
+
+Model = Callable[[Tensor], Tensor]
+
+SUPPORT_STREAM = 0
+"""Key of the support set's attack seed: ``derive_seed(task_seed, SUPPORT_STREAM)``."""
+QUERY_STREAM = 1
+"""Key of the query set's attack seed: ``derive_seed(task_seed, QUERY_STREAM, step)``."""
+
+__all__ = [
+    "QUERY_STREAM",
+    "SUPPORT_STREAM",
+    "AdversarialTaskSampler",
+    "AdversarialTaskTransform",
+    "PerturbedTask",
+    "TaskSource",
+    "adversarial_mask",
+    "derive_seed",
+    "perturb",
+    "seeded",
+]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed hashed from non-negative integer keys (numpy's ``SeedSequence``).
+
+    Example:
+        >>> derive_seed(0, 3) == derive_seed(0, 3) != derive_seed(0, 4)
+        True
+    """
+    for key in keys:
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
+    return int(state[0])
+
+
+def seeded(attack: Attack, seed: int | None) -> Attack:
+    """``attack``, with its random start drawn from ``torch.Generator().manual_seed(seed)``.
+
+    Attacks without a ``generator`` attribute (``FGSM``) and ``seed=None`` return ``attack``
+    itself; otherwise a shallow copy is returned and ``attack`` is left untouched.
+    """
+    if seed is None or not hasattr(attack, "generator"):
+        return attack
+    copied = copy.copy(attack)
+    copied.generator = torch.Generator().manual_seed(seed)
+    return copied
+
+
+def adversarial_mask(labels: Tensor, fraction: float) -> Tensor:
+    """Boolean mask of the samples to perturb: the first ``round(fraction * count)`` per class.
+
+    Example:
+        >>> adversarial_mask(torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1]), 0.4).tolist()
+        [True, True, False, False, False, True, True, False, False, False]
+    """
+    _check_fraction("fraction", fraction)
+    check_labels("labels", labels, int(labels.max()) + 1 if labels.numel() else 1)
+    return per_class_prefix(labels, float(fraction))
+
+
+def perturb(
+    attack: Attack,
+    model: Model,
+    inputs: Tensor,
+    labels: Tensor,
+    fraction: float = 1.0,
+    *,
+    seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Perturb ``fraction`` of every class's samples with ``attack`` against ``model``.
+
+    The whole set is attacked and the rows selected by :func:`adversarial_mask` are kept, so
+    the perturbation of a sample is the same for every fraction.
+
+    Returns:
+        ``(inputs_out, mask)``: a new tensor (``inputs`` itself when the mask is empty) whose
+        unselected rows are bit-identical to ``inputs``, and the boolean mask of perturbed rows.
+
+    Example:
+        >>> from l2l_adversarial import FGSM
+        >>> x, y = torch.rand(4, 3), torch.tensor([0, 0, 1, 1])
+        >>> x_out, mask = perturb(FGSM(0.1), torch.nn.Linear(3, 2), x, y, fraction=0.5)
+        >>> mask.tolist(), torch.equal(x_out[~mask], x[~mask])
+        ([True, False, True, False], True)
+    """
+    _check_attack(attack)
+    if labels.dim() != 1 or inputs.dim() < 1 or inputs.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"inputs has shape {tuple(inputs.shape)} and labels shape {tuple(labels.shape)}: "
+            "expected (N, ...) inputs with N labels"
+        )
+    mask = adversarial_mask(labels, fraction).to(labels.device)
+    if not bool(mask.any()):
+        return inputs, mask
+    adversarial = seeded(attack, seed)(model, inputs, labels)
+    rows = mask.view(-1, *([1] * (inputs.dim() - 1)))
+    return torch.where(rows, adversarial.to(inputs.dtype), inputs.detach()), mask
+
+
+@dataclass(frozen=True)
+class PerturbedTask:
+    """A task after :class:`AdversarialTaskTransform` and the record of what was perturbed.
+
+    ``task`` unpacks into every ``meta_loss``; ``support_mask[i]`` / ``query_mask[i]`` say
+    whether sample ``i`` of that set is adversarial.
+    """
+
+    task: Task
+    support_mask: Tensor
+    query_mask: Tensor
+
+
+class AdversarialTaskTransform:
+    """Turn a task into a meta-test scenario: perturb fractions of its support and query sets.
+
+    Args:
+        attack: an :class:`~l2l_adversarial.attacks.Attack` (FGSM, FFGSM, PGD, ...).
+        model: what the attack differentiates: a callable returning logits or an
+            ``nn.Module`` (read at its current parameters on every call), or a
+            :class:`~l2l_adversarial.functional.FunctionalModel` evaluated at ``params``.
+        support_fraction: fraction of every class's support samples to perturb, in [0, 1].
+        query_fraction: fraction of every class's query samples to perturb, in [0, 1].
+        params: parameters to attack the model at (``FunctionalModel`` or ``nn.Module``);
+            default: the model's own (live) parameters.
+
+    Call it as ``transform(task, seed=None) -> PerturbedTask``; with a seed, attacks with a
+    random start draw it from ``derive_seed(seed, SUPPORT_STREAM)`` (support) and
+    ``derive_seed(seed, QUERY_STREAM, 0)`` (query), as
+    :func:`~l2l_adversarial.evaluation.evaluate` does (``protocol="paper"``) for task
+    ``index`` with ``seed=derive_seed(evaluation_seed, index)``.
+
+    Example:
+        >>> from l2l_adversarial import FGSM
+        >>> model = torch.nn.Linear(4, 2)
+        >>> task = Task(torch.rand(6, 4), torch.arange(2).repeat(3),
+        ...             torch.rand(4, 4), torch.arange(2).repeat(2))
+        >>> adversarial_adversarial = AdversarialTaskTransform(FGSM(2 / 255), model, 1.0, 1.0)
+        >>> perturbed = adversarial_adversarial(task, seed=0)
+        >>> support_x, support_y, query_x, query_y = perturbed.task
+        >>> bool(perturbed.support_mask.all() and perturbed.query_mask.all())
+        True
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        model: Model | FunctionalModel,
+        support_fraction: float = 1.0,
+        query_fraction: float = 1.0,
+        *,
+        params: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        _check_attack(attack)
+        if params is not None and not isinstance(model, (FunctionalModel, nn.Module)):
+            raise TypeError(
+                "params= needs model to be an nn.Module or a FunctionalModel, got "
+                f"{type(model).__name__}; pass a callable already bound to its parameters"
+            )
+        if not isinstance(model, FunctionalModel) and not callable(model):
+            raise TypeError(
+                "model must be a callable returning logits, an nn.Module or a FunctionalModel, "
+                f"got {type(model).__name__}"
+            )
+        self.attack = attack
+        self.model = model
+        self.params = None if params is None else dict(params)
+        self.support_fraction = _check_fraction("support_fraction", support_fraction)
+        self.query_fraction = _check_fraction("query_fraction", query_fraction)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdversarialTaskTransform({self.attack!r}, support_fraction={self.support_fraction:g}, "
+            f"query_fraction={self.query_fraction:g})"
+        )
+
+    def target(self) -> Model:
+        """The model attacked now: detached parameters, copied buffers."""
+        if isinstance(self.model, FunctionalModel):
+            return self.model.at(
+                self.params if self.params is not None else self.model.parameters()
+            )
+        return stateless(self.model, self.params)
+
+    def __call__(self, task: Task, seed: int | None = None) -> PerturbedTask:
+        if not isinstance(task, tuple) or len(task) != 4:
+            raise TypeError(
+                "task must be a Task (support_inputs, support_labels, query_inputs, "
+                f"query_labels), got {type(task).__name__}"
+            )
+        support_inputs, support_labels, query_inputs, query_labels = task
+        check_task(support_inputs, support_labels, query_inputs, query_labels)
+        model = self.target()
+        support_seed = None if seed is None else derive_seed(seed, SUPPORT_STREAM)
+        query_seed = None if seed is None else derive_seed(seed, QUERY_STREAM, 0)
+        support, support_mask = perturb(
+            self.attack,
+            model,
+            support_inputs,
+            support_labels,
+            self.support_fraction,
+            seed=support_seed,
+        )
+        query, query_mask = perturb(
+            self.attack, model, query_inputs, query_labels, self.query_fraction, seed=query_seed
+        )
+        return PerturbedTask(
+            Task(support, support_labels, query, query_labels), support_mask, query_mask
+        )
+
+
+class TaskSource(Protocol):
+    """Anything that samples tasks, like a learn2learn ``TaskDataset`` split into a ``Task``."""
+
+    def sample(self) -> Task: ...
+
+
+class AdversarialTaskSampler:
+    """Wrap a task source so that every sampled task goes through ``transform``.
+
+    ``sample()`` returns a :class:`~l2l_adversarial.task.Task` (a drop-in for the wrapped
+    source in a learn2learn loop); ``sample_perturbed()`` also returns the masks. With a
+    ``seed``, the n-th sampled task is transformed with ``seed=derive_seed(seed, n)``.
+
+    Example:
+        >>> from l2l_adversarial import PGD
+        >>> class RandomTasks:  # stands in for a learn2learn TaskDataset split into a Task
+        ...     def sample(self) -> Task:
+        ...         return Task(torch.rand(6, 4), torch.arange(2).repeat(3),
+        ...                     torch.rand(4, 4), torch.arange(2).repeat(2))
+        >>> transform = AdversarialTaskTransform(PGD(2 / 255), torch.nn.Linear(4, 2), 1.0, 0.0)
+        >>> adversarial_tasks = AdversarialTaskSampler(RandomTasks(), transform, seed=0)
+        >>> support_x, support_y, query_x, query_y = adversarial_tasks.sample()
+    """
+
+    def __init__(
+        self,
+        tasks: TaskSource,
+        transform: AdversarialTaskTransform | Callable[..., PerturbedTask],
+        seed: int | None = None,
+    ) -> None:
+        if not callable(getattr(tasks, "sample", None)):
+            raise TypeError(
+                f"tasks must have a .sample() method returning a Task, got {type(tasks).__name__}"
+            )
+        if seed is not None:
+            derive_seed(seed)  # validates
+        self.tasks = tasks
+        self.transform = transform
+        self.seed = seed
+        self.sampled = 0
+
+    def sample_perturbed(self) -> PerturbedTask:
+        """The next task of the source, perturbed, with the masks of perturbed samples."""
+        task = self.tasks.sample()
+        if not isinstance(task, tuple) or len(task) != 4:
+            raise TypeError(
+                f"{type(self.tasks).__name__}.sample() must return a Task (support_inputs, "
+                "support_labels, query_inputs, query_labels); learn2learn's TaskDataset "
+                "returns [data, labels]: split it into support and query first"
+            )
+        seed = None if self.seed is None else derive_seed(self.seed, self.sampled)
+        self.sampled += 1
+        return self.transform(Task(*task), seed=seed)
+
+    def sample(self) -> Task:
+        """The next task of the source, perturbed."""
+        return self.sample_perturbed().task
+
+
+def _check_attack(attack: object) -> None:
+    if not isinstance(attack, Attack):
+        raise TypeError(
+            "attack must be an l2l_adversarial.attacks.Attack (FGSM, FFGSM, PGD, ...), "
+            f"got {type(attack).__name__}"
+        )
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0.0 <= value <= 1.0
+    ):
+        raise ValueError(
+            f"{name} must be a number in [0, 1] (0: clean, 0.4: the paper's 40%, 1: all "
+            f"adversarial), got {value!r}"
+        )
+    return float(value)
