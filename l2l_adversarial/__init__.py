@@ -1,7 +1,13 @@
 """l2l-adversarial: adversarial meta-learning (ADML, MAML-AD, Adversarial Querying) and
 L-infinity attacks as drop-in pieces for learn2learn training loops."""
 
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying
+from l2l_adversarial.algorithms import (
+    ADML,
+    MAML,
+    MAMLAD,
+    AdversarialQuerying,
+    MatchingNetwork,
+)
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.models import CNN4, MLP
 from l2l_adversarial.task import Task
@@ -15,6 +21,7 @@ __all__ = [
     "FGSM",
     "MAML",
     "MAMLAD",
+    "MatchingNetwork",
     "MLP",
     "PGD",
     "Task",

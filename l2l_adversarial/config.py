@@ -64,6 +64,8 @@ SCHEMA: dict[str, Any] = {
             "name": {"type": "string", "allowed": list(DATASETS), "default": "mini-imagenet"},
             "root": {"type": "string", "nullable": True, "default": None},
             "download": {"type": "boolean", "default": False},
+            # false accepts caches of non-standard size (e.g. resized images, fewer classes)
+            "strict": {"type": "boolean", "default": True},
         }
     ),
     "task": _section(

@@ -51,7 +51,8 @@ import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
 
-from l2l_adversarial.algorithms.base import AdversarialMetaLearner, check_step_size
+from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
+from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
 from l2l_adversarial.task import Task
@@ -139,7 +140,7 @@ class GradientLearner(FewShotLearner):
         *,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if isinstance(model, AdversarialMetaLearner) and loss_fn is None:
+        if isinstance(model, MetaLearner) and loss_fn is None:
             self.functional = model.functional
         elif isinstance(model, MAML):
             self.functional = FunctionalModel(model.module, loss_fn)
@@ -180,6 +181,32 @@ class GradientLearner(FewShotLearner):
                 params = {name: p.detach() for name, p in stepped.items()}
                 models.append(self.functional.at(params))
         return models
+
+
+class MatchingLearner(FewShotLearner):
+    """Matching Networks at meta-test: adaptation is conditioning on the support set.
+
+    The support set is attacked as queries classified against the clean support set
+    (:meth:`MatchingNetwork.support_model`); the curves have one point.
+
+    Example:
+        >>> from l2l_adversarial import MatchingNetwork
+        >>> learner = MatchingLearner(MatchingNetwork(ways=5, image_size=32, fce=False))
+        >>> len(learner.adapt(torch.rand(5, 3, 32, 32), torch.arange(5)))
+        1
+    """
+
+    def __init__(self, network: MatchingNetwork) -> None:
+        self.network = network
+
+    def __repr__(self) -> str:
+        return f"MatchingLearner(fce={self.network.fce})"
+
+    def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
+        return self.network.support_model(support_inputs, support_labels)
+
+    def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
+        return [self.network.query_model(support_inputs, support_labels)]
 
 
 def _fraction_label(fraction: float) -> str:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying
+from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
     CheckpointError,
@@ -37,7 +37,7 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import dump_config
+from l2l_adversarial.config import METHODS, dump_config
 from l2l_adversarial.models import CNN4
 from l2l_adversarial.task import Task
 
@@ -46,7 +46,6 @@ __all__ = [
     "TaskSource",
     "build_attack",
     "build_learner",
-    "build_model",
     "resolve_device",
     "train",
 ]
@@ -60,9 +59,10 @@ class RunFolderError(RuntimeError):
 
 
 class TaskSource(Protocol):
-    """Where tasks come from: task ``index`` is a pure function of the source's seed and index."""
+    """Where tasks come from: ``source[index]`` is a pure function of its seed and ``index``
+    (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
 
-    def task(self, index: int) -> Task: ...
+    def __getitem__(self, index: int) -> Task: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,19 +90,18 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
-def build_model(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
-    """The paper's 4-layer CNN for the configured number of ways."""
-    return CNN4(
-        ways=config["task"]["ways"],
-        in_channels=in_channels,
-        hidden=config["model"]["hidden"],
-        image_size=image_size,
-    )
-
-
-def build_learner(config: dict[str, Any], model: nn.Module) -> nn.Module:
-    """The configured meta-learner wrapped around ``model``."""
-    method, train = config["method"], config["train"]
+def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
+    """The configured meta-learner around the paper's 4-layer CNN (its embedding for
+    Matching Networks), for ``in_channels`` x ``image_size`` x ``image_size`` images."""
+    method, train, ways, hidden = (
+        config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
+    )  # fmt: skip
+    if method == "matching-nets":
+        return MatchingNetwork(
+            ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
+            fce=config["model"]["fce"],
+        )  # fmt: skip
+    model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
     common = {
         "lr": train["inner_lr"],
         "first_order": train["first_order"],
@@ -127,7 +126,7 @@ def build_learner(config: dict[str, Any], model: nn.Module) -> nn.Module:
         return AdversarialQuerying(
             model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
         )
-    raise ValueError(f"method {method!r} has no gradient-based learner")
+    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
 class _AllReduceOptimizer:
@@ -254,7 +253,7 @@ class Trainer:
         size = self.config["train"]["meta_batch_size"]
         first = iteration * size
         return [
-            Task(*(t.to(self.device) for t in self.tasks.task(first + j)))
+            Task(*(t.to(self.device) for t in self.tasks[first + j]))
             for j in range(self.rank, size, self.world_size)
         ]
 
@@ -373,9 +372,9 @@ def train(
         dist.barrier()
     device = resolve_device(config["device"])
     torch.manual_seed(config["seed"])
-    sample = tasks.task(0)
-    model = build_model(config, sample.support_inputs.shape[1], sample.support_inputs.shape[-1])
-    trainer = Trainer(config, run_dir, tasks, build_learner(config, model), device)
+    sample = tasks[0]
+    shape = sample.support_inputs.shape
+    trainer = Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
     if resume:
         trainer.restore()
     summary = trainer.run(progress=progress, on_iteration=on_iteration)

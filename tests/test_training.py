@@ -19,7 +19,7 @@ class SyntheticTasks:
     def __init__(self, seed: int = 0, ways: int = 3, shots: int = 1, queries: int = 2) -> None:
         self.seed, self.ways, self.shots, self.queries = seed, ways, shots, queries
 
-    def task(self, index: int) -> Task:
+    def __getitem__(self, index: int) -> Task:
         g = torch.Generator().manual_seed(self.seed * 100_003 + index)
         prototypes = torch.rand(self.ways, 1, 16, 16, generator=g)
 

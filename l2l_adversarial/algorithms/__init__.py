@@ -5,6 +5,7 @@ from l2l_adversarial.algorithms.adversarial_querying import AdversarialQuerying
 from l2l_adversarial.algorithms.base import AdversarialMetaLearner, MetaLearner
 from l2l_adversarial.algorithms.maml import MAML
 from l2l_adversarial.algorithms.maml_ad import MAMLAD
+from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 
 __all__ = [
     "ADML",
@@ -14,5 +15,6 @@ __all__ = [
     "AdversarialTask",
     "MAML",
     "MAMLAD",
+    "MatchingNetwork",
     "MetaLearner",
 ]

@@ -83,7 +83,9 @@ class MAMLAD(AdversarialMetaLearner):
         chosen = per_class_prefix(labels, self.adversarial_fraction)
         if not bool(chosen.any()):
             return inputs, labels
-        adversarial = self.perturb(params, inputs[chosen], labels[chosen])
+        # Attack the whole set, keep the chosen rows: a sample's adversarial copy is then the
+        # same whatever the fraction (and equals the evaluation transform's).
+        adversarial = self.perturb(params, inputs, labels)[chosen]
         return torch.cat([inputs, adversarial]), torch.cat([labels, labels[chosen]])
 
     def loss_and_accuracy(

@@ -1,0 +1,35 @@
+"""Helpers shared by the dataset classes: modes, roots and uint8-to-float conversion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from l2l_adversarial.validation import check_choice
+
+MODES = ("train", "validation", "test")
+
+
+def check_mode(mode: str) -> None:
+    """Raise ``ValueError`` unless ``mode`` is one of :data:`MODES`."""
+    check_choice("mode", mode, MODES)
+
+
+def as_root(root: str | os.PathLike[str], dataset: str) -> Path:
+    """Return ``root`` as a Path, rejecting a root that is an existing file."""
+    if not isinstance(root, str | os.PathLike):
+        raise TypeError(f"root must be a directory path for {dataset}, got {type(root).__name__}")
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"root {path} is a file; pass the directory that holds {dataset}")
+    return path
+
+
+def uint8_to_float(image: np.ndarray, channels_last: bool) -> Tensor:
+    """Copy one uint8 image into a new float32 CHW tensor in [0, 1]."""
+    tensor = torch.tensor(image, dtype=torch.float32).div_(255.0)
+    return tensor.permute(2, 0, 1).contiguous() if channels_last else tensor

@@ -1,0 +1,19 @@
+"""Exceptions raised by the dataset loaders: each message names the file and the fix."""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = ["DatasetDownloadError", "DatasetFileError", "UnsafePickleError"]
+
+
+class DatasetFileError(ValueError):
+    """A dataset file exists but is not what it should be (corrupt, truncated, wrong content)."""
+
+
+class UnsafePickleError(DatasetFileError, pickle.UnpicklingError):
+    """A pickle asked for a Python object that the expected dataset format never contains."""
+
+
+class DatasetDownloadError(RuntimeError):
+    """Every download attempt failed; no partial file was left behind."""

@@ -1,0 +1,232 @@
+"""Small dataset files in the exact on-disk formats, for tests.
+
+- :func:`write_mini_imagenet_cache`: learn2learn's ``mini-imagenet-cache-{mode}.pkl``.
+- :func:`write_cifar100`: torchvision's ``cifar-100-python/{train,test,meta}``, written as
+  Python 2 ``cPickle`` protocol 2 files like the real ones (``str`` as byte strings).
+- :func:`write_malicious_pickle`, :func:`write_html_page`, :func:`truncate_file`: bad files.
+
+Example::
+
+    cache = write_mini_imagenet_cache(tmp_path, "test", num_classes=5, images_per_class=20)
+    dataset = MiniImageNet(tmp_path, "test", strict=False)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: CIFAR-100's 20 superclasses and their 5 fine classes each (names as in its ``meta`` file).
+CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+#: The 100 fine label names in the order of CIFAR-100's ``meta`` file (label i = name i).
+CIFAR100_FINE_LABEL_NAMES: tuple[str, ...] = tuple(
+    sorted(name for names in CIFAR100_SUPERCLASSES.values() for name in names)
+)
+#: The 20 coarse label names in the order of CIFAR-100's ``meta`` file.
+CIFAR100_COARSE_LABEL_NAMES: tuple[str, ...] = tuple(sorted(CIFAR100_SUPERCLASSES))
+
+
+# The pure-Python pickler: unlike the C one, its per-type dispatch table can be extended.
+_PurePythonPickler: Any = pickle._Pickler
+
+
+class _Python2Pickler(_PurePythonPickler):
+    """Protocol 2 pickler writing ``str`` and ``bytes`` as Python 2 byte strings, as cPickle did."""
+
+    dispatch = dict(_PurePythonPickler.dispatch)
+
+    def save_python2_str(self, obj: str | bytes) -> None:
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_python2_str
+    dispatch[bytes] = save_python2_str
+
+
+def dump_python2_pickle(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as Python 2's cPickle (protocol 2) would have: CIFAR-100's file format."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@dataclass
+class MiniImageNetCache:
+    """What :func:`write_mini_imagenet_cache` wrote."""
+
+    path: Path
+    images: np.ndarray
+    class_dict: dict[str, list[int]]
+
+
+def write_mini_imagenet_cache(
+    root: str | os.PathLike[str],
+    mode: str = "train",
+    *,
+    num_classes: int = 5,
+    images_per_class: int = 20,
+    image_size: int = 84,
+    seed: int = 0,
+    protocol: int = 4,
+) -> MiniImageNetCache:
+    """Write ``root/mini-imagenet-cache-{mode}.pkl`` with random images.
+
+    Class names look like WordNet ids and are inserted in reverse-sorted order; each class's
+    rows are scattered over the array (as a shuffled cache would be).
+    """
+    rng = np.random.default_rng(seed)
+    count = num_classes * images_per_class
+    images = rng.integers(0, 256, size=(count, image_size, image_size, 3), dtype=np.uint8)
+    rows = rng.permutation(count)
+    names = sorted((f"n{1000000 + 37 * i:08d}" for i in range(num_classes)), reverse=True)
+    class_dict = {
+        name: rows[i * images_per_class : (i + 1) * images_per_class].tolist()
+        for i, name in enumerate(names)
+    }
+    path = Path(root) / f"mini-imagenet-cache-{mode}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+        pickle.dump({"image_data": images, "class_dict": class_dict}, file, protocol=protocol)
+    return MiniImageNetCache(path, images, class_dict)
+
+
+@dataclass
+class CIFAR100Files:
+    """What :func:`write_cifar100` wrote: per file part ("train", "test"), rows and labels."""
+
+    folder: Path
+    data: dict[str, np.ndarray]
+    fine_labels: dict[str, np.ndarray]
+
+
+def write_cifar100(
+    root: str | os.PathLike[str],
+    *,
+    train_per_class: int = 4,
+    test_per_class: int = 2,
+    seed: int = 0,
+    python2: bool = True,
+) -> CIFAR100Files:
+    """Write ``root/cifar-100-python/{train,test,meta}`` with random 32 x 32 images.
+
+    ``python2=True`` writes the real files' flavour (Python 2 protocol 2, byte-string keys);
+    ``python2=False`` writes Python 3 pickles with ``str`` keys.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    coarse_of = {
+        fine: CIFAR100_COARSE_LABEL_NAMES.index(coarse)
+        for coarse, names in CIFAR100_SUPERCLASSES.items()
+        for fine in names
+    }
+    data, fine_labels = {}, {}
+    for part, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(100), per_class))
+        rows = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        data[part], fine_labels[part] = rows, labels
+        record = {
+            "filenames": [f"image_{part}_{i:06d}.png" for i in range(len(labels))],
+            "batch_label": f"{'training' if part == 'train' else 'testing'} batch 1 of 1",
+            "fine_labels": labels.tolist(),
+            "coarse_labels": [coarse_of[CIFAR100_FINE_LABEL_NAMES[i]] for i in labels],
+            "data": rows,
+        }
+        _dump(record, folder / part, python2)
+    meta = {
+        "fine_label_names": list(CIFAR100_FINE_LABEL_NAMES),
+        "coarse_label_names": list(CIFAR100_COARSE_LABEL_NAMES),
+    }
+    _dump(meta, folder / "meta", python2)
+    return CIFAR100Files(folder, data, fine_labels)
+
+
+def _dump(obj: Any, path: Path, python2: bool) -> None:
+    if python2:
+        dump_python2_pickle(obj, path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(obj, protocol=4))
+
+
+class _Payload:
+    """Unpickling this calls ``function(argument)``."""
+
+    def __init__(self, function: Any, argument: str) -> None:
+        self.function, self.argument = function, argument
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return self.function, (self.argument,)
+
+
+def write_malicious_pickle(
+    path: str | os.PathLike[str], marker: str | os.PathLike[str], via: str = "os.system"
+) -> Path:
+    """A dataset-looking pickle whose loading creates the file ``marker``.
+
+    ``via`` picks the payload: ``"os.system"`` (runs ``touch marker``) or ``"builtins.exec"``
+    (runs Python that creates ``marker``). The payload sits inside an otherwise valid
+    mini-ImageNet cache dict.
+    """
+    payloads = {
+        "os.system": _Payload(os.system, f"touch '{marker}'"),
+        "builtins.exec": _Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+    }
+    cache = {"image_data": np.zeros((1, 84, 84, 3), np.uint8), "class_dict": payloads[via]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(cache, protocol=4))
+    return path
+
+
+def write_html_page(path: str | os.PathLike[str]) -> Path:
+    """What a failed Google Drive download saves: its HTML warning page."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head>"
+        "<body>Google Drive can't scan this file for viruses.</body></html>\n"
+    )
+    return path
+
+
+def truncate_file(path: str | os.PathLike[str], keep_fraction: float = 0.5) -> Path:
+    """Cut a file to its first ``keep_fraction`` of bytes, like an interrupted download."""
+    path = Path(path)
+    content = path.read_bytes()
+    path.write_bytes(content[: int(len(content) * keep_fraction)])
+    return path
