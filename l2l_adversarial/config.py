@@ -66,6 +66,8 @@ SCHEMA: dict[str, Any] = {
             "download": {"type": "boolean", "default": False},
             # false accepts caches of non-standard size (e.g. resized images, fewer classes)
             "strict": {"type": "boolean", "default": True},
+            # digits only: side of the upsampled images (the quickstart uses 16)
+            "image_size": {"type": "integer", "min": 16, "nullable": True, "default": None},
         }
     ),
     "task": _section(
@@ -177,6 +179,11 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
     if dataset["name"] in BUNDLED_DATASETS:
         return
+    if dataset["image_size"] is not None:
+        raise ConfigError(
+            f"dataset.image_size applies to the bundled digits only, not {dataset['name']!r}; "
+            "remove it (the paper's images are used at their stored size)"
+        )
     root = dataset["root"]
     if root is None:
         raise ConfigError(

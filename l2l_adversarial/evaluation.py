@@ -24,6 +24,10 @@ Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` b
 ``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
 and seed give identical results, and every method sees the same random starts.
 
+Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` evaluates tasks
+``r, r + world_size, ...`` and the per-task results are gathered in task order, so every rank
+returns the same :class:`EvaluationResult` as one process would.
+
 Example:
     >>> import torch
     >>> from l2l_adversarial import MLP, Task
@@ -54,6 +58,7 @@ from torch import Tensor, nn
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.distributed import gather_strided, rank_indices
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, perturb
@@ -383,10 +388,12 @@ def evaluate(
         seed: seeds attacks with a random start, per task: ``derive_seed(seed, index)``.
         dataset: recorded for the report ("MiniImageNet", "CIFAR100").
         device: move every task there first (where the learner's model lives).
-        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every task.
+        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every task this process
+            evaluates (``len(rank_indices(len(tasks)))`` of them under torchrun).
 
     The clean support adaptation is shared by every epsilon, and one adaptation serves both
-    query scenarios of a support scenario.
+    query scenarios of a support scenario. Under torchrun the tasks are split over the ranks
+    (see the module docstring); call it on every rank.
     """
     check_choice("protocol", protocol, PROTOCOLS)
     if not isinstance(learner, FewShotLearner):
@@ -415,15 +422,17 @@ def evaluate(
                 f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
             )
 
-    per_task = []
-    for index, task in enumerate(tasks):
+    mine = []
+    for index in rank_indices(len(tasks)):
+        task = tasks[index]
         if device is not None:
             task = Task(*(t.to(device) for t in task))
-        per_task.append(
+        mine.append(
             _evaluate_task(learner, task, derive_seed(seed, index), attacks, scenarios, protocol)
         )
         if progress is not None:
             progress.update(1)
+    per_task = gather_strided(mine, len(tasks))
 
     lengths = {len(curves[key][0]) for curves in per_task for key in curves}
     if len(lengths) != 1:

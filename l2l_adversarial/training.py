@@ -1,14 +1,15 @@
 """Meta-training from a validated config: learner, attack, loop, logs, checkpoints, resume.
 
 Tasks are a pure function of ``(seed, task index)`` (see :class:`TaskSource`), attacks with a
-random start draw from a generator seeded by ``(seed, iteration)``, and a checkpoint holds the
-model, the optimizers, the iteration and every RNG state; so a run that is killed at any
-point and resumed ends with the same parameters as one that never stopped.
+random start draw from a generator seeded by ``(seed, task index)`` before every task, and a
+checkpoint holds the model, the optimizers, the iteration and every RNG state; so a run that
+is killed at any point and resumed ends with the same parameters as one that never stopped.
 
-Under ``torchrun`` (``torch.distributed`` initialised), every rank takes every
-``world_size``-th task of the meta-batch and the gradients are all-reduced before each
-optimizer step, so one update equals the single-process update on the whole meta-batch.
-Only rank 0 writes the run folder.
+Under ``torchrun`` (``torch.distributed`` initialised, see :mod:`l2l_adversarial.distributed`),
+every rank takes every ``world_size``-th task of the meta-batch and the gradients are averaged
+over the ranks before each optimizer step, so one update equals the single-process update on
+the whole meta-batch; the logged loss and accuracy are means over all ranks. Only rank 0
+writes the run folder; every rank reads the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -38,8 +38,16 @@ from l2l_adversarial.checkpoint import (
     set_rng_state,
 )
 from l2l_adversarial.config import METHODS, dump_config
+from l2l_adversarial.distributed import (
+    average_gradients,
+    cuda_device,
+    mean_over_ranks,
+    on_rank0,
+    world,
+)
 from l2l_adversarial.models import CNN4
 from l2l_adversarial.task import Task
+from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
@@ -52,6 +60,8 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds")
+ATTACK_STREAM = 2
+"""Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
 
 
 class RunFolderError(RuntimeError):
@@ -66,15 +76,18 @@ class TaskSource(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
+
+    ``"auto"`` and ``"cuda"`` mean this process's GPU: ``cuda:LOCAL_RANK`` under torchrun.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {name!r} was asked for but CUDA is not available; use device=auto or cpu"
         )
-    return device
+    return cuda_device() if device.type == "cuda" and device.index is None else device
 
 
 def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
@@ -132,30 +145,15 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
 class _AllReduceOptimizer:
     """Averages gradients over the ranks of a process group before stepping."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, world_size: int) -> None:
-        self.optimizer, self.world_size = optimizer, world_size
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
     def step(self) -> None:
-        for group in self.optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= self.world_size
+        average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
         self.optimizer.step()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _iteration_seed(seed: int, iteration: int) -> int:
-    return (seed * 1_000_003 + iteration) % (2**63 - 1)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -177,7 +175,7 @@ class Trainer:
     ) -> None:
         self.config, self.run_dir, self.tasks = config, run_dir, tasks
         self.learner, self.device = learner.to(device), device
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         train = config["train"]
         if train["meta_batch_size"] % self.world_size:
             raise ValueError(
@@ -249,40 +247,49 @@ class Trainer:
             writer.writerow(row)
 
     # -- the loop ------------------------------------------------------------------------
-    def _meta_batch(self, iteration: int) -> list[Task]:
+    def _meta_batch(self, iteration: int) -> list[tuple[int, Task]]:
+        """This rank's share of the meta-batch: (global task index, task on the device)."""
         size = self.config["train"]["meta_batch_size"]
-        first = iteration * size
-        return [
-            Task(*(t.to(self.device) for t in self.tasks[first + j]))
-            for j in range(self.rank, size, self.world_size)
-        ]
+        indices = range(iteration * size + self.rank, (iteration + 1) * size, self.world_size)
+        return [(i, Task(*(t.to(self.device) for t in self.tasks[i]))) for i in indices]
+
+    def _seeded(self, batch: list[tuple[int, Task]]) -> Iterator[Task]:
+        """The tasks of ``batch``, the attack's random start seeded from the global task index
+        just before each is used: a task gets the same random start on whichever rank."""
+        generator = getattr(getattr(self.learner, "attack", None), "generator", None)
+        for index, task in batch:
+            if generator is not None:
+                generator.manual_seed(derive_seed(self.config["seed"], index, ATTACK_STREAM))
+            yield task
 
     def _optimizers(self) -> Sequence[Any]:
         if self.world_size == 1:
             return self.optimizers
-        return [_AllReduceOptimizer(o, self.world_size) for o in self.optimizers]
+        return [_AllReduceOptimizer(o) for o in self.optimizers]
 
     def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the mean meta-loss and query accuracy of this rank."""
-        attack = getattr(self.learner, "attack", None)
-        if attack is not None and hasattr(attack, "generator") and attack.generator is not None:
-            attack.generator.manual_seed(_iteration_seed(self.config["seed"], self.iteration))
+        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
+        meta-batch (all ranks)."""
         batch = self._meta_batch(self.iteration)
         optimizers = self._optimizers()
         if self.sequential:
             assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(batch, optimizers[0], optimizers[1])
-            return objective.total.item(), objective.accuracy.item()
-        optimizer = optimizers[0]
-        optimizer.zero_grad()
-        losses, accuracies = [], []
-        for task in batch:
-            loss, accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-            (loss / len(batch)).backward()
-            losses.append(loss.detach())
-            accuracies.append(accuracy.detach())
-        optimizer.step()
-        return torch.stack(losses).mean().item(), torch.stack(accuracies).float().mean().item()
+            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
+            loss, accuracy = objective.total.item(), objective.accuracy.item()
+        else:
+            optimizer = optimizers[0]
+            optimizer.zero_grad()
+            losses, accuracies = [], []
+            for task in self._seeded(batch):
+                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
+                (task_loss / len(batch)).backward()
+                losses.append(task_loss.detach())
+                accuracies.append(task_accuracy.detach())
+            optimizer.step()
+            loss = torch.stack(losses).mean().item()
+            accuracy = torch.stack(accuracies).float().mean().item()
+        loss, accuracy = mean_over_ranks([loss, accuracy])
+        return loss, accuracy
 
     def run(
         self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
@@ -365,11 +372,8 @@ def train(
     ``run_dir`` (rank 0 only).
     """
     run_dir = Path(run_dir)
-    rank, _ = _world()
-    if rank == 0:
-        prepare_run_dir(run_dir, config, resume, overwrite)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    rank, _ = world()
+    on_rank0(lambda: prepare_run_dir(run_dir, config, resume, overwrite))
     device = resolve_device(config["device"])
     torch.manual_seed(config["seed"])
     sample = tasks[0]

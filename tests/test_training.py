@@ -72,6 +72,7 @@ def stop_at(iteration: int, error: type[BaseException]):  # noqa: ANN201
     [
         ("adml", {"meta_update": "sequential", "attack": "ffgsm"}),
         ("maml-ad", {"attack": "pgd", "pgd_steps": 2}),
+        ("matching-nets", {}),
     ],
 )
 def test_run_killed_and_resumed_matches_uninterrupted_run(
