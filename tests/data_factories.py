@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from l2l_adversarial.task import Task
 
 #: CIFAR-100's 20 superclasses and their 5 fine classes each (names as in its ``meta`` file).
 CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
@@ -230,3 +233,24 @@ def truncate_file(path: str | os.PathLike[str], keep_fraction: float = 0.5) -> P
     content = path.read_bytes()
     path.write_bytes(content[: int(len(content) * keep_fraction)])
     return path
+
+
+class SyntheticTasks:
+    """3-way tasks on 1x16x16 images (noisy class prototypes), a pure function of (seed, index).
+
+    A stand-in for :class:`l2l_adversarial.data.FewShotTasks` in training tests.
+    """
+
+    def __init__(self, seed: int = 0, ways: int = 3, shots: int = 1, queries: int = 2) -> None:
+        self.seed, self.ways, self.shots, self.queries = seed, ways, shots, queries
+
+    def __getitem__(self, index: int) -> Task:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        prototypes = torch.rand(self.ways, 1, 16, 16, generator=g)
+
+        def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+            labels = torch.arange(self.ways).repeat_interleave(per_class)
+            noise = 0.1 * torch.rand(len(labels), 1, 16, 16, generator=g)
+            return (0.9 * prototypes[labels] + noise).clamp(0, 1), labels
+
+        return Task(*draw(self.shots), *draw(self.queries))

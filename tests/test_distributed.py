@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from data_factories import SyntheticTasks
 
 from l2l_adversarial import CNN4, PGD
 from l2l_adversarial.checkpoint import load_checkpoint
@@ -53,24 +54,6 @@ CLI_OPTIONS = ["-o", "dataset.name=digits", "-o", "device=cpu", "-o", "model.hid
                "-o", "task.ways=3", "-o", "task.query_shots=2", "-o", "train.iterations=2",
                "-o", "train.meta_batch_size=2", "-o", "train.adaptation_steps=1",
                "-o", "evaluate.tasks=3", "-o", "evaluate.adaptation_steps=1", "--quiet"]  # fmt: skip
-
-
-class SyntheticTasks:
-    """3-way tasks on 1x16x16 images, a pure function of (seed, index)."""
-
-    def __init__(self, seed: int = 0, ways: int = 3, shots: int = 1, queries: int = 2) -> None:
-        self.seed, self.ways, self.shots, self.queries = seed, ways, shots, queries
-
-    def __getitem__(self, index: int) -> Task:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        prototypes = torch.rand(self.ways, 1, 16, 16, generator=g)
-
-        def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-            labels = torch.arange(self.ways).repeat_interleave(per_class)
-            noise = 0.1 * torch.rand(len(labels), 1, 16, 16, generator=g)
-            return (0.9 * prototypes[labels] + noise).clamp(0, 1), labels
-
-        return Task(*draw(self.shots), *draw(self.queries))
 
 
 def config(method: str, **train_options: object) -> dict:

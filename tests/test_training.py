@@ -6,29 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_factories import SyntheticTasks
 
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2l_adversarial.config import load_config
-from l2l_adversarial.task import Task
 from l2l_adversarial.training import CHECKPOINT, RunFolderError, train
-
-
-class SyntheticTasks:
-    """3-way tasks on 1x16x16 images, a pure function of (seed, index)."""
-
-    def __init__(self, seed: int = 0, ways: int = 3, shots: int = 1, queries: int = 2) -> None:
-        self.seed, self.ways, self.shots, self.queries = seed, ways, shots, queries
-
-    def __getitem__(self, index: int) -> Task:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        prototypes = torch.rand(self.ways, 1, 16, 16, generator=g)
-
-        def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-            labels = torch.arange(self.ways).repeat_interleave(per_class)
-            noise = 0.1 * torch.rand(len(labels), 1, 16, 16, generator=g)
-            return (0.9 * prototypes[labels] + noise).clamp(0, 1), labels
-
-        return Task(*draw(self.shots), *draw(self.queries))
 
 
 def config(method: str = "adml", **train: object) -> dict:
