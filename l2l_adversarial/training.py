@@ -350,7 +350,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwri
             "run, --overwrite to replace it, or choose another run_dir"
         )
     if has_results:
-        for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json"):
+        for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json", "evaluation.json"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomically(run_dir / "config.yaml", dump_config(config))

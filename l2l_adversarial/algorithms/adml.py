@@ -9,11 +9,17 @@ Per task, with meta-parameters theta:
 * line 11:   minimise ``L(theta'_adv, D'_c)`` (step beta1) and ``L(theta'_c, D'_adv)`` (step beta2).
 
 Adversarial samples are data: the meta-gradient treats them as constants, as Eq. (1) does.
+
+FGSM on ``D_c`` (line 6) and the first clean step of line 7 both need the gradient of
+``L(theta, D_c)``, one with respect to the support inputs, the other with respect to theta.
+With FGSM, one backward pass gives both (:attr:`ADML.shares_support_pass`); the results are
+identical to two passes. :mod:`l2l_adversarial.engines` evaluates a whole meta-batch, on a
+GPU with all tasks and both branches batched by ``torch.func.vmap``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,8 +31,8 @@ from l2l_adversarial.algorithms.base import (
     AdversarialMetaLearner,
     check_step_size,
 )
-from l2l_adversarial.attacks import Attack
-from l2l_adversarial.functional import LossFn
+from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.functional import LossFn, Params
 from l2l_adversarial.task import Task
 from l2l_adversarial.validation import check_choice, check_task
 
@@ -118,6 +124,27 @@ class ADML(AdversarialMetaLearner):
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 
+    @property
+    def shares_support_pass(self) -> bool:
+        """Whether FGSM on ``D_c`` and line 7's first clean step come from one backward pass.
+
+        Both are gradients of ``L(theta, D_c)``; one pass gives results identical to two.
+        True for :class:`~l2l_adversarial.attacks.FGSM` with ``eps > 0``, no ``mean``/``std``
+        and this learner's loss, on a model without active dropout (two passes would draw two
+        masks). Other attacks take the generic path: attack, then adapt.
+        """
+        attack = self.attack
+        return (
+            type(attack) is FGSM
+            and attack.eps > 0
+            and attack.mean is None
+            and attack.loss_fn is self.functional.loss_fn
+            and not any(
+                isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training
+                for layer in self.functional.module.modules()
+            )
+        )
+
     def adversarial_task(
         self,
         support_inputs: Tensor,
@@ -126,36 +153,45 @@ class ADML(AdversarialMetaLearner):
         query_labels: Tensor,
     ) -> AdversarialTask:
         """Lines 5-6 and 8-9: adversarial copies of the support and query sets against theta."""
-        check_task(support_inputs, support_labels, query_inputs, query_labels)
-        theta = self.meta_parameters()
-        query_adversarial = None
-        if self.attack_target == "initial":
-            query_adversarial = self.perturb(theta, query_inputs, query_labels)
-        return AdversarialTask(
-            support_clean=support_inputs,
-            support_adversarial=self.perturb(theta, support_inputs, support_labels),
-            support_labels=support_labels,
-            query_clean=query_inputs,
-            query_adversarial=query_adversarial,
-            query_labels=query_labels,
-        )
+        task = Task(support_inputs, support_labels, query_inputs, query_labels)
+        check_task(*task)
+        return self._attack_task(self.meta_parameters(), task)
 
     def objective(self, task: AdversarialTask, steps: int | None = None) -> ADMLObjective:
         """Line 7 and the two losses of line 11 for one task, differentiable in theta."""
+        return self._objective(task, self.resolve_steps(steps))
+
+    def task_objective(self, task: Task, steps: int | None = None) -> ADMLObjective:
+        """Lines 5-11 for one task: ``objective(adversarial_task(*task), steps)``.
+
+        With FGSM (:attr:`shares_support_pass`) line 6 and the first clean step of line 7 come
+        from one backward pass; the result is identical.
+
+        Example:
+            >>> import torch, l2l_adversarial as l2la
+            >>> adml = l2la.ADML(torch.nn.Linear(8, 3), lr=0.01)
+            >>> task = l2la.Task(torch.rand(3, 8), torch.arange(3), torch.rand(6, 8),
+            ...                  torch.arange(3).repeat(2))
+            >>> adml.task_objective(task).total.backward()
+        """
+        task = Task(*task)
+        check_task(*task)
         steps = self.resolve_steps(steps)
         theta = self.meta_parameters()
-        theta_adv = self.adapt_functional(
-            theta, task.support_adversarial, task.support_labels, self.lr, steps
+        if not self.shares_support_pass:
+            return self._objective(self._attack_task(theta, task), steps)
+        support_adversarial, clean_first_step = self._fgsm_and_clean_step(
+            theta, task.support_inputs, task.support_labels
         )
-        theta_c = self.adapt_functional(
-            theta, task.support_clean, task.support_labels, self.clean_lr, steps
+        adversarial = AdversarialTask(
+            support_clean=task.support_inputs,
+            support_adversarial=support_adversarial,
+            support_labels=task.support_labels,
+            query_clean=task.query_inputs,
+            query_adversarial=self._query_adversarial(theta, task.query_inputs, task.query_labels),
+            query_labels=task.query_labels,
         )
-        query_adversarial = task.query_adversarial
-        if query_adversarial is None:
-            query_adversarial = self.perturb(theta_c, task.query_clean, task.query_labels)
-        loss_adv, acc_adv = self.functional.loss(theta_adv, task.query_clean, task.query_labels)
-        loss_c, acc_c = self.functional.loss(theta_c, query_adversarial, task.query_labels)
-        return ADMLObjective(loss_adv, loss_c, acc_adv, acc_c)
+        return self._objective(adversarial, steps, clean_first_step)
 
     def meta_loss(
         self,
@@ -166,8 +202,8 @@ class ADML(AdversarialMetaLearner):
         steps: int | None = None,
     ) -> Tensor:
         """Eq. (1) for one task: ``L(theta'_adv, D'_c) + L(theta'_c, D'_adv)``."""
-        task = self.adversarial_task(support_inputs, support_labels, query_inputs, query_labels)
-        return self.objective(task, steps).total
+        task = Task(support_inputs, support_labels, query_inputs, query_labels)
+        return self.task_objective(task, steps).total
 
     def loss_and_accuracy(
         self,
@@ -178,9 +214,26 @@ class ADML(AdversarialMetaLearner):
         steps: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Eq. (1) for one task and the mean query accuracy of theta'_adv and theta'_c."""
-        task = self.adversarial_task(support_inputs, support_labels, query_inputs, query_labels)
-        objective = self.objective(task, steps)
+        task = Task(support_inputs, support_labels, query_inputs, query_labels)
+        objective = self.task_objective(task, steps)
         return objective.total, objective.accuracy
+
+    def meta_batch_loss(
+        self, tasks: Iterable[Task], steps: int | None = None, engine: str = "auto"
+    ) -> Tensor:
+        """Mean of Eq. (1) over a meta-batch, differentiable in theta.
+
+        ``engine`` is ``"sequential"`` (task after task), ``"vmap"`` (all tasks and both
+        branches batched with ``torch.func``) or ``"auto"`` (vmap on CUDA); see
+        :mod:`l2l_adversarial.engines`.
+
+        Example:
+            >>> loss = adml.meta_batch_loss(tasks)   # == mean of adml.meta_loss(*task)
+            >>> loss.backward(); optimizer.step()
+        """
+        from l2l_adversarial import engines  # engines builds on this module
+
+        return engines.meta_batch_objective(self, tasks, steps, engine).total
 
     def meta_step(
         self,
@@ -188,6 +241,8 @@ class ADML(AdversarialMetaLearner):
         optimizer: torch.optim.Optimizer,
         clean_optimizer: torch.optim.Optimizer | None = None,
         steps: int | None = None,
+        *,
+        engine: str = "auto",
     ) -> ADMLObjective:
         """One meta-iteration (lines 3-11) over a meta-batch; returns the mean objective.
 
@@ -198,14 +253,31 @@ class ADML(AdversarialMetaLearner):
         ``clean_optimizer`` (beta2) steps on ``L(theta'_c, D'_adv)``. The adversarial samples
         of lines 6 and 9 are generated once, before either step. Task losses are averaged
         over the meta-batch, as in MAML's reference code and learn2learn's examples.
+
+        ``engine`` as for :meth:`meta_batch_loss`. The sequential engine attacks each task as
+        ``tasks`` yields it and keeps one task's graph in memory at a time; the returned
+        values are detached tensors on the parameters' device.
         """
-        batch = [self.adversarial_task(*task) for task in tasks]
-        if not batch:
-            raise ValueError("tasks is empty: a meta-batch needs at least one task")
+        from l2l_adversarial import engines  # engines builds on this module
+
+        vmap_engine = engines.resolve_engine(self, engine) == "vmap"
+        steps = self.resolve_steps(steps)
         if clean_optimizer is None:
-            return self._descend(batch, optimizer, steps, lambda o: o.total)
-        first = self._descend(batch, optimizer, steps, lambda o: o.adversarial_support_loss)
-        second = self._descend(batch, clean_optimizer, steps, lambda o: o.clean_support_loss)
+            joint: Iterable[ADMLObjective] = (
+                [engines.meta_batch_objective(self, tasks, steps, engine)]
+                if vmap_engine
+                else (self.task_objective(task, steps) for task in tasks)
+            )
+            return self._descend(joint, optimizer, lambda o: o.total)
+        batch = engines.adversarial_tasks(self, tasks, engine)
+
+        def objectives() -> Iterable[ADMLObjective]:
+            if vmap_engine:
+                return [engines.mean_objective(self, batch, steps, engine)]
+            return (self.objective(task, steps) for task in batch)
+
+        first = self._descend(objectives(), optimizer, lambda o: o.adversarial_support_loss)
+        second = self._descend(objectives(), clean_optimizer, lambda o: o.clean_support_loss)
         return ADMLObjective(
             first.adversarial_support_loss,
             second.clean_support_loss,
@@ -213,20 +285,93 @@ class ADML(AdversarialMetaLearner):
             second.clean_support_accuracy,
         )
 
+    # -- the steps of Algorithm 1 for one task ---------------------------------------------
+    def _attack_task(self, theta: Params, task: Task) -> AdversarialTask:
+        """Lines 5-6 and 8-9 for a validated task (the query set first, then the support)."""
+        query_adversarial = self._query_adversarial(theta, task.query_inputs, task.query_labels)
+        return AdversarialTask(
+            support_clean=task.support_inputs,
+            support_adversarial=self.perturb(theta, task.support_inputs, task.support_labels),
+            support_labels=task.support_labels,
+            query_clean=task.query_inputs,
+            query_adversarial=query_adversarial,
+            query_labels=task.query_labels,
+        )
+
+    def _query_adversarial(self, theta: Params, inputs: Tensor, labels: Tensor) -> Tensor | None:
+        """Line 9 against theta; ``None`` when ``D'_adv`` is made against theta'_c instead."""
+        return self.perturb(theta, inputs, labels) if self.attack_target == "initial" else None
+
+    def _fgsm_and_clean_step(
+        self, theta: Params, inputs: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Params]:
+        """FGSM on ``D_c`` against theta (line 6) and ``theta - alpha2 grad L(theta, D_c)``
+        (line 7's first clean step), both from one backward pass of ``L(theta, D_c)``."""
+        attack = self.attack
+        attack._check_range(inputs)  # the check the attack makes itself
+        with torch.enable_grad():
+            pixels = inputs.detach().requires_grad_(True)
+            loss = self.functional.loss_fn(self.functional(theta, pixels), labels)
+            *gradients, input_gradient = torch.autograd.grad(
+                loss,
+                [*theta.values(), pixels],
+                create_graph=not self.first_order,
+                allow_unused=True,
+            )
+        # FGSM.perturb_pixels with the gradient already at hand
+        adversarial = (pixels.detach() + attack.eps * input_gradient.detach().sign()).clamp(
+            *attack.data_range
+        )
+        clean_first_step = {
+            name: p if g is None else p - self.clean_lr * g
+            for (name, p), g in zip(theta.items(), gradients, strict=True)
+        }
+        return adversarial, clean_first_step
+
+    def _objective(
+        self, task: AdversarialTask, steps: int, clean_first_step: Params | None = None
+    ) -> ADMLObjective:
+        """Line 7 and line 11's losses; ``clean_first_step`` is theta'_c after one step."""
+        theta = self.meta_parameters()
+        theta_adv = self.adapt_functional(
+            theta, task.support_adversarial, task.support_labels, self.lr, steps
+        )
+        if clean_first_step is None:
+            theta_c = self.adapt_functional(
+                theta, task.support_clean, task.support_labels, self.clean_lr, steps
+            )
+        else:
+            theta_c = self.adapt_functional(
+                clean_first_step, task.support_clean, task.support_labels, self.clean_lr, steps - 1
+            )
+        query_adversarial = task.query_adversarial
+        if query_adversarial is None:
+            query_adversarial = self.perturb(theta_c, task.query_clean, task.query_labels)
+        loss_adv, acc_adv = self.functional.loss(theta_adv, task.query_clean, task.query_labels)
+        loss_c, acc_c = self.functional.loss(theta_c, query_adversarial, task.query_labels)
+        return ADMLObjective(loss_adv, loss_c, acc_adv, acc_c)
+
     def _descend(
         self,
-        batch: Sequence[AdversarialTask],
+        objectives: Iterable[ADMLObjective],
         optimizer: torch.optim.Optimizer,
-        steps: int | None,
         select: Callable[[ADMLObjective], Tensor],
     ) -> ADMLObjective:
+        """Backpropagate ``select`` of each objective as it comes (one graph alive at a time),
+        average the gradients over them, take one optimizer step; returns the mean objective."""
         optimizer.zero_grad()
-        totals = [torch.zeros(()) for _ in ADMLObjective._fields]
-        for task in batch:
-            objective = self.objective(task, steps)
-            (select(objective) / len(batch)).backward()
-            totals = [
-                t + v.detach().cpu() / len(batch) for t, v in zip(totals, objective, strict=True)
-            ]
+        sums: list[Tensor] = []
+        count = 0
+        for objective in objectives:
+            select(objective).backward()
+            values = [v.detach() for v in objective]
+            sums = values if not sums else [s + v for s, v in zip(sums, values, strict=True)]
+            count += 1
+        if count == 0:
+            raise ValueError("tasks is empty: a meta-batch needs at least one task")
+        if count > 1:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.div_(count)
         optimizer.step()
-        return ADMLObjective(*totals)
+        return ADMLObjective(*(s / count for s in sums))
