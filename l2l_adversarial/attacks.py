@@ -98,7 +98,7 @@ class Attack(ABC):
         check_finite("inputs", inputs)
         labels = labels.detach()
         pixels = self._to_pixels(inputs.detach())
-        self._check_range(pixels)
+        self.check_range(pixels)
         if self.eps == 0:
             return inputs.detach().clone()
         forward = stateless(model)
@@ -150,7 +150,8 @@ class Attack(ABC):
             self.std, pixels
         )
 
-    def _check_range(self, pixels: Tensor) -> None:
+    def check_range(self, pixels: Tensor) -> None:
+        """Raise ``ValueError`` unless ``pixels`` lie inside ``data_range`` (with a hint)."""
         lower, upper = self.data_range
         slack = 1e-4 * (upper - lower)
         low, high = pixels.min().item(), pixels.max().item()

@@ -306,9 +306,12 @@ class ADML(AdversarialMetaLearner):
         self, theta: Params, inputs: Tensor, labels: Tensor
     ) -> tuple[Tensor, Params]:
         """FGSM on ``D_c`` against theta (line 6) and ``theta - alpha2 grad L(theta, D_c)``
-        (line 7's first clean step), both from one backward pass of ``L(theta, D_c)``."""
+        (line 7's first clean step), both from one backward pass of ``L(theta, D_c)``.
+
+        The clean step's graph then also depends on the support inputs, so the meta-gradient's
+        backward pass runs through them too: that gives back part of the pass saved."""
         attack = self.attack
-        attack._check_range(inputs)  # the check the attack makes itself
+        attack.check_range(inputs)  # the check the attack makes itself
         with torch.enable_grad():
             pixels = inputs.detach().requires_grad_(True)
             loss = self.functional.loss_fn(self.functional(theta, pixels), labels)
