@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from l2l_adversarial.distributed import (
     world,
 )
 from l2l_adversarial.models import CNN4
+from l2l_adversarial.report import write_atomic
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import derive_seed
 
@@ -156,12 +156,6 @@ class _AllReduceOptimizer:
         self.optimizer.step()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 class Trainer:
     """One meta-training run in ``run_dir`` (see :func:`train`)."""
 
@@ -235,7 +229,7 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-        _write_atomically(path, buffer.getvalue())
+        write_atomic(path, buffer.getvalue())
 
     def _log(self, row: dict[str, float]) -> None:
         path = self._metrics_path()
@@ -353,7 +347,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwri
         for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json", "evaluation.json"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(run_dir / "config.yaml", dump_config(config))
+    write_atomic(run_dir / "config.yaml", dump_config(config))
 
 
 def train(
@@ -383,5 +377,5 @@ def train(
         trainer.restore()
     summary = trainer.run(progress=progress, on_iteration=on_iteration)
     if rank == 0:
-        _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return trainer.learner

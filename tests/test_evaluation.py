@@ -27,15 +27,6 @@ LR, STEPS = 0.5, 4  # a large step so that adaptation changes predictions in a f
 EPS_LEVELS = 8.0  # 8/255: large enough to flip predictions of the tiny model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is ~20x faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_tasks(count: int, shots: int, seed: int = 0) -> list[Task]:
     generator = torch.Generator().manual_seed(seed)
     tasks = []

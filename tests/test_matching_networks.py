@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.attacks import FGSM
 
 SIZE = 16  # 16x16 images: CNN4's four poolings leave a 1x1 map, so D = hidden
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_net(seed: int = 0, **kwargs: object) -> MatchingNetwork:

@@ -21,15 +21,6 @@ EPS = 8 / 255
 WAYS, SHOTS, QUERIES = 3, 5, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is ~20x faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_task(seed: int = 0, interleaved: bool = True) -> Task:
     generator = torch.Generator().manual_seed(seed)
     if interleaved:  # 0 1 2 0 1 2 ...: a class's samples are not contiguous
