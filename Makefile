@@ -2,8 +2,10 @@
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 BENCH_ARGS ?=
-# glibc maps tensors above 32 MB afresh; huge pages keep page faults from dominating (conftest.py).
-BENCH_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+# glibc maps tensors above 32 MB afresh, and the page faults distort CPU timings (conftest.py):
+# preload tcmalloc where installed (apt-get install libtcmalloc-minimal4), else use huge pages.
+TCMALLOC ?= $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
+BENCH_ENV ?= $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
 
 .PHONY: bench bench-smoke
 

@@ -9,18 +9,25 @@ Every benchmark of a size runs on the same tasks and on models with the same ini
 Times are seconds per call of the benchmarked function (a meta-iteration, or an attack on one
 query set), on CUDA when ``torch.cuda.is_available()``, else on the CPU.
 
-Peak memory is measured during the first (warm-up) call. On the CPU it is the increase of the
+Peak memory and floating-point operations are measured during the first (warm-up) call. FLOPs
+are those of convolutions and matrix products (``torch.utils.flop_counter``'s formulas,
+counted by a dispatch mode, second-order passes included): the arithmetic a method needs,
+whatever the machine; their ratio to MAML's is the ratio a time measurement would show if
+every operation ran at the same speed in both. On the CPU it is the increase of the
 process's peak resident set size over its size just before the call (Linux: the heap is
 trimmed, then VmHWM is reset through /proc/self/clear_refs and read afterwards); it counts
 every byte the process touched, allocator overhead included. tracemalloc would miss it: torch
 allocates tensors outside Python's allocator. On CUDA it is also
 ``torch.cuda.max_memory_allocated()`` above the memory allocated before the call.
 
-On Linux with glibc, ``make bench`` sets ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. Without
-it glibc maps every tensor above 32 MB afresh (the paper size's activations are 68 MB), and
-the resulting page faults (about a million per meta-iteration) took a third of the CPU
-time, by an amount that depended on what ran before: rows were not comparable. With
-transparent huge pages on ``madvise`` (the usual default) they fall to a few ten thousand.
+On the CPU the C allocator matters. glibc maps every block above 32 MB afresh (the paper
+size's activations are 68 MB), and each new mapping costs page faults and zeroing: about a
+million faults per meta-iteration, a third of the CPU time, by an amount that depended on what
+ran before. ``make bench`` therefore preloads tcmalloc when it is installed (Debian:
+``apt-get install libtcmalloc-minimal4``), which reuses freed memory (a few hundred faults
+per ADML task), and otherwise sets ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge
+pages: tens of thousands). The table's header names the allocator in use. GPU runs use
+PyTorch's caching allocator either way.
 """
 
 from __future__ import annotations
@@ -34,14 +41,19 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
 
 from l2l_adversarial import CNN4, Task
 
 SIZES_OPTION, ROUNDS_OPTION, THREADS_OPTION = "--bench-sizes", "--bench-rounds", "--bench-threads"
+PAIRED_ROUNDS_OPTION = "--bench-paired-rounds"
 REFERENCE = "maml (learn2learn reference)"
 
 
@@ -73,6 +85,14 @@ DEFAULT_SIZES = "small,paper-1shot,paper-5shot"
 
 
 @dataclass
+class PairedRow:
+    size: str
+    name: str
+    seconds_median: float
+    ratios: list[float]  # per round, to the first function of the same round
+
+
+@dataclass
 class Row:
     size: str
     name: str
@@ -82,6 +102,7 @@ class Row:
     peak_rss_mb: float | None
     peak_cuda_mb: float | None
     images: int | None
+    flops: int | None
 
 
 class Workload:
@@ -119,6 +140,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(ROUNDS_OPTION, type=int, default=3, help="timed rounds per benchmark")
     group.addoption(
+        PAIRED_ROUNDS_OPTION, type=int, default=6, help="timed rounds of the paired benchmark"
+    )
+    group.addoption(
         THREADS_OPTION, type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
 
@@ -130,14 +154,16 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"{SIZES_OPTION} got {unknown or 'nothing'}; choose among {', '.join(SIZES)}"
         )
-    if config.getoption(ROUNDS_OPTION) < 1:
-        raise pytest.UsageError(f"{ROUNDS_OPTION} must be >= 1")
+    for option in (ROUNDS_OPTION, PAIRED_ROUNDS_OPTION):
+        if config.getoption(option) < 1:
+            raise pytest.UsageError(f"{option} must be >= 1")
     threads = config.getoption(THREADS_OPTION)
     if threads is not None:
         if threads < 1:
             raise pytest.UsageError(f"{THREADS_OPTION} must be >= 1")
         torch.set_num_threads(threads)
     config.stash[_ROWS] = []
+    config.stash[_PAIRED] = []
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -193,20 +219,113 @@ def measure(
                 peak_rss_mb=first.peak_rss_mb,
                 peak_cuda_mb=first.peak_cuda_mb,
                 images=images,
+                flops=first.flops,
             )
         )
 
     return run
 
 
+_PAIRED = pytest.StashKey[list[PairedRow]]()
+MeasurePaired = Callable[[dict[str, Callable[[], object]]], None]
+
+
+@pytest.fixture
+def measure_paired(
+    benchmark: BenchmarkFixture, request: pytest.FixtureRequest, workload: Workload
+) -> MeasurePaired:
+    """``measure_paired({name: function, ...})``: time the functions in alternating rounds.
+
+    Each round calls every function once, in an order that rotates from round to round, after
+    one warm-up round; each function's ratio to the first one is taken within a round, so a
+    slow spell of a shared machine affects both sides of a ratio. The summary reports the
+    median, min and max of those per-round ratios (``--bench-paired-rounds`` rounds).
+    """
+    device = workload.device
+
+    def run(functions: dict[str, Callable[[], object]]) -> None:
+        names = list(functions)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+
+        def one_round() -> None:
+            shift = len(seconds[names[0]]) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                functions[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[name].append(time.perf_counter() - start)
+
+        rounds = request.config.getoption(PAIRED_ROUNDS_OPTION)
+        benchmark.extra_info.update(size=workload.size.name, paired=names)
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1, iterations=1)
+        timed = {name: values[1:] or values for name, values in seconds.items()}  # drop warm-up
+        first = timed[names[0]]
+        request.config.stash[_PAIRED].extend(
+            PairedRow(
+                size=workload.size.name,
+                name=name,
+                seconds_median=statistics.median(values),
+                ratios=[value / reference for value, reference in zip(values, first, strict=True)],
+            )
+            for name, values in timed.items()
+        )
+
+    return run
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of convolutions (forward and backward) and matrix products.
+
+    Matrix products use ``torch.utils.flop_counter``'s formulas. Convolutions are counted
+    here: that module's backward formula ignores ``groups`` for the weight gradient (it
+    counted the vmap engine's grouped convolutions ``groups`` times over). Its
+    ``FlopCounterMode`` also tracks modules with backward hooks, which
+    ``torch.autograd.grad`` on leaves (every inner step) refuses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in (torch.ops.aten.convolution, torch.ops.aten._convolution):
+            inputs, weight, transposed = args[0], args[1], args[6]
+            self.total += _convolution_flops(inputs if transposed else out, weight)
+        elif packet is torch.ops.aten.convolution_backward:
+            grad_output, inputs, weight, transposed, mask = (
+                args[0], args[1], args[2], args[7], args[-1]
+            )  # fmt: skip
+            forward = _convolution_flops(inputs if transposed else grad_output, weight)
+            self.total += forward * (int(mask[0]) + int(mask[1]))
+        elif packet in flop_registry:
+            shapes = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, args)
+            kw = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, kwargs)
+            out_shape = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, out)
+            self.total += flop_registry[packet](*shapes, **kw, out_val=out_shape)
+        return out
+
+
+def _convolution_flops(larger: torch.Tensor, weight: torch.Tensor) -> int:
+    """2 x multiply-adds of a convolution: each element of the larger side (the output of a
+    convolution, the input of a transposed one) sums in_channels/groups x kernel products."""
+    return 2 * larger.numel() * weight[0].numel()
+
+
 class _FirstCallProbe:
-    """Calls ``function``; the first call also records its duration and peak memory."""
+    """Calls ``function``; the first call also records its duration, peak memory and FLOPs."""
 
     def __init__(self, function: Callable[[], None], device: torch.device) -> None:
         self.function, self.device = function, device
         self.seconds = float("nan")
         self.peak_rss_mb: float | None = None
         self.peak_cuda_mb: float | None = None
+        self.flops: int | None = None
         self._called = False
 
     def __call__(self) -> None:
@@ -220,9 +339,12 @@ class _FirstCallProbe:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             cuda_before = torch.cuda.memory_allocated(self.device)
+        counter = _FlopCounter()
         start = time.perf_counter()
-        self.function()
+        with counter:
+            self.function()
         self.seconds = time.perf_counter() - start
+        self.flops = counter.total
         peak = _peak_resident_mb()
         if rss_before is not None and peak is not None:
             self.peak_rss_mb = peak - rss_before
@@ -257,8 +379,8 @@ def _peak_resident_mb() -> float | None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    rows = config.stash.get(_ROWS, [])
-    if not rows:
+    rows, paired = config.stash.get(_ROWS, []), config.stash.get(_PAIRED, [])
+    if not rows and not paired:
         return
     write = terminalreporter.write_line
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -266,14 +388,15 @@ def pytest_terminal_summary(
     write(
         f"device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+        f"allocator: {_allocator()}"
     )
     write(
         "s = seconds per call (median and min over the timed rounds); x MAML = ratio to the "
-        "learn2learn MAML meta-iteration of the same size in this run; +RSS = peak resident "
+        "learn2learn MAML meta-iteration of the same size in this run; GFLOP = convolution and "
+        "matrix-product arithmetic per call, and its ratio to MAML's; +RSS = peak resident "
         "memory above the level before the call (MB); CUDA = peak allocated (MB)"
     )
-    header = f"{'benchmark':44s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s}"
+    header = f"{'benchmark':52s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'GFLOP':>7s} {'(x)':>5s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s}"
     for size in dict.fromkeys(row.size for row in rows):
         # meta-iterations first, then attacks
         group = sorted(
@@ -284,17 +407,50 @@ def pytest_terminal_summary(
         write(f"[{size}] {_describe(SIZES[size])}")
         write(header)
         for row in group:
-            ratio = ratio_min = "n/a"
+            ratio = ratio_min = flop_ratio = "n/a"
             if reference is not None:
                 ratio = f"{row.seconds_median / reference.seconds_median:.2f}"
                 ratio_min = f"{row.seconds_min / reference.seconds_min:.2f}"
+                if row.flops and reference.flops:
+                    flop_ratio = f"{row.flops / reference.flops:.2f}"
+            gflop = "n/a" if row.flops is None else f"{row.flops / 1e9:.1f}"
             rss = "n/a" if row.peak_rss_mb is None else f"{row.peak_rss_mb:.0f}"
             cuda = "-" if row.peak_cuda_mb is None else f"{row.peak_cuda_mb:.0f}"
             throughput = "-" if row.images is None else f"{row.images / row.seconds_median:.0f}"
             write(
-                f"{row.name:44s} {row.seconds_median:9.4f} {row.seconds_min:9.4f} "
-                f"{row.rounds:6d} {ratio:>7s} {ratio_min:>6s} {rss:>8s} {cuda:>8s} {throughput:>9s}"
+                f"{row.name:52s} {row.seconds_median:9.4f} {row.seconds_min:9.4f} "
+                f"{row.rounds:6d} {ratio:>7s} {ratio_min:>6s} {gflop:>7s} {flop_ratio:>5s} "
+                f"{rss:>8s} {cuda:>8s} {throughput:>9s}"
             )
+    if paired:
+        _write_paired(write, paired)
+
+
+def _write_paired(write: Callable[[str], None], rows: list[PairedRow]) -> None:
+    write("")
+    write(
+        "paired rounds: the functions alternate round by round (rotating order); x first = "
+        "median (min-max) of the per-round ratios to the first row"
+    )
+    for size in dict.fromkeys(row.size for row in rows):
+        write(f"[{size}] {_describe(SIZES[size])}")
+        write(
+            f"{'benchmark':52s} {'median s':>9s} {'x first':>8s} {'min':>6s} {'max':>6s} {'rounds':>6s}"
+        )
+        for row in (row for row in rows if row.size == size):
+            write(
+                f"{row.name:52s} {row.seconds_median:9.4f} {statistics.median(row.ratios):8.2f} "
+                f"{min(row.ratios):6.2f} {max(row.ratios):6.2f} {len(row.ratios):6d}"
+            )
+
+
+def _allocator() -> str:
+    preloaded = [
+        name for name in os.environ.get("LD_PRELOAD", "").split() if "malloc" in name
+    ]  # fmt: skip
+    if preloaded:
+        return "preloaded " + ", ".join(os.path.basename(name) for name in preloaded)
+    return f"default (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})"
 
 
 def _describe(size: Size) -> str:

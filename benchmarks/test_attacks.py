@@ -20,12 +20,17 @@ def make_attack(name: str, device: torch.device) -> Attack:
 
 
 @pytest.mark.parametrize("name", ["fgsm", "pgd-10"])
-def test_attack_throughput(name: str, workload: Workload, measure: Measure) -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_attack_throughput(
+    name: str, layout: torch.memory_format, workload: Workload, measure: Measure
+) -> None:
     attack, model = make_attack(name, workload.device), workload.make_model()
     task = workload.tasks[0]
-    images = len(task.query_inputs)
+    inputs = task.query_inputs.contiguous(memory_format=layout)
+    images = len(inputs)
+    suffix = ", channels-last" if layout == torch.channels_last else ""
     measure(
-        f"{name} on one query set ({images} images)",
-        lambda: attack(model, task.query_inputs, task.query_labels),
+        f"{name} on one query set ({images} images{suffix})",
+        lambda: attack(model, inputs, task.query_labels),
         images=images,
     )

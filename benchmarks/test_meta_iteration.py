@@ -3,9 +3,11 @@ Querying, on the same tasks and the same initial model (see conftest.py for the 
 
 The reference is the loop of learn2learn's MiniImageNet MAML example: per task
 ``maml.clone()``, ``learner.adapt(loss)`` per inner step, the query loss's ``.backward()``;
-then the gradients are divided by the meta-batch size and Adam steps. The adversarial
-learners run the same loop with ``meta_loss`` per task; one ADML row uses ``meta_step`` with
-the vmap engine (the one ``engine="auto"`` picks on CUDA).
+then the gradients are divided by the meta-batch size and Adam steps. Our learners run the
+same loop with ``meta_loss`` per task, with ``channels_last=True`` (what the command line
+uses on the CPU) unless the row says otherwise; one ADML row uses ``meta_step`` with the vmap
+engine (the one ``engine="auto"`` picks on CUDA). Our MAML's row shows what the
+channels-last query passes alone are worth.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, MAMLAD, PGD, AdversarialQuerying
+from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, PGD, AdversarialQuerying
 from l2l_adversarial.algorithms.base import MetaLearner
 
-from .conftest import REFERENCE, Measure, Workload
+from .conftest import REFERENCE, Measure, MeasurePaired, Workload
 
 EPS = 2 / 255  # the paper's meta-training eps = 2 on [0, 1] images
 INNER_LR, META_LR = 0.01, 0.001  # the paper's alpha and beta
@@ -67,9 +69,20 @@ def per_task_loop(learner: MetaLearner, workload: Workload) -> Iteration:
     return iteration
 
 
-def adml_loop(workload: Workload, attack: FGSM | PGD) -> Iteration:
+def maml_loop(workload: Workload) -> Iteration:
+    learner = MAML(
+        workload.make_model(), lr=INNER_LR, adaptation_steps=workload.size.steps, channels_last=True
+    )
+    return per_task_loop(learner, workload)
+
+
+def adml_loop(workload: Workload, attack: FGSM | PGD, channels_last: bool = True) -> Iteration:
     learner = ADML(
-        workload.make_model(), lr=INNER_LR, attack=attack, adaptation_steps=workload.size.steps
+        workload.make_model(),
+        lr=INNER_LR,
+        attack=attack,
+        adaptation_steps=workload.size.steps,
+        channels_last=channels_last,
     )
     return per_task_loop(learner, workload)
 
@@ -98,6 +111,7 @@ def adversarial_loop(
             lr=INNER_LR,
             attack=FGSM(eps=EPS),
             adaptation_steps=workload.size.steps,
+            channels_last=True,
         )
         return per_task_loop(learner, workload)
 
@@ -106,9 +120,11 @@ def adversarial_loop(
 
 METHODS: dict[str, Callable[[Workload], Iteration]] = {
     REFERENCE: maml_reference,
+    "maml (ours, meta_loss per task)": maml_loop,
     "adml (meta_loss per task)": lambda w: adml_loop(w, FGSM(eps=EPS)),
+    "adml (same, channels_last=False)": lambda w: adml_loop(w, FGSM(eps=EPS), False),
     # PGD with one eps-step from the clean input is FGSM, through the generic path (attack,
-    # then adapt): the difference to the row above is the shared support pass.
+    # then adapt): the difference to the first ADML row is the shared support pass.
     "adml (same, no shared support pass)": lambda w: adml_loop(
         w, PGD(eps=EPS, steps=1, step_size=EPS, random_start=False)
     ),
@@ -121,3 +137,11 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
 @pytest.mark.parametrize("method", list(METHODS))
 def test_meta_iteration(method: str, workload: Workload, measure: Measure) -> None:
     measure(method, METHODS[method](workload))
+
+
+# The performance target (ADML <= 2x learn2learn's MAML, CPU, paper size 1-shot) in paired rounds.
+PAIRED = (REFERENCE, "maml (ours, meta_loss per task)", "adml (meta_loss per task)")
+
+
+def test_paired_rounds(workload: Workload, measure_paired: MeasurePaired) -> None:
+    measure_paired({name: METHODS[name](workload) for name in PAIRED})

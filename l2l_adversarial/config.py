@@ -108,6 +108,9 @@ SCHEMA: dict[str, Any] = {
                 "default": None,
             },
             "adversarial_fraction": _number(min=0, max=1, default=1.0),
+            # query-set passes in channels-last memory format; null: on when the device is the
+            # CPU, where it measured faster (benchmarks/); same results either way
+            "channels_last": {"type": "boolean", "nullable": True, "default": None},
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
         }

@@ -19,7 +19,8 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -71,15 +72,28 @@ def _warn_on_tracked_batchnorm(module: nn.Module) -> None:
         )
 
 
+def _contiguous(gradient: Tensor) -> Tensor:
+    return gradient.contiguous()
+
+
 class FunctionalModel:
     """Evaluate ``module`` at arbitrary (fast) parameters.
 
     Args:
         module: any ``nn.Module`` with at least one trainable parameter.
         loss_fn: task loss, ``loss_fn(logits, labels)``; cross-entropy by default.
+        channels_last: run query-set passes (:meth:`query_loss`, attacks on
+            :meth:`query_layout` inputs) on 4-D image batches in channels-last memory format.
+            The results are the same up to floating-point summation order; on the CPU these
+            large-batch passes run about 1.4x faster (``benchmarks/``). Inner-loop passes on
+            support sets keep the default format: second-order BatchNorm through channels-last
+            tensors is slower there. The module must not call ``.view()`` on activations
+            (``.reshape()``, ``flatten`` and ``nn.Flatten`` work).
     """
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, loss_fn: LossFn | None = None, channels_last: bool = False
+    ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(module).__name__}")
         if not any(p.requires_grad for p in module.parameters()):
@@ -90,6 +104,7 @@ class FunctionalModel:
         _warn_on_tracked_batchnorm(module)
         self.module = module
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.channels_last = bool(channels_last)
 
     def parameters(self) -> Params:
         """The module's trainable parameters theta, by name (the live tensors, not copies)."""
@@ -107,6 +122,41 @@ class FunctionalModel:
         """Task loss and accuracy of the module at ``params``."""
         logits = self(params, inputs)
         return self.loss_fn(logits, labels), accuracy(logits.detach(), labels)
+
+    def query_layout(self, inputs: Tensor) -> Tensor:
+        """``inputs`` in the memory format of query-set passes (channels-last 4-D batches when
+        :attr:`channels_last`); the same values either way."""
+        if self.channels_last and inputs.dim() == 4:
+            return inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    @contextmanager
+    def query_pass(self) -> Iterator[None]:
+        """Explain a ``.view()`` failure on channels-last activations inside the block."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not self.channels_last or "view size is not compatible" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{type(self.module).__name__} calls .view() on a channels-last activation; "
+                "replace it with .reshape() (or torch.flatten), or pass channels_last=False"
+            ) from error
+
+    def query_loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`loss` on a query set, in the :meth:`query_layout` memory format.
+
+        With :attr:`channels_last`, convolution weight gradients come back channels-last; fast
+        weights get them contiguous, so the inner loop's backward pass stays in its faster
+        format.
+        """
+        if not self.channels_last or inputs.dim() != 4:
+            return self.loss(params, inputs, labels)
+        for p in params.values():
+            if p.dim() == 4 and p.requires_grad and not p.is_leaf:
+                p.register_hook(_contiguous)
+        with self.query_pass():
+            return self.loss(params, self.query_layout(inputs), labels)
 
     def step(self, params: Params, loss: Tensor, lr: float, first_order: bool = False) -> Params:
         """One gradient-descent step ``params - lr * grad(loss)``.

@@ -115,10 +115,16 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
             fce=config["model"]["fce"],
         )  # fmt: skip
     model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
+    channels_last = train["channels_last"]
+    if channels_last is None:  # on when training on the CPU
+        channels_last = config["device"] == "cpu" or (
+            config["device"] == "auto" and not torch.cuda.is_available()
+        )
     common = {
         "lr": train["inner_lr"],
         "first_order": train["first_order"],
         "adaptation_steps": train["adaptation_steps"],
+        "channels_last": channels_last,
     }
     if method == "maml":
         return MAML(model, **common)

@@ -341,6 +341,86 @@ def test_adml_on_cnn4_with_batchnorm_matches_directional_finite_difference() -> 
     assert (values[0] - values[1]) / (2 * h) == pytest.approx(analytic.item(), rel=1e-5)
 
 
+# -- channels-last query passes ------------------------------------------------------------
+def colour_task(seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    sy, qy = torch.arange(3).repeat(2), torch.arange(3).repeat(4)
+    return Task(
+        torch.rand(len(sy), 3, 16, 16, generator=g, dtype=torch.float64), sy,
+        torch.rand(len(qy), 3, 16, 16, generator=g, dtype=torch.float64), qy,
+    )  # fmt: skip
+
+
+LEARNERS: dict[str, Callable[..., nn.Module]] = {
+    "maml": lambda model, **kw: MAML(model, lr=0.1, adaptation_steps=2, **kw),
+    "adml": lambda model, **kw: ADML(model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2, **kw),
+    "adml-adapted": lambda model, **kw: ADML(
+        model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2, attack_target="adapted", **kw
+    ),
+    "maml-ad": lambda model, **kw: MAMLAD(
+        model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2, adversarial_fraction=0.5, **kw
+    ),
+    "aq": lambda model, **kw: AdversarialQuerying(
+        model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_channels_last_query_passes_give_the_same_meta_gradient(name: str) -> None:
+    """channels_last changes the memory layout only: in float64 the meta-gradient (attacks
+    included) equals the default layout's, and no hook is left on theta."""
+    task = colour_task()
+    torch.manual_seed(0)
+    model = CNN4(ways=3, in_channels=3, hidden=4, image_size=16).double()
+    gradients = []
+    for channels_last in (False, True):
+        learner = LEARNERS[name](model, channels_last=channels_last)
+        learner.zero_grad()
+        learner.meta_loss(*task).backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for default, fast in zip(*gradients, strict=True):
+        torch.testing.assert_close(fast, default, rtol=1e-9, atol=1e-12)
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_channels_last_leaves_non_image_inputs_alone() -> None:
+    task = image_task()
+    task = Task(task.support_inputs.flatten(1), task.support_labels,
+                task.query_inputs.flatten(1), task.query_labels)  # fmt: skip
+    torch.manual_seed(0)
+    model = MLP(in_features=256, ways=3, hidden=(8,)).double()
+    losses = [
+        LEARNERS["adml"](model, channels_last=flag).meta_loss(*task).item()
+        for flag in (False, True)
+    ]
+    assert losses[0] == losses[1]
+
+
+class ViewsActivations(nn.Module):
+    """A network that flattens with .view(), which channels-last activations refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        features = self.conv(inputs)
+        return self.head(features.view(features.size(0), -1))
+
+
+@pytest.mark.parametrize("name", ["maml", "adml"])
+def test_channels_last_explains_models_that_view_activations(name: str) -> None:
+    task = colour_task()
+    model = ViewsActivations().double()
+    LEARNERS[name](model).meta_loss(*task)  # the default layout works
+    with pytest.raises(
+        RuntimeError, match=r"ViewsActivations calls \.view\(\).*channels_last=False"
+    ):
+        LEARNERS[name](model, channels_last=True).meta_loss(*task)
+
+
 def test_unchanged_learn2learn_loop_runs_with_adml_swapped_in() -> None:
     task = image_task()
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from data_factories import SyntheticTasks
 
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2l_adversarial.config import load_config
-from l2l_adversarial.training import CHECKPOINT, RunFolderError, train
+from l2l_adversarial.training import CHECKPOINT, RunFolderError, build_learner, train
 
 
 def config(method: str = "adml", **train: object) -> dict:
@@ -158,3 +158,23 @@ def test_failed_write_keeps_the_previous_checkpoint(
     monkeypatch.undo()
     assert load_checkpoint(path, kind="train")["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    ("device", "setting", "expected"),
+    [
+        ("cpu", "null", True),
+        ("cpu", "false", False),
+        ("cuda", "null", False),
+        ("cuda", "true", True),
+    ],
+)
+def test_channels_last_follows_the_config_and_defaults_to_the_cpu(
+    device: str, setting: str, expected: bool
+) -> None:
+    cfg = config(channels_last=setting)
+    cfg["device"] = device  # build_learner reads the name only; no GPU is needed
+    for method in ("maml", "adml", "maml-ad", "aq"):
+        cfg["method"] = method
+        learner = build_learner(cfg, in_channels=1, image_size=16)
+        assert learner.functional.channels_last is expected

@@ -85,6 +85,8 @@ class ADML(AdversarialMetaLearner):
         attack_target: ``"initial"`` (Algorithm 1: all adversarial samples against theta) or
             ``"adapted"`` (``D'_adv`` against theta'_c, the model that is scored on it).
         loss_fn: task loss; cross-entropy by default.
+        channels_last: evaluate and attack the query sets in channels-last memory format (same
+            results, faster on the CPU; see :class:`~l2l_adversarial.functional.FunctionalModel`).
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -109,6 +111,7 @@ class ADML(AdversarialMetaLearner):
         loss_fn: LossFn | None = None,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -119,6 +122,7 @@ class ADML(AdversarialMetaLearner):
             loss_fn=loss_fn,
             allow_unused=allow_unused,
             allow_nograd=allow_nograd,
+            channels_last=channels_last,
         )
         self.clean_lr = self.lr if clean_lr is None else check_step_size("clean_lr", clean_lr)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
@@ -300,7 +304,9 @@ class ADML(AdversarialMetaLearner):
 
     def _query_adversarial(self, theta: Params, inputs: Tensor, labels: Tensor) -> Tensor | None:
         """Line 9 against theta; ``None`` when ``D'_adv`` is made against theta'_c instead."""
-        return self.perturb(theta, inputs, labels) if self.attack_target == "initial" else None
+        if self.attack_target != "initial":
+            return None
+        return self.perturb_query(theta, inputs, labels)
 
     def _fgsm_and_clean_step(
         self, theta: Params, inputs: Tensor, labels: Tensor
@@ -349,9 +355,11 @@ class ADML(AdversarialMetaLearner):
             )
         query_adversarial = task.query_adversarial
         if query_adversarial is None:
-            query_adversarial = self.perturb(theta_c, task.query_clean, task.query_labels)
-        loss_adv, acc_adv = self.functional.loss(theta_adv, task.query_clean, task.query_labels)
-        loss_c, acc_c = self.functional.loss(theta_c, query_adversarial, task.query_labels)
+            query_adversarial = self.perturb_query(theta_c, task.query_clean, task.query_labels)
+        loss_adv, acc_adv = self.functional.query_loss(
+            theta_adv, task.query_clean, task.query_labels
+        )
+        loss_c, acc_c = self.functional.query_loss(theta_c, query_adversarial, task.query_labels)
         return ADMLObjective(loss_adv, loss_c, acc_adv, acc_c)
 
     def _descend(

@@ -20,7 +20,8 @@ class AdversarialQuerying(AdversarialMetaLearner):
     """Meta-learning with adversarial queries: a drop-in for ``learn2learn.algorithms.MAML``.
 
     Args:
-        model, lr, first_order, attack, adaptation_steps, loss_fn: as for :class:`ADML`
+        model, lr, first_order, attack, adaptation_steps, loss_fn, channels_last: as for
+            :class:`ADML`
             (Goldblum et al. used PGD; pass ``attack=PGD(...)`` to match them).
         attack_target: ``"adapted"`` (default) or ``"initial"``.
 
@@ -43,6 +44,7 @@ class AdversarialQuerying(AdversarialMetaLearner):
         loss_fn: LossFn | None = None,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -53,6 +55,7 @@ class AdversarialQuerying(AdversarialMetaLearner):
             loss_fn=loss_fn,
             allow_unused=allow_unused,
             allow_nograd=allow_nograd,
+            channels_last=channels_last,
         )
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
@@ -72,5 +75,5 @@ class AdversarialQuerying(AdversarialMetaLearner):
             theta, support_inputs, support_labels, self.lr, self.resolve_steps(steps)
         )
         attacked = adapted if self.attack_target == "adapted" else theta
-        query_adversarial = self.perturb(attacked, query_inputs, query_labels)
-        return self.functional.loss(adapted, query_adversarial, query_labels)
+        query_adversarial = self.perturb_query(attacked, query_inputs, query_labels)
+        return self.functional.query_loss(adapted, query_adversarial, query_labels)

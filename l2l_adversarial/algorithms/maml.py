@@ -36,4 +36,4 @@ class MAML(MetaLearner):
             self.lr,
             self.resolve_steps(steps),
         )
-        return self.functional.loss(adapted, query_inputs, query_labels)
+        return self.functional.query_loss(adapted, query_inputs, query_labels)

@@ -36,7 +36,8 @@ class MAMLAD(AdversarialMetaLearner):
     """MAML with adversarial training mixed into both the inner loop and the meta-update.
 
     Args:
-        model, lr, first_order, attack, adaptation_steps, loss_fn: as for :class:`ADML`.
+        model, lr, first_order, attack, adaptation_steps, loss_fn, channels_last: as for
+            :class:`ADML`.
         adversarial_fraction: fraction of each class's clean samples whose adversarial copy
             is added to the set, in ``[0, 1]``; default 1.
 
@@ -59,6 +60,7 @@ class MAMLAD(AdversarialMetaLearner):
         loss_fn: LossFn | None = None,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -69,6 +71,7 @@ class MAMLAD(AdversarialMetaLearner):
             loss_fn=loss_fn,
             allow_unused=allow_unused,
             allow_nograd=allow_nograd,
+            channels_last=channels_last,
         )
         if isinstance(adversarial_fraction, bool) or not (
             isinstance(adversarial_fraction, (int, float)) and 0.0 <= adversarial_fraction <= 1.0
@@ -78,14 +81,18 @@ class MAMLAD(AdversarialMetaLearner):
             )
         self.adversarial_fraction = float(adversarial_fraction)
 
-    def mixed(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """The clean samples followed by adversarial copies (against ``params``) of a fraction."""
+    def mixed(
+        self, params: Params, inputs: Tensor, labels: Tensor, query: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The clean samples followed by adversarial copies (against ``params``) of a fraction;
+        ``query`` attacks in the query passes' memory format."""
         chosen = per_class_prefix(labels, self.adversarial_fraction)
         if not bool(chosen.any()):
             return inputs, labels
         # Attack the whole set, keep the chosen rows: a sample's adversarial copy is then the
         # same whatever the fraction (and equals the evaluation transform's).
-        adversarial = self.perturb(params, inputs, labels)[chosen]
+        perturb = self.perturb_query if query else self.perturb
+        adversarial = perturb(params, inputs, labels)[chosen]
         return torch.cat([inputs, adversarial]), torch.cat([labels, labels[chosen]])
 
     def loss_and_accuracy(
@@ -100,6 +107,6 @@ class MAMLAD(AdversarialMetaLearner):
         check_task(support_inputs, support_labels, query_inputs, query_labels)
         theta = self.meta_parameters()
         support = self.mixed(theta, support_inputs, support_labels)
-        query = self.mixed(theta, query_inputs, query_labels)
+        query = self.mixed(theta, query_inputs, query_labels, query=True)
         adapted = self.adapt_functional(theta, *support, self.lr, self.resolve_steps(steps))
-        return self.functional.loss(adapted, *query)
+        return self.functional.query_loss(adapted, *query)
