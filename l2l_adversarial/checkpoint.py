@@ -15,10 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +24,8 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+
+from l2l_adversarial.files import atomic_open
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -39,19 +39,9 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any], kind: str) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, **state}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as file:
+        torch.save(payload, file)
 
 
 def load_checkpoint(

@@ -33,21 +33,24 @@ __all__ = ["FunctionalModel", "Params", "accuracy", "stateless"]
 
 
 def stateless(
-    model: Callable[[Tensor], Tensor], params: Params | None = None
+    model: Callable[..., Tensor],
+    params: Params | None = None,
+    leading_args: tuple[Tensor, ...] = (),
 ) -> Callable[[Tensor], Tensor]:
-    """Return a callable computing ``model(x)`` that cannot write into ``model``.
+    """Return a callable computing ``model(*leading_args, x)`` that cannot write into ``model``.
 
     For an ``nn.Module`` the forward pass uses detached parameters (``params`` if given,
-    else the module's own) and copies of the buffers: no ``.grad`` is touched, no edge joins
-    the caller's autograd graph and BatchNorm running statistics are not updated. Any other
-    callable is returned unchanged.
+    else the module's own), copies of the buffers and detached ``leading_args``: no ``.grad``
+    is touched, no edge joins the caller's autograd graph and BatchNorm running statistics are
+    not updated. Any other callable is returned unchanged (it must take ``x`` alone).
     """
     if not isinstance(model, nn.Module):
         return model
     source = params if params is not None else dict(model.named_parameters())
     state: Params = {name: p.detach() for name, p in source.items()}
     state.update({name: b.clone() for name, b in model.named_buffers()})
-    return lambda inputs: functional_call(model, state, (inputs,))
+    leading = tuple(arg.detach() for arg in leading_args)
+    return lambda inputs: functional_call(model, state, (*leading, inputs))
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:

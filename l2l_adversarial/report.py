@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -29,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
+from l2l_adversarial.files import atomic_open
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -319,22 +319,9 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
     Creates the parent directory. Returns the path.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle = tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_open(path) as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 def save_results(results: Sequence[EvaluationResult], path: str | os.PathLike[str]) -> Path:

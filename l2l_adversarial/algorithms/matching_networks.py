@@ -77,7 +77,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from l2l_adversarial.functional import accuracy, stateless
 from l2l_adversarial.models import CNN4
@@ -286,12 +285,7 @@ class MatchingNetwork(nn.Module):
         For the attacks: it reads detached parameters and copies of the buffers, so attacking
         it changes nothing in the network. ``attack(net.query_model(sx, sy), qx, qy)``.
         """
-        state = {name: p.detach() for name, p in self.named_parameters()}
-        state.update({name: b.clone() for name, b in self.named_buffers()})
-        support_inputs, support_labels = support_inputs.detach(), support_labels.detach()
-        return lambda queries: functional_call(
-            self, state, (support_inputs, support_labels, queries)
-        )
+        return stateless(self, leading_args=(support_inputs, support_labels))
 
     def support_model(
         self, support_inputs: Tensor, support_labels: Tensor
