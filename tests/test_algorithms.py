@@ -280,12 +280,13 @@ def learn2learn_maml_gradient(model: nn.Module, task: Task, lr: float, steps: in
     return [p.grad.clone() for p in model.parameters()]
 
 
-def image_task(seed: int = 0) -> Task:
+def image_task(seed: int = 0, channels: int = 1, queries: int = 3) -> Task:
+    """A 3-way 2-shot task of ``channels`` x 16 x 16 float64 images."""
     g = torch.Generator().manual_seed(seed)
-    sy, qy = torch.arange(3).repeat(2), torch.arange(3).repeat(3)
+    sy, qy = torch.arange(3).repeat(2), torch.arange(3).repeat(queries)
     return Task(
-        torch.rand(len(sy), 1, 16, 16, generator=g, dtype=torch.float64), sy,
-        torch.rand(len(qy), 1, 16, 16, generator=g, dtype=torch.float64), qy,
+        torch.rand(len(sy), channels, 16, 16, generator=g, dtype=torch.float64), sy,
+        torch.rand(len(qy), channels, 16, 16, generator=g, dtype=torch.float64), qy,
     )  # fmt: skip
 
 
@@ -342,15 +343,6 @@ def test_adml_on_cnn4_with_batchnorm_matches_directional_finite_difference() -> 
 
 
 # -- channels-last query passes ------------------------------------------------------------
-def colour_task(seed: int = 0) -> Task:
-    g = torch.Generator().manual_seed(seed)
-    sy, qy = torch.arange(3).repeat(2), torch.arange(3).repeat(4)
-    return Task(
-        torch.rand(len(sy), 3, 16, 16, generator=g, dtype=torch.float64), sy,
-        torch.rand(len(qy), 3, 16, 16, generator=g, dtype=torch.float64), qy,
-    )  # fmt: skip
-
-
 LEARNERS: dict[str, Callable[..., nn.Module]] = {
     "maml": lambda model, **kw: MAML(model, lr=0.1, adaptation_steps=2, **kw),
     "adml": lambda model, **kw: ADML(model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2, **kw),
@@ -370,7 +362,7 @@ LEARNERS: dict[str, Callable[..., nn.Module]] = {
 def test_channels_last_query_passes_give_the_same_meta_gradient(name: str) -> None:
     """channels_last changes the memory layout only: in float64 the meta-gradient (attacks
     included) equals the default layout's, and no hook is left on theta."""
-    task = colour_task()
+    task = image_task(channels=3, queries=4)
     torch.manual_seed(0)
     model = CNN4(ways=3, in_channels=3, hidden=4, image_size=16).double()
     gradients = []
@@ -412,7 +404,7 @@ class ViewsActivations(nn.Module):
 
 @pytest.mark.parametrize("name", ["maml", "adml"])
 def test_channels_last_explains_models_that_view_activations(name: str) -> None:
-    task = colour_task()
+    task = image_task(channels=3, queries=4)
     model = ViewsActivations().double()
     LEARNERS[name](model).meta_loss(*task)  # the default layout works
     with pytest.raises(
