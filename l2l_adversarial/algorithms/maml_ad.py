@@ -85,7 +85,9 @@ class MAMLAD(AdversarialMetaLearner):
         self, params: Params, inputs: Tensor, labels: Tensor, query: bool = False
     ) -> tuple[Tensor, Tensor]:
         """The clean samples followed by adversarial copies (against ``params``) of a fraction;
-        ``query`` attacks in the query passes' memory format."""
+        a ``query`` set comes back in the query passes' memory format."""
+        if query:
+            inputs = self.functional.query_layout(inputs)
         chosen = per_class_prefix(labels, self.adversarial_fraction)
         if not bool(chosen.any()):
             return inputs, labels
