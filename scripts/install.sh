@@ -34,8 +34,8 @@ fi
 
 "$PY" -m pip install -q --no-deps torchattacks==3.5.1  # test reference; its metadata pins an old requests
 "$PY" -m pip install -q -e '.[dev]'
-bash scripts/install_torchmeta.sh  # optional for users; CI tests the torchmeta path
 # gym (a learn2learn dependency) prints a deprecation banner from gym-notices on every import;
 # gym imports fine without it.
 "$PY" -m pip uninstall -q -y gym-notices
+bash scripts/install_torchmeta.sh  # optional for users; CI tests the torchmeta path
 "$PY" -c 'import torch, learn2learn, l2l_adversarial; print("installed: torch", torch.__version__, "| learn2learn", learn2learn.__version__, "| l2l_adversarial", l2l_adversarial.__version__)'
