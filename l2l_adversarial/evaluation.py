@@ -113,6 +113,10 @@ class FewShotLearner(ABC):
     def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
         """The models after each adaptation step on the support set, step 0 first."""
 
+    def query_layout(self, query_inputs: Tensor) -> Tensor:
+        """The query set in the memory format its passes run fastest in (same values)."""
+        return query_inputs
+
 
 class GradientLearner(FewShotLearner):
     """Meta-test adaptation of MAML, MAML-AD, ADML and AQ: plain SGD from theta.
@@ -172,6 +176,10 @@ class GradientLearner(FewShotLearner):
 
     def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
         return self.functional.at(self.theta())
+
+    def query_layout(self, query_inputs: Tensor) -> Tensor:
+        """Channels-last when the meta-learner was built with ``channels_last=True``."""
+        return self.functional.query_layout(query_inputs)
 
     def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
         params = self.theta()
@@ -516,6 +524,7 @@ def _evaluate_task(
 ) -> dict[tuple[int, Scenario], tuple[list[float], list[float]]]:
     """Per (epsilon index, scenario): query losses and accuracies after every step."""
     support_x, support_y, query_x, query_y = task
+    query_x = learner.query_layout(query_x)
     initial = learner.initial_model(support_x, support_y)
     support_seed = derive_seed(task_seed, SUPPORT_STREAM)
     by_support: dict[float, list[Scenario]] = {}

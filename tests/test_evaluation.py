@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, MLP, PGD, Task
+from l2l_adversarial import ADML, CNN4, FGSM, MLP, PGD, Task
 from l2l_adversarial.evaluation import (
     EvaluationResult,
     GradientLearner,
@@ -152,6 +152,36 @@ def test_same_tasks_give_identical_results():
     assert first.find("adversarial", "adversarial", EPS_LEVELS) != other.find(
         "adversarial", "adversarial", EPS_LEVELS
     )
+
+
+@pytest.mark.parametrize("protocol", ["paper", "adapted"])
+def test_channels_last_learners_evaluate_identically(protocol: str) -> None:
+    """A learner built with channels_last=True scores its query sets channels-last: in
+    float64 the accuracies are the same and the losses equal to rounding."""
+    generator = torch.Generator().manual_seed(0)
+    tasks = [
+        Task(
+            torch.rand(WAYS * 2, 3, 16, 16, generator=generator, dtype=torch.float64),
+            torch.arange(WAYS).repeat(2),
+            torch.rand(WAYS * QUERIES, 3, 16, 16, generator=generator, dtype=torch.float64),
+            torch.arange(WAYS).repeat(QUERIES),
+        )
+        for _ in range(2)
+    ]
+    torch.manual_seed(0)
+    model = CNN4(ways=WAYS, in_channels=3, hidden=4, image_size=16).double()
+    results = []
+    for channels_last in (False, True):
+        learner = GradientLearner(ADML(model, lr=LR, channels_last=channels_last), lr=LR, steps=2)
+        assert learner.query_layout(tasks[0].query_inputs).is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+        results.append(
+            evaluate(learner, tasks, method="ADML", epsilons=(EPS_LEVELS,), protocol=protocol)
+        )
+    for default, fast in zip(results[0].scenarios, results[1].scenarios, strict=True):
+        assert fast.task_accuracies == default.task_accuracies
+        assert fast.loss_curve == pytest.approx(default.loss_curve, rel=1e-9)
 
 
 def test_paper_protocol_attacks_theta_adapted_protocol_attacks_scored_model():
