@@ -87,6 +87,7 @@ DEFAULT_SIZES = "small,paper-1shot,paper-5shot"
 @dataclass
 class PairedRow:
     size: str
+    group: str  # the first function's name: the rows measured together
     name: str
     seconds_median: float
     ratios: list[float]  # per round, to the first function of the same round
@@ -264,6 +265,7 @@ def measure_paired(
         request.config.stash[_PAIRED].extend(
             PairedRow(
                 size=workload.size.name,
+                group=names[0],
                 name=name,
                 seconds_median=statistics.median(values),
                 ratios=[value / reference for value, reference in zip(values, first, strict=True)],
@@ -437,11 +439,14 @@ def _write_paired(write: Callable[[str], None], rows: list[PairedRow]) -> None:
         write(
             f"{'benchmark':52s} {'median s':>9s} {'x first':>8s} {'min':>6s} {'max':>6s} {'rounds':>6s}"
         )
-        for row in (row for row in rows if row.size == size):
-            write(
-                f"{row.name:52s} {row.seconds_median:9.4f} {statistics.median(row.ratios):8.2f} "
-                f"{min(row.ratios):6.2f} {max(row.ratios):6.2f} {len(row.ratios):6d}"
-            )
+        for group in dict.fromkeys(row.group for row in rows if row.size == size):
+            for row in (row for row in rows if row.size == size and row.group == group):
+                write(
+                    f"{row.name:52s} {row.seconds_median:9.4f} "
+                    f"{statistics.median(row.ratios):8.2f} {min(row.ratios):6.2f} "
+                    f"{max(row.ratios):6.2f} {len(row.ratios):6d}"
+                )
+            write("")
 
 
 def _allocator() -> str:
