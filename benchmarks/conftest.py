@@ -9,25 +9,29 @@ Every benchmark of a size runs on the same tasks and on models with the same ini
 Times are seconds per call of the benchmarked function (a meta-iteration, or an attack on one
 query set), on CUDA when ``torch.cuda.is_available()``, else on the CPU.
 
-Peak memory and floating-point operations are measured during the first (warm-up) call. FLOPs
-are those of convolutions and matrix products (``torch.utils.flop_counter``'s formulas,
-counted by a dispatch mode, second-order passes included): the arithmetic a method needs,
-whatever the machine; their ratio to MAML's is the ratio a time measurement would show if
-every operation ran at the same speed in both. On the CPU it is the increase of the
-process's peak resident set size over its size just before the call (Linux: the heap is
-trimmed, then VmHWM is reset through /proc/self/clear_refs and read afterwards); it counts
-every byte the process touched, allocator overhead included. tracemalloc would miss it: torch
-allocates tensors outside Python's allocator. On CUDA it is also
-``torch.cuda.max_memory_allocated()`` above the memory allocated before the call.
+Peak memory and floating-point operations are measured during the first (warm-up) call.
+
+Peak memory on the CPU is the increase of the process's peak resident set size over its size
+just before the call (Linux: the heap is trimmed, then VmHWM is reset through
+/proc/self/clear_refs and read afterwards); it counts every byte the process touched,
+allocator overhead included. tracemalloc would miss it: torch allocates tensors outside
+Python's allocator. On CUDA it is also ``torch.cuda.max_memory_allocated()`` above the memory
+allocated before the call.
+
+FLOPs are those of convolutions and matrix products, second-order passes included, counted by
+a dispatch mode (:class:`_FlopCounter`): the arithmetic a method needs, whatever the machine;
+their ratio to MAML's is the ratio a time measurement would show if every operation ran at the
+same speed in both.
 
 On the CPU the C allocator matters. glibc maps every block above 32 MB afresh (the paper
-size's activations are 68 MB), and each new mapping costs page faults and zeroing: about a
-million faults per meta-iteration, a third of the CPU time, by an amount that depended on what
-ran before. ``make bench`` therefore preloads tcmalloc when it is installed (Debian:
-``apt-get install libtcmalloc-minimal4``), which reuses freed memory (a few hundred faults
-per ADML task), and otherwise sets ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge
-pages: tens of thousands). The table's header names the allocator in use. GPU runs use
-PyTorch's caching allocator either way.
+size's activations are 68 MB), and each new mapping costs page faults and zeroing, by an
+amount that depended on what ran before. (An ad-hoc ``getrusage`` count, not part of this
+suite, gave about a million minor faults per ADML meta-iteration with glibc's defaults and a
+few hundred per task with tcmalloc.) ``make bench`` therefore preloads tcmalloc when it is
+installed (Debian: ``apt-get install libtcmalloc-minimal4``), which reuses freed memory, and
+otherwise sets ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge pages). The
+table's header names the allocator in use. GPU runs use PyTorch's caching allocator either
+way.
 """
 
 from __future__ import annotations
@@ -200,12 +204,7 @@ def measure(
     device = workload.device
 
     def run(name: str, function: Callable[[], object], images: int | None = None) -> None:
-        def synchronised() -> None:
-            function()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        first = _FirstCallProbe(synchronised, device)
+        first = _FirstCallProbe(lambda: _call_synchronised(function, device), device)
         rounds = request.config.getoption(ROUNDS_OPTION)
         benchmark.extra_info.update(size=workload.size.name, images=images)
         benchmark.pedantic(first, rounds=rounds, warmup_rounds=1, iterations=1)
@@ -252,9 +251,7 @@ def measure_paired(
             shift = len(seconds[names[0]]) % len(names)
             for name in names[shift:] + names[:shift]:
                 start = time.perf_counter()
-                functions[name]()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                _call_synchronised(functions[name], device)
                 seconds[name].append(time.perf_counter() - start)
 
         rounds = request.config.getoption(PAIRED_ROUNDS_OPTION)
@@ -274,6 +271,13 @@ def measure_paired(
         )
 
     return run
+
+
+def _call_synchronised(function: Callable[[], object], device: torch.device) -> None:
+    """Call ``function`` and wait for the GPU work it queued (timings must include it)."""
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -306,11 +310,14 @@ class _FlopCounter(TorchDispatchMode):
             forward = _convolution_flops(inputs if transposed else grad_output, weight)
             self.total += forward * (int(mask[0]) + int(mask[1]))
         elif packet in flop_registry:
-            shapes = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, args)
-            kw = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, kwargs)
-            out_shape = tree_map(lambda t: t.shape if isinstance(t, torch.Tensor) else t, out)
+            shapes, kw, out_shape = tree_map(_shape, (args, kwargs, out))
             self.total += flop_registry[packet](*shapes, **kw, out_val=out_shape)
         return out
+
+
+def _shape(value: Any) -> Any:
+    """A tensor's shape (what ``flop_registry``'s formulas take), anything else unchanged."""
+    return value.shape if isinstance(value, torch.Tensor) else value
 
 
 def _convolution_flops(larger: torch.Tensor, weight: torch.Tensor) -> int:

@@ -4,6 +4,8 @@ in paired rounds (the summary's ratio is channels-last over default)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from l2l_adversarial import ADML
 from l2l_adversarial.evaluation import GradientLearner, evaluate
 
@@ -15,7 +17,7 @@ STEPS, LR = 10, 0.01  # the paper's meta-test adaptation
 def test_evaluation_of_one_task(workload: Workload, measure_paired: MeasurePaired) -> None:
     model, task = workload.make_model(), workload.tasks[:1]
 
-    def run(channels_last: bool) -> object:
+    def run(channels_last: bool) -> Callable[[], object]:
         learner = GradientLearner(ADML(model, lr=LR, channels_last=channels_last), LR, STEPS)
         return lambda: evaluate(learner, task, method="ADML", epsilons=(2.0,))
 
