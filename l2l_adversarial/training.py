@@ -116,9 +116,10 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
         )  # fmt: skip
     model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
     channels_last = train["channels_last"]
-    if channels_last is None:  # on when training on the CPU
-        channels_last = config["device"] == "cpu" or (
-            config["device"] == "auto" and not torch.cuda.is_available()
+    if channels_last is None:  # on when training on the CPU ("cuda" must not need a GPU here)
+        device = config["device"]
+        channels_last = device == "cpu" or (
+            device == "auto" and resolve_device(device).type == "cpu"
         )
     common = {
         "lr": train["inner_lr"],
