@@ -23,6 +23,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,16 +42,24 @@ from .conftest import Measure, Size
 CLASSES, IMAGES_PER_CLASS = 64, 40
 
 
+def write_generated_cache(
+    root: Path, mode: str, image: int, classes: int = CLASSES, per_class: int = IMAGES_PER_CLASS
+) -> None:
+    """A MiniImageNet-format cache of random uint8 ``image x image x 3`` images (seeded)."""
+    rng = np.random.default_rng(0)
+    count = classes * per_class
+    images = rng.integers(0, 256, (count, image, image, 3), dtype=np.uint8)
+    rows = {f"n{label:08d}": list(range(label, count, classes)) for label in range(classes)}
+    root.mkdir(parents=True, exist_ok=True)
+    with open(MiniImageNet.file_path(root, mode), "wb") as file:
+        pickle.dump({"image_data": images, "class_dict": rows}, file, protocol=4)
+
+
 @pytest.fixture(scope="session")
 def mini_imagenet(tmp_path_factory: pytest.TempPathFactory, size: Size) -> MiniImageNet:
     """A generated MiniImageNet-format train cache at this size's image side."""
     root = tmp_path_factory.mktemp(f"mini-imagenet-{size.name}")
-    rng = np.random.default_rng(0)
-    count = CLASSES * IMAGES_PER_CLASS
-    images = rng.integers(0, 256, (count, size.image, size.image, 3), dtype=np.uint8)
-    classes = {f"n{label:08d}": list(range(label, count, CLASSES)) for label in range(CLASSES)}
-    with open(MiniImageNet.file_path(root, "train"), "wb") as file:
-        pickle.dump({"image_data": images, "class_dict": classes}, file, protocol=4)
+    write_generated_cache(root, "train", size.image)
     return MiniImageNet(root, "train", strict=False)
 
 
