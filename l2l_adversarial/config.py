@@ -113,6 +113,13 @@ SCHEMA: dict[str, Any] = {
             "channels_last": {"type": "boolean", "nullable": True, "default": None},
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
+            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
         }
     ),
     "evaluate": _section(
@@ -176,6 +183,11 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     _check_dataset_root(config["dataset"])
     if config["method"] == "matching-nets" and config["train"]["meta_update"] == "sequential":
         raise ConfigError("train.meta_update: 'sequential' applies to method adml only")
+    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
+        raise ConfigError(
+            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
+            "use auto or sequential"
+        )
     return config
 
 

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
-from l2l_adversarial.files import atomic_open
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -312,16 +312,6 @@ def plot_curves(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: all or nothing.
-
-    Creates the parent directory. Returns the path.
-    """
-    with atomic_open(path) as file:
-        file.write(data.encode("utf-8") if isinstance(data, str) else data)
-    return Path(path)
 
 
 def save_results(results: Sequence[EvaluationResult], path: str | os.PathLike[str]) -> Path:

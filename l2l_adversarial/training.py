@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
@@ -44,10 +44,11 @@ from l2l_adversarial.distributed import (
     on_rank0,
     world,
 )
+from l2l_adversarial.engines import meta_step, resolve_engine
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.models import CNN4
-from l2l_adversarial.report import write_atomic
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds")
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "engine")
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
 
@@ -184,10 +185,11 @@ class Trainer:
                 f"number of processes ({self.world_size}) so every rank takes the same share"
             )
         self.optimizers = [torch.optim.Adam(learner.parameters(), lr=train["meta_lr"])]
-        self.sequential = config["method"] == "adml" and train["meta_update"] == "sequential"
-        if self.sequential:
+        if config["method"] == "adml" and train["meta_update"] == "sequential":
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
+        self.engine = resolve_engine(learner, train["engine"])
+        """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
         self.iteration = 0
 
     # -- state ---------------------------------------------------------------------------
@@ -238,7 +240,7 @@ class Trainer:
         writer.writerows(rows)
         write_atomic(path, buffer.getvalue())
 
-    def _log(self, row: dict[str, float]) -> None:
+    def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
         new = not path.exists()
         with path.open("a", newline="") as file:
@@ -268,33 +270,18 @@ class Trainer:
             return self.optimizers
         return [_AllReduceOptimizer(o) for o in self.optimizers]
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
-        meta-batch (all ranks)."""
-        batch = self._meta_batch(self.iteration)
-        optimizers = self._optimizers()
-        if self.sequential:
-            assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
-            loss, accuracy = objective.total.item(), objective.accuracy.item()
-        else:
-            optimizer = optimizers[0]
-            optimizer.zero_grad()
-            losses, accuracies = [], []
-            for task in self._seeded(batch):
-                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-                (task_loss / len(batch)).backward()
-                losses.append(task_loss.detach())
-                accuracies.append(task_accuracy.detach())
-            optimizer.step()
-            loss = torch.stack(losses).mean().item()
-            accuracy = torch.stack(accuracies).float().mean().item()
-        loss, accuracy = mean_over_ranks([loss, accuracy])
-        return loss, accuracy
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
+        objective = meta_step(
+            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
+            engine=self.engine,
+        )  # fmt: skip
+        return objective.total, objective.accuracy
 
     def run(
         self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
         bar = tqdm(
@@ -304,28 +291,34 @@ class Trainer:
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float] = {}
+        last: dict[str, float | str] = {}
         started = time.perf_counter()
         try:
             while self.iteration < total:
                 if on_iteration is not None:
                     on_iteration(self.iteration)
-                loss, accuracy = self.step()
+                loss_tensor, accuracy_tensor = self.step()
+                self.iteration += 1
+                bar.update(1)
+                logged = self.iteration % train["log_every"] == 0 or self.iteration == total
+                saved = self.iteration % train["checkpoint_every"] == 0 or self.iteration == total
+                if not (logged or saved):
+                    continue  # losses are read (a host-device sync) only when used
+                loss, accuracy = mean_over_ranks(
+                    torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
+                )
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"meta-loss became {loss} at iteration {self.iteration}; lower "
                         "train.meta_lr or train.inner_lr, or resume from the last checkpoint"
                     )
-                self.iteration += 1
-                bar.update(1)
                 last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "engine": self.engine}  # fmt: skip
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.rank == 0 and (
-                    self.iteration % train["log_every"] == 0 or self.iteration == total
-                ):
+                if self.rank == 0 and logged:
                     self._log(last)
-                if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                if saved:
                     self.save()
         except KeyboardInterrupt:
             self.save()

@@ -27,6 +27,7 @@ from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
 
 __all__ = ["FewShotTasks", "as_meta_dataset", "fixed_tasks"]
@@ -206,7 +207,7 @@ class FewShotTasks:
         return self._task(index)
 
     def _task(self, index: int) -> Task:
-        task_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0])
+        task_seed = derive_seed(self.seed, index)
         with _global_random_state(task_seed):
             inputs, labels = self.taskset.get_task(self.taskset.sample_task_description())
         order = torch.sort(labels, stable=True).indices
