@@ -50,7 +50,7 @@ def reproduce(argv: list[str] | None = None) -> int:
         if status:
             return status
         results.append(str(evaluation))
-    return cli(["report", *results, "--output", str(output / "report")])
+    return cli(["report", *results, "--output", str(output / "report"), "--overwrite"])
 
 
 if __name__ == "__main__":
