@@ -217,7 +217,8 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
         path = Path(path)
         if not path.is_file():
             raise ConfigError(
-                f"config file {str(path)!r} not found; the examples are in examples/configs/"
+                f"config file {str(path)!r} not found; give an existing YAML file, or the name "
+                "of a bundled config (`l2l-adversarial configs` lists them)"
             )
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
