@@ -1,8 +1,9 @@
-"""Command line: ``l2l-adversarial {train,evaluate,report,quickstart}`` (also ``python -m
+"""Command line: ``l2l-adversarial {train,evaluate,report,quickstart,configs}`` (also ``python -m
 l2l_adversarial``).
 
 Example:
-    l2l-adversarial train examples/configs/mini-imagenet-5w1s-adml.yaml -o dataset.root=~/data
+    l2l-adversarial configs                       # the bundled configs (the paper's settings)
+    l2l-adversarial train mini-imagenet-5w1s-adml -o dataset.root=~/data   # or a YAML file's path
     l2l-adversarial evaluate runs/mini-imagenet-5w1s-adml
     l2l-adversarial report runs/*/evaluation.json --output report/
     l2l-adversarial quickstart
@@ -31,6 +32,7 @@ from l2l_adversarial.algorithms import MatchingNetwork
 from l2l_adversarial.attacks import FGSM, PGD
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
+from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
 from l2l_adversarial.data import make_tasks
 from l2l_adversarial.distributed import (
     init_from_environment,
@@ -208,7 +210,7 @@ def command_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if args.accept_changes and not args.resume:
         raise ConfigError("--accept-changes applies to --resume only; add --resume")
-    config = load_config(args.config, args.set)
+    config = load_config(config_path(args.config) if args.config else None, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     resolve_device(config["device"])
     tasks = task_source(config, "train", seed=config["seed"])
@@ -241,6 +243,17 @@ def command_evaluate(args: argparse.Namespace) -> int:
         save_results([result], output, [checkpoint])
         print(format_table([result], result.dataset or config["dataset"]["name"], result.shots))
         print(f"results: {output}")
+    return 0
+
+
+def command_configs(args: argparse.Namespace) -> int:
+    configs = bundled_configs()
+    width = max(map(len, configs))
+    for name, description in configs.items():
+        print(f"{name:<{width}}  {description}")
+    print(
+        f"\nfiles in {CONFIG_FOLDER}; train one by name: l2l-adversarial train NAME -o dataset.root=DIR"
+    )
     return 0
 
 
@@ -330,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("train", help="meta-train one method")
     sub.add_argument(
-        "config", nargs="?", help="YAML config (see examples/configs); defaults if omitted"
+        "config",
+        nargs="?",
+        help="a bundled config's name (l2l-adversarial configs lists them) or a YAML file's path; "
+        "defaults if omitted",
     )
     sub.add_argument(
         "--run-dir", help="run folder (default: runs/<dataset>-<ways>w<shots>s-<method>)"
@@ -363,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
     add_common(sub)
     sub.set_defaults(handler=command_quickstart)
+
+    sub = commands.add_parser("configs", help="list the bundled configs (the paper's settings)")
+    sub.set_defaults(handler=command_configs)
     return parser
 
 

@@ -303,11 +303,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(
             f"config {str(path)!r} is a folder, not a file; give a YAML file (the examples "
-            "are in examples/configs/)"
+            "are listed by `l2l-adversarial configs`)"
         )
     if not path.is_file():
         raise ConfigError(
-            f"config file {str(path)!r} not found; the examples are in examples/configs/"
+            f"config file {str(path)!r} not found; give an existing YAML file, or the name "
+            "of a bundled config (`l2l-adversarial configs` lists them)"
         )
     try:
         text = path.read_bytes().decode("utf-8")
