@@ -98,16 +98,11 @@ def _split(batch: Mapping[str, Any], name: str) -> tuple[Tensor, Tensor]:
                 f'batch["{name}"] {role} must be a torch.Tensor, got {type(tensor).__name__}; '
                 "use a torchmeta dataset whose transform ends in ToTensor()"
             )
-    if inputs.dim() < 2 or targets.dim() != 2 or inputs.shape[:2] != targets.shape:
+    if inputs.dim() < 2 or targets.dim() < 2 or inputs.shape[:2] != targets.shape[:2]:
         raise ValueError(
             f'batch["{name}"] has inputs of shape {tuple(inputs.shape)} and targets of shape '
             f"{tuple(targets.shape)}; expected inputs (tasks, samples, ...) and targets "
-            "(tasks, samples) with the same leading two sizes"
-        )
-    if targets.dtype.is_floating_point or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(
-            f'batch["{name}"] targets must be integer class indices, got {targets.dtype}; '
-            "relabel with torchmeta.transforms.Categorical(num_classes_per_task)"
+            "(tasks, samples, ...) with the same leading two sizes"
         )
     return inputs, targets
 
@@ -119,7 +114,10 @@ def tasks_from_batch(
 
     Args:
         batch: ``{"train": (inputs, targets), "test": (inputs, targets)}`` ("support"/"query"
-            keys work too) with inputs ``(B, N, ...)`` and integer targets ``(B, N)``.
+            keys work too) with inputs ``(B, N, ...)`` and targets ``(B, N, ...)``: class
+            indices ``(B, N)`` (torchmeta's ``Categorical``) or regression targets such as
+            ``Sinusoid``'s float ``(B, N, 1)``; the learners check class indices where their
+            loss is a classification loss.
         device: move the batch there first (``None``: leave it where it is).
 
     Example:
