@@ -12,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, Task
+from l2l_adversarial import ADML, FGSM, PGD, Task
 from l2l_adversarial.torchmeta_compat import (
+    AdversarialBatches,
     batch_from_tasks,
     enable_torchmeta,
     meta_loss_of_batch,
     tasks_from_batch,
 )
+from l2l_adversarial.transforms import AdversarialTaskTransform, derive_seed
 
 TASKS, WAYS, SHOTS, QUERIES, SIDE = 3, 3, 2, 4, 6
 
@@ -360,3 +362,43 @@ def test_sinusoid_regression_batches_go_through_tasks_from_batch_and_fgsm(torchm
             assert mse(model(adversarial), task.query_labels) > mse(
                 model(task.query_inputs), task.query_labels
             )
+
+
+SIX_SCENARIOS = [(s, q) for s in (0.0, 0.4, 1.0) for q in (0.0, 1.0)]
+EPS = 8 / 255
+
+
+@pytest.mark.parametrize(("support_fraction", "query_fraction"), SIX_SCENARIOS)
+def test_torchmeta_loader_wrapped_keeps_its_batches_and_perturbs_the_scenario(
+    torchmeta, support_fraction, query_fraction
+):
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    attack = PGD(EPS, steps=2)
+    transform = AdversarialTaskTransform(attack, model, support_fraction, query_fraction)
+    runs = []
+    for wrap in (False, True, True):
+        random.seed(0)  # torchmeta's task sampler and label permutation: the same batch
+        torch.manual_seed(0)
+        loader = BatchMetaDataLoader(in_memory_meta_dataset(torchmeta), batch_size=2)
+        if wrap:
+            runs.append(next(AdversarialBatches(loader, transform, seed=3).perturbed_batches()))
+        else:
+            runs.append(next(iter(loader)))
+    clean, (batch, masks), (again, _) = runs
+    assert set(batch) == set(clean) and torch.equal(batch["train"][0], again["train"][0])
+    assert torch.equal(batch["test"][0], again["test"][0])  # seeded random start
+    for key, fraction in (("train", support_fraction), ("test", query_fraction)):
+        inputs, targets = batch[key]
+        assert inputs.shape == clean[key][0].shape and torch.equal(targets, clean[key][1])
+        assert masks[key].shape == targets.shape
+        assert int(masks[key].sum()) == 2 * 3 * round(fraction * (targets.shape[1] // 3))
+        assert torch.equal(inputs[~masks[key]], clean[key][0][~masks[key]])
+        assert (inputs - clean[key][0]).abs().max() <= EPS + 1e-6
+    # task by task, the same as the transform applied to tasks_from_batch(clean batch)
+    for index, task in enumerate(tasks_from_batch(clean)):
+        reference = transform(task, seed=derive_seed(3, 0, index))
+        assert torch.equal(batch["train"][0][index], reference.task.support_inputs)
+        assert torch.equal(batch["test"][0][index], reference.task.query_inputs)
