@@ -14,7 +14,7 @@ called. torchmeta ``MetaModule`` models need no shim: the algorithms evaluate ev
 Example:
     >>> from l2l_adversarial.torchmeta_compat import enable_torchmeta, tasks_from_batch
     >>> torchmeta = enable_torchmeta()       # before any ``import torchmeta``
-    >>> for batch in loader:                 # a torchmeta BatchMetaDataLoader
+    >>> for batch in loader:                 # a torchmeta BatchMetaDataLoader  # doctest: +SKIP
     ...     optimizer.zero_grad()
     ...     tasks = tasks_from_batch(batch, device="cuda")
     ...     for task in tasks:
@@ -213,6 +213,11 @@ def meta_loss_of_batch(
     ``backward()`` per task instead (see the module example).
 
     Example:
+        >>> from l2l_adversarial import ADML
+        >>> adml = ADML(torch.nn.Linear(4, 5), lr=0.1)
+        >>> optimizer = torch.optim.SGD(adml.parameters(), lr=0.01)
+        >>> task = Task(torch.rand(5, 4), torch.arange(5), torch.rand(10, 4), torch.arange(10) % 5)
+        >>> batch = batch_from_tasks([task, task])
         >>> loss = meta_loss_of_batch(adml, batch)
         >>> loss.backward(); optimizer.step()
     """
