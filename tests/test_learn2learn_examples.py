@@ -43,8 +43,8 @@ def learn2learn_sdist() -> Path:
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-            + ["--no-build-isolation", "learn2learn==0.2.0", "-d", str(folder)],
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-build-isolation"]
+            + ["--no-binary", "learn2learn", "learn2learn==0.2.0", "-d", str(folder)],
             check=True,
         )
     return path
