@@ -103,6 +103,7 @@ def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -
         seed=seed,
         num_tasks=num_tasks,
         download=dataset["download"],
+        device=resolve_device(config["device"]) if dataset["device_resident"] else None,
         **options,
     )
 

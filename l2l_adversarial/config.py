@@ -91,6 +91,8 @@ SCHEMA: dict[str, Any] = {
             "strict": {"type": "boolean", "default": True},
             # digits only: side of the upsampled images (the quickstart uses 16)
             "image_size": _integer(min=16, nullable=True, default=None),
+            # the split kept on the training device as stored (uint8), tasks gathered there
+            "device_resident": {"type": "boolean", "default": False},
         }
     ),
     "task": _section(
@@ -139,6 +141,13 @@ SCHEMA: dict[str, Any] = {
             "max_loss": _number(min=1e-12, nullable=True, default=1000.0),
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # meta-batches built ahead of the loop (l2l_adversarial.data.prefetch): worker
+            # processes and meta-batches ahead; null: the default for the task source
+            "workers": _integer(min=0, nullable=True, default=None),
+            "prefetch": _integer(min=0, nullable=True, default=None),
+            # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
+            # workspace, for an exact resume (l2l_adversarial.reproducibility)
+            "deterministic": {"type": "boolean", "default": True},
         }
     ),
     "evaluate": _section(

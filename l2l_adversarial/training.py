@@ -20,7 +20,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from l2l_adversarial.checkpoint import (
     set_rng_state,
 )
 from l2l_adversarial.config import METHODS, config_changes, dump_config
+from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
     cuda_device,
@@ -49,6 +50,7 @@ from l2l_adversarial.distributed import (
 from l2l_adversarial.errors import DeviceError, TrainingDivergedError
 from l2l_adversarial.models import CNN4
 from l2l_adversarial.report import write_atomic
+from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
     has_results,
@@ -71,7 +73,8 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds")
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds")
+"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last row."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
 
@@ -203,6 +206,15 @@ class Trainer:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
         self.iteration = 0
+        workers, prefetch = default_loading(tasks, device)
+        #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
+        self.loading: tuple[int, int] = (
+            workers if train["workers"] is None else train["workers"],
+            prefetch if train["prefetch"] is None else train["prefetch"],
+        )
+        self.data_seconds = 0.0  # waited for meta-batches since the last logged row
+        self._batches: Generator[MetaBatch, None, None] | None = None
+        self._next_batch = -1
 
     # -- state ---------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -289,11 +301,33 @@ class Trainer:
             writer.writerow(row)
 
     # -- the loop ------------------------------------------------------------------------
-    def _meta_batch(self, iteration: int) -> list[tuple[int, Task]]:
-        """This rank's share of the meta-batch: (global task index, task on the device)."""
+    def _task_indices(self, iteration: int) -> range:
+        """This rank's share of the global task indices of ``iteration``'s meta-batch."""
         size = self.config["train"]["meta_batch_size"]
-        indices = range(iteration * size + self.rank, (iteration + 1) * size, self.world_size)
-        return [(i, Task(*(t.to(self.device) for t in self.tasks[i]))) for i in indices]
+        return range(iteration * size + self.rank, (iteration + 1) * size, self.world_size)
+
+    def _meta_batch(self, iteration: int) -> MetaBatch:
+        """This rank's share of the meta-batch: (global task index, task on the device), built
+        ahead by :class:`MetaBatches`; the time spent waiting for it adds to ``data_seconds``."""
+        waiting = time.perf_counter()
+        if self._batches is None or iteration != self._next_batch:
+            self.close_batches()
+            workers, prefetch = self.loading
+            stop = max(self.config["train"]["iterations"], iteration + 1)
+            self._batches = MetaBatches(
+                self.tasks, self._task_indices, iteration, stop, device=self.device,
+                workers=workers, prefetch=prefetch,
+            ).__iter__()  # fmt: skip
+        batch = next(self._batches)
+        self._next_batch = iteration + 1
+        self.data_seconds += time.perf_counter() - waiting
+        return batch
+
+    def close_batches(self) -> None:
+        """Stop building meta-batches ahead (the thread or the worker processes)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def _seeded(self, batch: list[tuple[int, Task]]) -> Iterator[Task]:
         """The tasks of ``batch``, the attack's random start seeded from the global task index
@@ -356,12 +390,13 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                        "seconds": round(time.perf_counter() - started, 3),
+                        "data_seconds": round(self.data_seconds, 4)}  # fmt: skip
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.rank == 0 and (
-                    self.iteration % train["log_every"] == 0 or self.iteration == total
-                ):
-                    self._log(last)
+                if self.iteration % train["log_every"] == 0 or self.iteration == total:
+                    if self.rank == 0:
+                        self._log(last)
+                    self.data_seconds = 0.0
                 if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
                     self.save()
         except KeyboardInterrupt as interrupt:
@@ -374,6 +409,8 @@ class Trainer:
                 "continue with --resume",
                 signum,
             ) from None
+        finally:
+            self.close_batches()
         bar.close()
         return last
 
@@ -486,6 +523,7 @@ def train(
     run_dir = Path(run_dir)
     rank, _ = world()
     device = resolve_device(config["device"])
+    apply_deterministic_settings(device, config["train"]["deterministic"])
     torch.manual_seed(config["seed"])
     sample = tasks[0]
     shape = sample.support_inputs.shape
