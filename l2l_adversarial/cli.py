@@ -1,8 +1,9 @@
-"""Command line: ``l2l-adversarial {train,evaluate,report,quickstart}`` (also ``python -m
+"""Command line: ``l2l-adversarial {train,evaluate,report,quickstart,configs}`` (also ``python -m
 l2l_adversarial``).
 
 Example:
-    l2l-adversarial train examples/configs/mini-imagenet-5w1s-adml.yaml -o dataset.root=~/data
+    l2l-adversarial configs                       # the bundled configs (the paper's settings)
+    l2l-adversarial train mini-imagenet-5w1s-adml -o dataset.root=~/data   # or a YAML file's path
     l2l-adversarial evaluate runs/mini-imagenet-5w1s-adml
     l2l-adversarial report runs/*/evaluation.json --output report/
     l2l-adversarial quickstart
@@ -12,9 +13,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import math
 import sys
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,15 +31,18 @@ from tqdm import tqdm
 from l2l_adversarial.algorithms import MatchingNetwork
 from l2l_adversarial.attacks import FGSM, PGD
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
-from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, load_config
-from l2l_adversarial.data import DatasetDownloadError, DatasetFileError, make_tasks
+from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
+from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.data import make_tasks
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
+    on_rank0,
     rank_indices,
     shutdown,
     world,
 )
+from l2l_adversarial.errors import UserError, describe_os_error
 from l2l_adversarial.evaluation import (
     EvaluationResult,
     FewShotLearner,
@@ -43,14 +50,18 @@ from l2l_adversarial.evaluation import (
     MatchingLearner,
     evaluate,
 )
-from l2l_adversarial.report import format_table, load_results, save_results, write_report
-from l2l_adversarial.training import (
-    CHECKPOINT,
-    RunFolderError,
-    build_learner,
-    resolve_device,
-    train,
+from l2l_adversarial.report import (
+    ResultsFileError,
+    format_table,
+    load_results,
+    refuse_overwrite,
+    report_paths,
+    save_results,
+    write_report,
 )
+from l2l_adversarial.run_folder import RunFolderError, reader_lock
+from l2l_adversarial.signals import interrupt_on_signals
+from l2l_adversarial.training import CHECKPOINT, build_learner, resolve_device, train
 
 __all__ = ["main"]
 
@@ -92,19 +103,57 @@ def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -
         seed=seed,
         num_tasks=num_tasks,
         download=dataset["download"],
+        device=resolve_device(config["device"]) if dataset["device_resident"] else None,
         **options,
     )
 
 
-def load_trained_learner(run_dir: Path, config: dict[str, Any], tasks: Any) -> nn.Module:
-    """The learner of a finished (or interrupted) run, at its last checkpoint."""
-    state = load_checkpoint(
-        run_dir / CHECKPOINT, kind="train", expected={"method": config["method"]}
-    )
+def load_trained_learner(
+    run_dir: Path, config: dict[str, Any], tasks: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The learner of a finished (or interrupted) run at its last checkpoint, and what that
+    checkpoint is: ``{"iteration", "digest", "finished"}``.
+
+    Refuses a checkpoint trained with other settings than ``config`` or holding non-finite
+    weights.
+    """
+    path = run_dir / CHECKPOINT
+    state = load_checkpoint(path, kind="train", expected={"method": config["method"]})
+    changes = config_changes(state["config"], config)
+    if changes:
+        listed = "\n  ".join(
+            f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in changes.items()
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained with other settings than its config.yaml "
+            f"and overrides; evaluate with the run's own settings (drop -o of "
+            f"{', '.join(changes)}):\n  {listed}"
+        )
+    broken = [
+        name
+        for name, value in state["learner"].items()
+        if value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds non-finite weights ({', '.join(broken[:3])}); "
+            "train the run again with a lower train.meta_lr"
+        )
     shape = tasks[0].support_inputs.shape
     learner = build_learner(config, shape[1], shape[-1])
     learner.load_state_dict(state["learner"])
-    return learner
+    iteration, total = int(state["iteration"]), config["train"]["iterations"]
+    if iteration < total and world()[0] == 0:
+        print(
+            f"warning: {str(run_dir)!r} is unfinished (checkpoint of iteration {iteration} "
+            f"of {total}); evaluating that checkpoint, finish it with train --resume",
+            file=sys.stderr,
+        )
+    return learner, {
+        "iteration": iteration,
+        "digest": state["digest"],
+        "finished": iteration >= total,
+    }
 
 
 def few_shot_learner(learner: nn.Module, settings: dict[str, Any]) -> FewShotLearner:
@@ -114,24 +163,30 @@ def few_shot_learner(learner: nn.Module, settings: dict[str, Any]) -> FewShotLea
     return GradientLearner(learner, lr=settings["inner_lr"], steps=settings["adaptation_steps"])
 
 
-def evaluate_run(run_dir: Path, config: dict[str, Any], progress: bool = True) -> EvaluationResult:
-    """Evaluate a trained run on the seeded test tasks in the paper's scenarios."""
+def evaluate_run(
+    run_dir: Path, config: dict[str, Any], progress: bool = True
+) -> tuple[EvaluationResult, dict[str, Any]]:
+    """Evaluate a trained run on the seeded test tasks in the paper's scenarios; return the
+    result and the evaluated checkpoint's iteration and digest (read under the folder's
+    shared lock)."""
     settings = config["evaluate"]
+    device = resolve_device(config["device"])
     tasks = task_source(config, "test", seed=settings["seed"], num_tasks=settings["tasks"])
-    learner = load_trained_learner(run_dir, config, tasks)
+    with contextlib.ExitStack() as stack:  # rank 0 locks; its refusal stops every rank
+        on_rank0(lambda: stack.enter_context(reader_lock(run_dir)))
+        learner, checkpoint = load_trained_learner(run_dir, config, tasks)
     make_attack = (
         FGSM
         if settings["attack"] == "fgsm"
         else functools.partial(PGD, steps=settings["pgd_steps"])
     )
-    device = resolve_device(config["device"])
     with tqdm(
         total=len(rank_indices(len(tasks))),
         desc=f"evaluate {config['method']}",
         disable=not progress or world()[0] != 0,
         dynamic_ncols=True,
     ) as bar:
-        return evaluate(
+        result = evaluate(
             few_shot_learner(learner.to(device), settings),
             tasks,
             method=METHOD_NAMES[config["method"]],
@@ -143,16 +198,22 @@ def evaluate_run(run_dir: Path, config: dict[str, Any], progress: bool = True) -
             device=device,
             progress=bar,
         )
-
-
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise RunFolderError(f"{str(path)!r} already exists; pass --overwrite to replace it")
+    if not all(math.isfinite(s.accuracy) for s in result.scenarios):
+        raise CheckpointError(
+            f"evaluating {str(run_dir)!r} gave non-finite accuracies; check its checkpoint "
+            "and evaluate.inner_lr (lower it)"
+        )
+    return result, checkpoint
 
 
 def command_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if args.accept_changes and not args.resume:
+        raise ConfigError("--accept-changes applies to --resume only; add --resume")
+    config = load_config(config_path(args.config) if args.config else None, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    resolve_device(config["device"])
     tasks = task_source(config, "train", seed=config["seed"])
     train(
         config,
@@ -160,6 +221,7 @@ def command_train(args: argparse.Namespace) -> int:
         tasks,
         resume=args.resume,
         overwrite=args.overwrite,
+        accept_changes=args.accept_changes,
         progress=not args.quiet,
     )
     if world()[0] == 0:
@@ -170,26 +232,54 @@ def command_train(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise RunFolderError(f"{str(run_dir)!r} is not a run folder (no config.yaml); train first")
+        raise RunFolderError(
+            f"not a run folder, {str(run_dir)!r} has no config.yaml; give the --run-dir of a "
+            "train command, or train first"
+        )
     config = load_config(run_dir / "config.yaml", args.set)
     output = Path(args.output) if args.output else run_dir / "evaluation.json"
-    _refuse_overwrite(output, args.overwrite)
-    result = evaluate_run(run_dir, config, progress=not args.quiet)
+    refuse_overwrite([output], args.overwrite)
+    result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
     if world()[0] == 0:
-        save_results([result], output)
+        save_results([result], output, [checkpoint])
         print(format_table([result], result.dataset or config["dataset"]["name"], result.shots))
         print(f"results: {output}")
     return 0
 
 
+def command_configs(args: argparse.Namespace) -> int:
+    configs = bundled_configs()
+    width = max(map(len, configs))
+    for name, description in configs.items():
+        print(f"{name:<{width}}  {description}")
+    print(
+        f"\nfiles in {CONFIG_FOLDER}; train one by name: l2l-adversarial train NAME -o dataset.root=DIR"
+    )
+    return 0
+
+
 def command_report(args: argparse.Namespace) -> int:
-    results = [result for path in args.results for result in load_results(path)]
+    results = []
+    for path in args.results:
+        with reader_lock(Path(path).parent):
+            results += load_results(path)
     groups: dict[tuple[str, int], list[EvaluationResult]] = defaultdict(list)
     for result in results:
         groups[(result.dataset or "unknown", result.shots)].append(result)
+    tables = {}
     for (dataset, shots), group in sorted(groups.items()):
-        print(format_table(group, dataset, shots))
-        for path in write_report(group, args.output, dataset, shots):
+        try:
+            tables[(dataset, shots)] = format_table(group, dataset, shots)
+        except ValueError as error:
+            raise ResultsFileError(
+                f"these results do not make one table ({error}), in "
+                f"{', '.join(map(repr, args.results))}; report each run's results once"
+            ) from error
+    outputs = [p for (d, s), g in groups.items() for p in report_paths(g, args.output, d, s)]
+    refuse_overwrite(outputs, args.overwrite)  # before writing any file
+    for (dataset, shots), table in tables.items():
+        print(table)
+        for path in write_report(groups[(dataset, shots)], args.output, dataset, shots):
             print(f"wrote {path}")
     return 0
 
@@ -215,21 +305,31 @@ def command_quickstart(args: argparse.Namespace) -> int:
     # A tiny model: one intra-op thread is fastest (two measured 2-15x slower on a 2-core VM).
     torch.set_num_threads(1)
     output = Path(args.output)
-    results = []
+    refuse_overwrite([output / "evaluation.json"], args.overwrite)
     started = time.perf_counter()
-    for method in ("maml", "adml"):
+    configs = {}
+    for method in ("maml", "adml"):  # every setting checked before any file is written
         overrides = [*QUICKSTART, f"method={method}", f"train.iterations={args.iterations}",
                      f"evaluate.tasks={args.tasks}", f"seed={args.seed}", *args.set]  # fmt: skip
-        config = load_config(None, overrides)
+        configs[method] = load_config(None, overrides)
+        resolve_device(configs[method]["device"])
+    results, checkpoints = [], []
+    for method, config in configs.items():
         run_dir = output / method
-        if args.overwrite or not (run_dir / CHECKPOINT).exists():
-            train(config, run_dir, task_source(config, "train", seed=config["seed"]),
-                  overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
-        results.append(evaluate_run(run_dir, config, progress=not args.quiet))
-    save_results(results, output / "evaluation.json")
+        resume = not args.overwrite and (run_dir / CHECKPOINT).exists()  # checked against config
+        train(config, run_dir, task_source(config, "train", seed=config["seed"]), resume=resume,
+              overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+        result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
+        results.append(result)
+        checkpoints.append(checkpoint)
+    save_results(results, output / "evaluation.json", checkpoints)
     print(format_table(results, "Digits", results[0].shots))
     print(f"quickstart finished in {time.perf_counter() - started:.0f} s; results in {output}")
     return 0
+
+
+def _key_list(text: str) -> list[str]:
+    return [key.strip() for key in text.split(",") if key.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,12 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("train", help="meta-train one method")
     sub.add_argument(
-        "config", nargs="?", help="YAML config (see examples/configs); defaults if omitted"
+        "config",
+        nargs="?",
+        help="a bundled config's name (l2l-adversarial configs lists them) or a YAML file's path; "
+        "defaults if omitted",
     )
     sub.add_argument(
         "--run-dir", help="run folder (default: runs/<dataset>-<ways>w<shots>s-<method>)"
     )
     sub.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+    sub.add_argument("--accept-changes", type=_key_list, default=[], metavar="KEY[,KEY]",
+                     help="with --resume: continue although these config keys changed "
+                     "(e.g. train.meta_lr); config.yaml records the change")  # fmt: skip
     add_common(sub)
     sub.set_defaults(handler=command_train)
 
@@ -264,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("report", help="tables (Markdown, JSON) and figures from results")
     sub.add_argument("results", nargs="+", help="evaluation JSON files")
     sub.add_argument("--output", default="report", help="folder for the tables and figures")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing files")
     sub.set_defaults(handler=command_report)
 
     sub = commands.add_parser("quickstart", help="MAML vs ADML on bundled digits, CPU, minutes")
@@ -273,31 +380,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
     add_common(sub)
     sub.set_defaults(handler=command_quickstart)
+
+    sub = commands.add_parser("configs", help="list the bundled configs (the paper's settings)")
+    sub.set_defaults(handler=command_configs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a user's error ends as one ``error: ...`` line and status 2, a signal
+    as one line and ``128 + signal``, anything else (a bug) with its traceback and status 1."""
     args = build_parser().parse_args(argv)
     joins_group = args.command in DISTRIBUTED_COMMANDS and not is_distributed()
+    rank, world_size = world()
     try:
-        if joins_group:
-            init_from_environment()  # under torchrun; nothing otherwise
-        return int(args.handler(args))
-    except (
-        ConfigError,
-        CheckpointError,
-        RunFolderError,
-        DatasetFileError,
-        DatasetDownloadError,
-        FileNotFoundError,
-    ) as error:
-        rank, world_size = world()
+        with interrupt_on_signals():
+            if joins_group:
+                init_from_environment()  # under torchrun; nothing otherwise
+                rank, world_size = world()
+            return int(args.handler(args))
+    except (UserError, OSError) as error:
+        message = str(error) if isinstance(error, UserError) else describe_os_error(error)
         where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
-        print(f"error{where}: {error}", file=sys.stderr)
+        print(f"error{where}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        print(f"\n{interrupt}", file=sys.stderr)
-        return 130
+        name = getattr(interrupt, "name", "SIGINT")
+        message = str(interrupt) or (
+            f"interrupted ({name}) before {args.command} wrote its results; run it again"
+        )
+        print(message, file=sys.stderr)
+        return int(getattr(interrupt, "exit_code", 130))
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"error: internal error in l2l-adversarial {args.command} (a bug, not your input); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if joins_group:
             shutdown()
