@@ -68,6 +68,18 @@ class RunFolderError(RuntimeError):
     """The run folder holds another run's results that would be overwritten."""
 
 
+class TrainingMonitor(Protocol):
+    """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
+    after every iteration, ``close`` at the end (see
+    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+
+    def start(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, row: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class TaskSource(Protocol):
     """Where tasks come from: ``source[index]`` is a pure function of its seed and ``index``
     (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
@@ -293,7 +305,10 @@ class Trainer:
         return loss, accuracy
 
     def run(
-        self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
+        self,
+        progress: bool = True,
+        on_iteration: Callable[[int], None] | None = None,
+        monitor: TrainingMonitor | None = None,
     ) -> dict[str, float]:
         train = self.config["train"]
         total = train["iterations"]
@@ -306,6 +321,8 @@ class Trainer:
         )
         last: dict[str, float] = {}
         started = time.perf_counter()
+        if monitor is not None:
+            monitor.start(self)
         try:
             while self.iteration < total:
                 if on_iteration is not None:
@@ -325,6 +342,8 @@ class Trainer:
                     self.iteration % train["log_every"] == 0 or self.iteration == total
                 ):
                     self._log(last)
+                if monitor is not None:
+                    monitor.step(self, last)
                 if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
                     self.save()
         except KeyboardInterrupt:
@@ -334,6 +353,9 @@ class Trainer:
                 f"interrupted after iteration {self.iteration}; checkpoint saved in "
                 f"{self.run_dir / CHECKPOINT}; continue with --resume"
             ) from None
+        finally:
+            if monitor is not None:
+                monitor.close()
         bar.close()
         return last
 
@@ -351,7 +373,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwri
             "run, --overwrite to replace it, or choose another run_dir"
         )
     if has_results:
-        for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json", "evaluation.json"):
+        for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json", "evaluation.json",
+                     "best.pt", "validation.csv"):  # fmt: skip
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", dump_config(config))
@@ -366,11 +389,13 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> nn.Module:
     """Meta-train the configured method on ``tasks``; return the trained learner.
 
     Writes ``config.yaml``, ``metrics.csv``, ``checkpoint.pt`` and ``summary.json`` into
-    ``run_dir`` (rank 0 only).
+    ``run_dir`` (rank 0 only); ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()
@@ -382,7 +407,7 @@ def train(
     trainer = Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
     if resume:
         trainer.restore()
-    summary = trainer.run(progress=progress, on_iteration=on_iteration)
+    summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
     if rank == 0:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return trainer.learner
