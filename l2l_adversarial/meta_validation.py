@@ -181,6 +181,7 @@ class MetaValidator:
             if trainer.rank == 0:
                 state = {
                     **trainer.fingerprint(),
+                    "config": trainer.config,
                     "iteration": trainer.iteration,
                     "learner": trainer.learner.state_dict(),
                     "validation": scored,

@@ -29,6 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
 from l2l_adversarial.files import atomic_open
 from l2l_adversarial.validation import check_choice
@@ -65,6 +66,8 @@ EPSILON_LABEL = "ε (8-bit pixel levels: ε/255 on [0, 1] images)"
 
 __all__ = [
     "FIGURE_SCENARIOS",
+    "ResultsExistError",
+    "ResultsFileError",
     "PAPER_METHODS",
     "TABLE_NUMBERS",
     "format_compact_table",
@@ -73,9 +76,11 @@ __all__ = [
     "method_color",
     "load_results",
     "paper_entries",
+    "report_paths",
     "plot_curves",
     "plot_robustness",
     "plot_training",
+    "refuse_overwrite",
     "save_results",
     "table_json",
     "table_number",
@@ -526,6 +531,24 @@ def plot_training(
     return _save_png(figure, path)
 
 
+class ResultsFileError(UserError, ValueError):
+    """A results file that cannot be read (missing, not JSON, not evaluation results)."""
+
+
+class ResultsExistError(UserError, RuntimeError):
+    """A result would be replaced without ``--overwrite``."""
+
+
+def refuse_overwrite(paths: Sequence[str | os.PathLike[str]], overwrite: bool) -> None:
+    """Raise :class:`ResultsExistError` if any of ``paths`` exists, unless ``overwrite``."""
+    existing = [str(path) for path in paths if Path(path).exists()]
+    if existing and not overwrite:
+        raise ResultsExistError(
+            f"results already exist, {', '.join(map(repr, existing))}; pass --overwrite to replace "
+            "them, or choose another output"
+        )
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``: all or nothing.
 
@@ -536,23 +559,60 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     return Path(path)
 
 
-def save_results(results: Sequence[EvaluationResult], path: str | os.PathLike[str]) -> Path:
-    """Write evaluation results as a JSON list (atomically)."""
+def save_results(
+    results: Sequence[EvaluationResult],
+    path: str | os.PathLike[str],
+    checkpoints: Sequence[dict[str, Any]] | None = None,
+) -> Path:
+    """Write evaluation results as a JSON list (atomically); ``checkpoints`` (one per result:
+    the evaluated checkpoint's iteration, digest, whether its run finished) go beside them."""
     payload = [result.to_dict() for result in results]
+    for item, checkpoint in zip(payload, checkpoints or [], strict=False):
+        item["checkpoint"] = checkpoint
     return write_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
 
 
 def load_results(path: str | os.PathLike[str]) -> list[EvaluationResult]:
     """Read what :func:`save_results` wrote (a list, or a single result's dictionary)."""
+    fix = "give the evaluation.json that `l2l-adversarial evaluate` wrote"
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-run the evaluation") from error
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultsFileError(
+            f"results file is not valid JSON ({error}), {str(path)!r}; {fix}, or re-run it"
+        ) from error
     items = data if isinstance(data, list) else [data]
     try:
-        return [EvaluationResult.from_dict(item) for item in items]
+        if not items or not all(isinstance(item, dict) for item in items):
+            raise ValueError("expected a list of result dictionaries")
+        return [
+            EvaluationResult.from_dict({k: v for k, v in item.items() if k != "checkpoint"})
+            for item in items
+        ]
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise ResultsFileError(
+            f"results file holds no evaluation results ({error}), {str(path)!r}; {fix}"
+        ) from error
+
+
+def report_paths(
+    results: Sequence[EvaluationResult],
+    directory: str | os.PathLike[str],
+    dataset: str,
+    shots: int,
+    training: bool = False,
+) -> list[Path]:
+    """The files :func:`write_report` writes: ``table{N}`` for the paper's tables, else
+    ``{dataset}_{shots}shot``, as ``.md``, ``.json``, (with results) the loss, accuracy and
+    robustness ``.png`` and (with ``training``) the training curves' ``.png``."""
+    number = table_number(dataset, shots)
+    stem = f"table{number}" if number is not None else f"{_dataset_key(dataset)}_{shots}shot"
+    folder = Path(directory)
+    names = [f"{stem}_{metric}.png" for metric in METRICS] + [f"{stem}_robustness_eps.png"]
+    figures = [folder / name for name in names] if results else []
+    if training:
+        figures.append(folder / f"{stem}_training.png")
+    return [folder / f"{stem}.md", folder / f"{stem}.json", *figures]
 
 
 def write_report(
@@ -563,27 +623,22 @@ def write_report(
     *,
     epsilon: float = 2.0,
     training_runs: Mapping[str, str | os.PathLike[str]] | None = None,
+    overwrite: bool = True,
 ) -> list[Path]:
     """Write the table (``.md``, ``.json``), the loss and accuracy figures at ``epsilon``, the
     robustness curves (``_robustness_eps.png``) and, given the methods' run folders
-    (``training_runs``), the training curves (``_training.png``).
-
-    Files are named ``table{N}`` for the paper's tables, else ``{dataset}_{shots}shot``.
-    """
-    number = table_number(dataset, shots)
-    stem = f"table{number}" if number is not None else f"{_dataset_key(dataset)}_{shots}shot"
-    folder = Path(directory)
+    (``training_runs``), the training curves (``_training.png``) to :func:`report_paths`; with
+    ``overwrite=False`` refuse (:class:`ResultsExistError`) before writing anything if one
+    exists."""
+    paths = report_paths(results, directory, dataset, shots, training=bool(training_runs))
+    refuse_overwrite(paths, overwrite)
     table = table_json(results, dataset, shots)
-    paths = [
-        write_atomic(folder / f"{stem}.md", format_table(results, dataset, shots)),
-        write_atomic(folder / f"{stem}.json", json.dumps(table, indent=1, ensure_ascii=False)),
-    ]
+    write_atomic(paths[0], format_table(results, dataset, shots))
+    write_atomic(paths[1], json.dumps(table, indent=1, ensure_ascii=False))
     if results:
-        for metric in METRICS:
-            paths.append(
-                plot_curves(results, folder / f"{stem}_{metric}.png", metric, epsilon=epsilon)
-            )
-        paths.append(plot_robustness(results, folder / f"{stem}_robustness_eps.png", mark=epsilon))
+        for metric, path in zip(METRICS, paths[2:4], strict=True):
+            plot_curves(results, path, metric, epsilon=epsilon)
+        plot_robustness(results, paths[4], mark=epsilon)
     if training_runs:
-        paths.append(plot_training(training_runs, folder / f"{stem}_training.png", epsilon=epsilon))
+        plot_training(training_runs, paths[-1], epsilon=epsilon)
     return paths

@@ -89,10 +89,11 @@ def test_evaluate_loads_the_best_or_the_last_checkpoint(tmp_path: Path) -> None:
     cfg["evaluate"]["tasks"], cfg["evaluate"]["adaptation_steps"] = 2, 1
     run_with_validation(tmp_path, cfg)
     tasks = [SyntheticTasks()[0]]
-    best = load_trained_learner(tmp_path, cfg, tasks, "best")
-    saved = load_checkpoint(tmp_path / BEST_CHECKPOINT, kind="train")["learner"]
+    best, info = load_trained_learner(tmp_path, cfg, tasks, "best")
+    saved = load_checkpoint(tmp_path / BEST_CHECKPOINT, kind="train")
+    assert info["iteration"] == saved["iteration"]
     for name, value in best.state_dict().items():
-        assert torch.equal(saved[name], value)
+        assert torch.equal(saved["learner"][name], value)
     (tmp_path / BEST_CHECKPOINT).unlink()
     with pytest.raises(Exception, match="--checkpoint last"):
         evaluate_run(tmp_path, cfg, progress=False, checkpoint="best")

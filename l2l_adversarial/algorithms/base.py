@@ -4,7 +4,9 @@ attack and a functional inner loop."""
 from __future__ import annotations
 
 import math
+import warnings
 
+import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
 
@@ -164,3 +166,59 @@ class AdversarialMetaLearner(MetaLearner):
         """:meth:`perturb` on a query set, in the query passes' memory format."""
         with self.functional.query_pass():
             return self.perturb(params, self.functional.query_layout(inputs), labels)
+
+    # -- name-only swap detection: learn2learn's clone()/adapt() in a training loop ---------
+    def clone(
+        self,
+        first_order: bool | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool | None = None,
+    ) -> MAML:
+        """learn2learn's ``MAML.clone()`` (a plain MAML learner, for evaluation loops).
+
+        If a ``backward()`` later carries a gradient from the clone into theta's ``.grad``,
+        the training loop is learn2learn's MAML loop with the class renamed: it would train
+        plain MAML, so a :class:`NameOnlySwapWarning` names the fix (once per learner).
+        Adapting a clone (``torch.autograd.grad``) and scoring it without ``backward()`` stay
+        silent.
+        """
+        clone = super().clone(first_order, allow_unused, allow_nograd)
+        if torch.is_grad_enabled() and not getattr(self, "_swap_warned", False):
+            for tensor in clone.parameters():
+                if tensor.requires_grad and tensor.grad_fn is not None:
+                    tensor.register_hook(self._note_clone_gradient)
+            if not getattr(self, "_theta_hooks", None):
+                self._theta_hooks = [
+                    p.register_post_accumulate_grad_hook(self._check_meta_gradient)
+                    for p in self.module.parameters()
+                    if p.requires_grad
+                ]
+        return clone
+
+    def _note_clone_gradient(self, gradient: Tensor) -> None:
+        self._clone_graph_task = torch._C._current_graph_task_id()
+
+    def _check_meta_gradient(self, parameter: Tensor) -> None:
+        if (
+            getattr(self, "_swap_warned", False)
+            or getattr(self, "_clone_graph_task", -1) != torch._C._current_graph_task_id()
+        ):
+            return
+        self._swap_warned = True
+        name = type(self).__name__
+        warnings.warn(
+            f"backward() carried a meta-gradient from {name}.clone() into the meta-parameters: "
+            f"this is learn2learn's clone()/adapt() training loop, which trains plain MAML with "
+            f"{name}'s attack unused. Train with `loss = learner.meta_loss(support_inputs, "
+            "support_labels, query_inputs, query_labels)` (then loss.backward()) or "
+            "`learner.meta_step(tasks, optimizer)`; keep clone()/adapt() for evaluation loops "
+            "(README: 'The API swap').",
+            NameOnlySwapWarning,
+            stacklevel=2,
+        )
+
+
+class NameOnlySwapWarning(UserWarning):
+    """A training loop backpropagated through an adversarial learner's learn2learn ``clone()``:
+    it trains plain MAML. Make it an error with
+    ``warnings.simplefilter("error", NameOnlySwapWarning)``."""
