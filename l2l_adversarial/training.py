@@ -20,7 +20,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,7 +88,7 @@ class TrainingMonitor(Protocol):
 
     def start(self, trainer: Trainer) -> None: ...
 
-    def step(self, trainer: Trainer, row: dict[str, float]) -> None: ...
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
