@@ -6,9 +6,10 @@ train every method, evaluate it in the six meta-test scenarios, write the table 
     python examples/reproduce.py --dataset cifar100 --shots 1 --root ~/data        # Table 3
     python examples/reproduce.py --dataset cifar100 --shots 5 --root ~/data        # Table 4
 
-Each method uses examples/configs/<dataset>-5w<shots>s-<method>.yaml; ``-o key=value``
-overrides apply to all of them (e.g. ``-o train.iterations=1000`` for a short run). A run that
-is interrupted continues where it stopped when the same command is run again.
+Each method trains with the bundled config ``<dataset>-5w<shots>s-<method>`` (``l2l-adversarial
+configs`` lists them); ``-o key=value`` overrides apply to all of them (e.g.
+``-o train.iterations=1000`` for a short run). A run that is interrupted continues where it
+stopped when the same command is run again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from l2l_adversarial.cli import main as cli
 
-CONFIGS = Path(__file__).parent / "configs"
 PAPER_METHODS = ("maml", "maml-ad", "adml", "matching-nets")
 
 
@@ -39,10 +39,10 @@ def reproduce(argv: list[str] | None = None) -> int:
     flags = [flag for override in overrides for flag in ("-o", override)]
     results = []
     for method in args.methods:
-        config = CONFIGS / f"{args.dataset}-5w{args.shots}s-{method}.yaml"
+        config = f"{args.dataset}-5w{args.shots}s-{method}"
         run_dir = output / method
         resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-        status = cli(["train", str(config), "--run-dir", str(run_dir), *resume, *flags])
+        status = cli(["train", config, "--run-dir", str(run_dir), *resume, *flags])
         if status:
             return status
         evaluation = run_dir / "evaluation.json"
@@ -50,7 +50,7 @@ def reproduce(argv: list[str] | None = None) -> int:
         if status:
             return status
         results.append(str(evaluation))
-    return cli(["report", *results, "--output", str(output / "report")])
+    return cli(["report", *results, "--output", str(output / "report"), "--overwrite"])
 
 
 if __name__ == "__main__":

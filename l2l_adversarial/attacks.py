@@ -12,6 +12,17 @@ Conventions (read these before choosing ``eps``):
   ``attack(model, inputs, labels)``. ``model`` may be any callable returning logits: an
   ``nn.Module``, a learn2learn clone whose parameters are non-leaf tensors, a torchmeta
   ``MetaModule`` or a closure over functional parameters.
+* Any differentiable ``loss_fn(outputs, targets)`` works (default: cross-entropy on class
+  indices), e.g. ``torch.nn.functional.mse_loss`` on float regression targets of any shape;
+  class-index checks apply only to classification losses (cross-entropy, NLL).
+  ``data_range`` is any input range, e.g. ``(-5, 5)`` for torchmeta's ``Sinusoid`` inputs.
+* Bad input is refused with an error naming the argument: non-float inputs, inputs whose
+  dtype differs from an ``nn.Module``'s parameters, a channel count the first convolution
+  does not take, a label count that differs from the input count, an empty batch. With
+  ``check_values=True`` (default) the attack also reads values back from the device: inputs
+  must be finite and inside ``data_range``, class labels in range, and the model's loss finite
+  (a model with NaN weights is refused instead of returning meaningless samples);
+  ``check_values=False`` (or ``validation.value_checks(False)``) skips these host reads.
 * The attack never writes into the model: ``nn.Module`` parameters are read detached, so no
   ``.grad`` is touched and no edge joins the caller's autograd graph, and buffers are
   copied, so BatchNorm running statistics are never updated by an attack. BatchNorm itself
@@ -40,12 +51,17 @@ import torch
 from torch import Tensor, nn
 
 from l2l_adversarial.functional import stateless
-from l2l_adversarial.validation import check_finite, check_labels
+from l2l_adversarial.validation import (
+    check_finite,
+    check_labels,
+    is_classification_loss,
+    value_checks_enabled,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Tensor], Tensor]
 
-__all__ = ["Attack", "FGSM", "FFGSM", "PGD"]
+__all__ = ["Attack", "FGSM", "FFGSM", "PGD", "is_classification_loss"]
 
 
 def _check_eps(name: str, value: float) -> float:
@@ -74,6 +90,7 @@ class Attack(ABC):
         mean: Sequence[float] | Tensor | None = None,
         std: Sequence[float] | Tensor | None = None,
         loss_fn: LossFn | None = None,
+        check_values: bool = True,
     ) -> None:
         self.eps = _check_eps("eps", eps)
         lower, upper = (float(v) for v in data_range)
@@ -88,17 +105,26 @@ class Attack(ABC):
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float64)
         if self.std is not None and bool((self.std <= 0).any()):
             raise ValueError(f"std must be positive, got {self.std.tolist()}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be a callable loss_fn(outputs, targets) -> Tensor such as "
+                f"torch.nn.functional.mse_loss, got {type(loss_fn).__name__}"
+            )
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.check_values = bool(check_values)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
 
     def __call__(self, model: Model, inputs: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial copies of ``inputs`` (detached, same space and shape)."""
-        check_finite("inputs", inputs)
+        self.check_arguments(model, inputs, labels)
+        if self.check_values:
+            check_finite("inputs", inputs)
         labels = labels.detach()
         pixels = self._to_pixels(inputs.detach())
-        self.check_range(pixels)
+        if self.check_values:
+            self.check_range(pixels)
         if self.eps == 0:
             return inputs.detach().clone()
         forward = stateless(model)
@@ -109,14 +135,55 @@ class Attack(ABC):
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
         """Return the adversarial pixels for clean ``pixels`` (inside ``data_range``)."""
 
+    def check_arguments(self, model: Model, inputs: Tensor, labels: Tensor) -> None:
+        """Refuse malformed arguments from their metadata alone (no value is read)."""
+        if not callable(model):
+            raise TypeError(
+                f"model must be a callable returning outputs (an nn.Module, a learn2learn clone, "
+                f"...), got {type(model).__name__}"
+            )
+        for name, tensor in (("inputs", inputs), ("labels", labels)):
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not inputs.is_floating_point():
+            raise TypeError(
+                f"inputs must be a floating-point tensor (float32, float64, ...), got "
+                f"{inputs.dtype}; convert 8-bit images with inputs.float() / 255"
+            )
+        if inputs.dim() == 0 or labels.dim() == 0 or inputs.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"inputs has shape {tuple(inputs.shape)} and labels shape {tuple(labels.shape)}: "
+                "pass (N, ...) inputs with one label (or regression target) per input"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError("inputs is an empty batch (0 samples): attack at least one sample")
+        if is_classification_loss(self.loss_fn) and (
+            labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"labels must hold integer class indices (torch.long) for the classification "
+                f"loss {getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)}, got "
+                f"{labels.dtype}; for regression targets pass loss_fn= (e.g. "
+                "torch.nn.functional.mse_loss)"
+            )
+        if isinstance(model, nn.Module):
+            _check_module_takes(model, inputs)
+
     # -- helpers shared by the attacks -------------------------------------------------
     def input_gradient(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
         """Gradient of the loss with respect to the pixels (not the model's parameters)."""
         with torch.enable_grad():
             pixels = pixels.detach().requires_grad_(True)
-            logits = forward(self._to_model_space(pixels))
-            check_labels("labels", labels, logits.shape[-1])
-            loss = self.loss_fn(logits, labels)
+            outputs = forward(self._to_model_space(pixels))
+            if self.check_values and is_classification_loss(self.loss_fn):
+                check_labels("labels", labels, outputs.shape[-1])
+            loss = self.loss_fn(outputs, labels)
+            if self.check_values and value_checks_enabled() and not bool(torch.isfinite(loss)):
+                raise ValueError(
+                    f"the model's loss on these inputs is {loss.item()}: its parameters or outputs "
+                    "hold NaN or inf (a diverged training run?), so no attack is meaningful; "
+                    "check the model's weights (torch.isfinite) or reload a good checkpoint"
+                )
             (gradient,) = torch.autograd.grad(loss, pixels)
         return gradient
 
@@ -152,17 +219,45 @@ class Attack(ABC):
 
     def check_range(self, pixels: Tensor) -> None:
         """Raise ``ValueError`` unless ``pixels`` lie inside ``data_range`` (with a hint)."""
+        if not value_checks_enabled():  # checked once per meta-batch by the engine
+            return
         lower, upper = self.data_range
         slack = 1e-4 * (upper - lower)
         low, high = pixels.min().item(), pixels.max().item()
         if low < lower - slack or high > upper + slack:
             raise ValueError(
                 f"inputs (in pixel space) lie in [{low:.4g}, {high:.4g}], outside "
-                f"data_range={self.data_range}. Images from learn2learn's MiniImagenet are "
-                "in 0-255: divide them by 255 (l2l_adversarial.data does), or pass "
-                "data_range=(0, 255) and eps in the same units; for normalised inputs pass "
-                "mean= and std=."
+                f"data_range={self.data_range}. Pass the data's own range as data_range= "
+                "(e.g. (-5, 5) for torchmeta's Sinusoid inputs) with eps in the same units. "
+                "Images from learn2learn's MiniImagenet are in 0-255: divide them by 255 "
+                "(l2l_adversarial.data does), or pass data_range=(0, 255); for normalised "
+                "inputs pass mean= and std=."
             )
+
+
+def _check_module_takes(model: nn.Module, inputs: Tensor) -> None:
+    """Refuse inputs whose dtype or channel count ``model`` cannot take (metadata only)."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is not None and parameter.dtype != inputs.dtype:
+        raise TypeError(
+            f"inputs are {inputs.dtype} but {type(model).__name__}'s parameters are "
+            f"{parameter.dtype}; pass inputs.to({parameter.dtype}) or convert the model "
+            f"(model.to({inputs.dtype}))"
+        )
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return
+    spatial = len(conv.kernel_size)
+    if (
+        inputs.dim() in (spatial + 1, spatial + 2)
+        and inputs.shape[-spatial - 1] != conv.in_channels
+    ):
+        raise ValueError(
+            f"inputs have {inputs.shape[-spatial - 1]} channel(s) (shape {tuple(inputs.shape)}), "
+            f"but {type(model).__name__}'s first convolution takes {conv.in_channels}; pass "
+            f"(N, {conv.in_channels}, ...) inputs or build the model with "
+            f"in_channels={inputs.shape[-spatial - 1]}"
+        )
 
 
 class FGSM(Attack):

@@ -1,23 +1,26 @@
-"""Checkpoints that are written atomically and loaded without unpickling arbitrary objects.
+"""Checkpoints that are written atomically, prove their content, and are loaded without
+unpickling arbitrary objects.
 
 A checkpoint is a ``dict`` of tensors, numbers, strings, lists and dicts saved with
 ``torch.save`` to a temporary file in the same folder, flushed to disk and renamed over the
 old file (``os.replace``), so a crash never leaves a half-written file in place of a good
-one. Loading uses ``torch.load(weights_only=True)``, which refuses any other object.
+one. It carries a SHA-256 digest of its whole content (:func:`content_digest`), checked on
+load, so a damaged file is refused instead of loading altered numbers. Loading uses
+``torch.load(weights_only=True)``, which refuses any other object.
 
 Example:
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "last.pt"
-    >>> save_checkpoint(path, {"iteration": 3, "model": {"w": torch.zeros(2)}}, kind="train")
+    >>> digest = save_checkpoint(path, {"iteration": 3, "model": {"w": torch.zeros(2)}}, kind="train")
     >>> load_checkpoint(path, kind="train")["iteration"]
     3
 """
 
 from __future__ import annotations
 
-import pickle
+import hashlib
+import io
 import random
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -25,23 +28,68 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from l2l_adversarial.errors import UserError
 from l2l_adversarial.files import atomic_open
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = [
+    "CheckpointError",
+    "content_digest",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 FORMAT = "l2l-adversarial-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a content digest
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or from another run."""
 
 
-def save_checkpoint(path: str | Path, state: Mapping[str, Any], kind: str) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+def content_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's content: keys, numbers, strings and every tensor's dtype,
+    shape and bytes, in order.
+
+    >>> content_digest({"w": torch.zeros(2)}) == content_digest({"w": torch.zeros(2)})
+    True
+    >>> content_digest({"w": torch.zeros(2)}) == content_digest({"w": torch.ones(2)})
+    False
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            digest.update(f"D{len(value)}".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"S{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any], kind: str) -> str:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename); return its
+    content digest."""
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, **state}
+    payload["digest"] = content_digest(payload)
+    buffer = io.BytesIO()  # serialised first: a full disk fails in write() with ENOSPC
+    torch.save(payload, buffer)
     with atomic_open(path) as file:
-        torch.save(payload, file)
+        file.write(buffer.getbuffer())
+    return str(payload["digest"])
 
 
 def load_checkpoint(
@@ -54,28 +102,36 @@ def load_checkpoint(
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+        raise CheckpointError(
+            f"no checkpoint, {str(path)!r} is missing or not a file; train the run first"
+        )
+    data = path.read_bytes()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        EOFError,
-        RuntimeError,
-        ValueError,
-    ) as error:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # any failure to parse the file means it is not a checkpoint
+        first = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or not an l2l-adversarial checkpoint "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "delete it or point --resume at another run"
+            f"({type(error).__name__}: {first[:200]}); delete it, or restore it from a copy"
         ) from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an l2l-adversarial checkpoint")
+        raise CheckpointError(
+            f"{str(path)!r} is not an l2l-adversarial checkpoint; point at a run folder's "
+            "checkpoint.pt"
+        )
     if state.get("version") != VERSION or state.get("kind") != kind:
         raise CheckpointError(
             f"{str(path)!r} is a {state.get('kind')!r} checkpoint of format version "
-            f"{state.get('version')}; expected a {kind!r} checkpoint of version {VERSION}"
+            f"{state.get('version')}, expected a {kind!r} checkpoint of version {VERSION}; "
+            "train the run again with this version"
         )
+    saved = state.pop("digest", None)
+    if saved != content_digest(state):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its content does not match its digest; "
+            "restore it from a copy, or train again"
+        )
+    state["digest"] = saved
     mismatched = [
         f"{key}: checkpoint has {state.get(key)!r}, this run has {value!r}"
         for key, value in (expected or {}).items()
@@ -83,7 +139,8 @@ def load_checkpoint(
     ]
     if mismatched:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} belongs to a different run:\n  " + "\n  ".join(mismatched)
+            f"checkpoint {str(path)!r} belongs to a different run; use that run's folder or "
+            "train again:\n  " + "\n  ".join(mismatched)
         )
     return state
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,17 @@ from typing import Any
 import yaml
 from cerberus import Validator
 
+from l2l_adversarial.errors import UserError
+
 __all__ = [
     "DATASETS",
     "METHODS",
     "SCHEMA",
     "ConfigError",
+    "config_changes",
     "dump_config",
     "load_config",
+    "read_config_file",
     "validate_config",
 ]
 
@@ -38,16 +43,34 @@ DATASETS = ("mini-imagenet", "cifar100", "cifar-fs", "digits")
 BUNDLED_DATASETS = ("digits",)  # ship inside an installed package: no root needed
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used, with every problem listed."""
 
 
+def _finite_float(value: Any) -> Any:
+    """Coerce to float; refuse booleans and NaN or infinite values (cerberus reports why)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{value} is a boolean, not a number")
+    if isinstance(value, int | float):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value} is not a finite number")
+        return number
+    return value  # the type rule reports it
+
+
+def _not_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise TypeError(f"{value} is a boolean, not an integer")
+    return value
+
+
 def _number(**rules: Any) -> dict[str, Any]:
-    return {"type": "number", "coerce": float, **rules}
+    return {"type": "number", "coerce": _finite_float, **rules}
 
 
 def _integer(**rules: Any) -> dict[str, Any]:
-    return {"type": "integer", **rules}
+    return {"type": "integer", "coerce": _not_boolean, **rules}
 
 
 def _section(schema: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +90,7 @@ SCHEMA: dict[str, Any] = {
             # false accepts caches of non-standard size (e.g. resized images, fewer classes)
             "strict": {"type": "boolean", "default": True},
             # digits only: side of the upsampled images (the quickstart uses 16)
-            "image_size": {"type": "integer", "min": 16, "nullable": True, "default": None},
+            "image_size": _integer(min=16, nullable=True, default=None),
             # the split kept on the training device as stored (uint8), tasks gathered there
             "device_resident": {"type": "boolean", "default": False},
         }
@@ -113,8 +136,16 @@ SCHEMA: dict[str, Any] = {
             # query-set passes in channels-last memory format; null: on when the device is the
             # CPU, where it measured faster (benchmarks/); same results either way
             "channels_last": {"type": "boolean", "nullable": True, "default": None},
+            # divergence guard: a meta-loss above this stops the run before it can write a
+            # checkpoint (null: off); chance-level cross-entropy is ln(ways), about 1.6
+            "max_loss": _number(min=1e-12, nullable=True, default=1000.0),
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # meta-validation: clean and adversarial accuracy on seeded validation tasks every
+            # validate_every iterations (validation.csv, best.pt); null: never
+            "validate_every": _integer(min=1, nullable=True, default=500),
+            "validation_tasks": _integer(min=1, default=50),
+            "tensorboard": {"type": "boolean", "default": False},
             # meta-batches built ahead of the loop (l2l_adversarial.data.prefetch): worker
             # processes and meta-batches ahead; null: the default for the task source
             "workers": _integer(min=0, nullable=True, default=None),
@@ -122,6 +153,13 @@ SCHEMA: dict[str, Any] = {
             # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
             # workspace, for an exact resume (l2l_adversarial.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
+            # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
+            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
         }
     ),
     "evaluate": _section(
@@ -136,8 +174,15 @@ SCHEMA: dict[str, Any] = {
                 "default": [2.0, 0.2],
             },
             "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
-            "attack": {"type": "string", "allowed": ["fgsm", "pgd"], "default": "fgsm"},
+            # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
+            "attack": {
+                "type": "string",
+                "allowed": ["fgsm", "pgd", "autoattack"],
+                "default": "fgsm",
+            },
             "pgd_steps": _integer(min=1, default=10),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
         }
     ),
@@ -162,8 +207,8 @@ def _rule_hint(path: list[str]) -> str:
     )
 
 
-def _flatten_errors(errors: Mapping[str, Any], prefix: list[str]) -> list[str]:
-    messages = []
+def _flatten_errors(errors: Mapping[str, Any], prefix: list[str]) -> list[tuple[str, str]]:
+    messages: list[tuple[str, str]] = []
     for key, problems in errors.items():
         path = [*prefix, str(key)]
         for problem in problems:
@@ -171,21 +216,50 @@ def _flatten_errors(errors: Mapping[str, Any], prefix: list[str]) -> list[str]:
                 messages += _flatten_errors(problem, path)
             else:
                 hint = "" if problem == "unknown field" else _rule_hint(path)
-                messages.append(f"  {'.'.join(path)}: {problem}{hint}")
+                messages.append((".".join(path), f"{problem}{hint}"))
     return messages
 
 
-def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults and validate; raise :class:`ConfigError` listing every problem."""
+def validate_config(
+    raw: Mapping[str, Any], sources: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Fill defaults and validate; raise :class:`ConfigError` listing every problem.
+
+    ``sources`` maps a dotted key to where its value came from (e.g. the ``-o`` override);
+    the problems with those keys name it.
+    """
     validator = Validator(SCHEMA, purge_unknown=False)
     if not validator.validate(copy.deepcopy(dict(raw))):
-        problems = "\n".join(_flatten_errors(validator.errors, []))
-        raise ConfigError(f"invalid configuration:\n{problems}")
+        problems = _flatten_errors(validator.errors, [])
+        for index, (key, problem) in enumerate(problems):
+            source = _source_of(key, sources or {})
+            problems[index] = (key, f"{problem} [{source}]" if source else problem)
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        listed = "\n".join(f"  {key}: {problem}" for key, problem in problems)
+        raise ConfigError(f"invalid configuration ({count}); fix the keys below:\n{listed}")
     config: dict[str, Any] = validator.document
     _check_dataset_root(config["dataset"])
     if config["method"] == "matching-nets" and config["train"]["meta_update"] == "sequential":
-        raise ConfigError("train.meta_update: 'sequential' applies to method adml only")
+        raise ConfigError(
+            "train.meta_update: 'sequential' applies to method adml only; "
+            "set train.meta_update=joint or method=adml"
+        )
+    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
+        raise ConfigError(
+            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
+            "use auto or sequential"
+        )
     return config
+
+
+def _source_of(key: str, sources: Mapping[str, str]) -> str:
+    """The override (or file) that set ``key`` or the section holding it."""
+    parts = key.split(".")
+    for length in range(len(parts), 0, -1):
+        source = sources.get(".".join(parts[:length]))
+        if source:
+            return source
+    return sources.get("", "")
 
 
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
@@ -209,44 +283,156 @@ def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
         )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.meta_lr=0.002"`` -> ``(["train", "meta_lr"], 0.002)`` (value parsed as YAML)."""
+    """``"train.meta_lr=0.002"`` -> ``(["train", "meta_lr"], 0.002)`` (value parsed as YAML).
+
+    An empty value is refused (write ``null`` for none), as is a value that is not YAML.
+    """
     key, separator, value = text.partition("=")
-    if not separator or not key.strip():
+    keys = key.strip().split(".")
+    if not separator or not all(part.strip() for part in keys):
         raise ConfigError(
-            f"override {text!r} must look like key.subkey=value, e.g. train.iterations=100"
+            f"override {text!r} is not key.subkey=value, on the command line; "
+            "write e.g. -o train.iterations=100"
         )
-    return key.strip().split("."), yaml.safe_load(value)
+    if not value.strip():
+        raise ConfigError(
+            f"override {text!r} has no value, on the command line; write {key.strip()}=VALUE "
+            "(or =null for none)"
+        )
+    try:
+        return [part.strip() for part in keys], _parse_yaml(value)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({problem}), on the command "
+            "line; quote strings and close brackets, e.g. evaluate.eps=[2,8]"
+        ) from error
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; refuse directories, non-UTF-8 text and duplicate
+    keys, naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"config {str(path)!r} is a folder, not a file; give a YAML file (the examples "
+            "are listed by `l2l-adversarial configs`)"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} not found; give an existing YAML file, or the name "
+            "of a bundled config (`l2l-adversarial configs` lists them)"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {error.start}); "
+            "save it as UTF-8 YAML"
+        ) from error
+    try:
+        loaded = _parse_yaml(text)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML ({problem}); fix the line named"
+        ) from error
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of keys, got "
+            f"{type(loaded).__name__}; write key: value lines"
+        )
+    return loaded
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} not found; the examples are in examples/configs/"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}"
-            )
-        raw = loaded
+    raw: dict[str, Any] = {} if path is None else read_config_file(path)
+    sources = {} if path is None else {"": f"in {str(path)!r}"}
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a section")
+                section = ".".join(keys[: depth + 1])
+                raise ConfigError(
+                    f"override {text!r}: {section!r} is {child!r}, not a section "
+                    f"({_source_of(section, sources) or 'a default'}); make it a mapping of "
+                    "keys, or override the key itself"
+                )
             node = child
         node[keys[-1]] = value
-    return validate_config(raw)
+        sources[".".join(keys)] = f"set by -o {text}"
+    return validate_config(raw, sources)
+
+
+NEUTRAL_KEYS = (
+    "run_dir",
+    "device",
+    "dataset.root",
+    "dataset.download",
+    "train.iterations",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.max_loss",
+    "train.tensorboard",
+    "evaluate",
+)
+"""Keys (or sections) a run may change when resumed: they do not alter what was trained."""
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every key that changes what a run
+    trains (:data:`NEUTRAL_KEYS` aside).
+
+    >>> old = load_config(None, ["dataset.name=digits"])
+    >>> new = load_config(None, ["dataset.name=digits", "seed=3", "train.iterations=9"])
+    >>> config_changes(old, new)
+    {'seed': (0, 3)}
+    """
+    before, after = _flatten(old), _flatten(new)
+    neutral = tuple(f"{key}." for key in NEUTRAL_KEYS)
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if key not in NEUTRAL_KEYS
+        and not key.startswith(neutral)
+        and before.get(key) != after.get(key)
+    }
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

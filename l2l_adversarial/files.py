@@ -19,7 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_open"]
+__all__ = ["atomic_open", "default_file_mode", "write_atomic"]
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: ``0o666`` less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
@@ -28,7 +35,8 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
     The data goes to a temporary file in the same folder (created if missing), is flushed to
     disk and renamed over ``path`` (``os.replace``); if the block raises, the temporary file is
-    removed and ``path`` keeps its previous content.
+    removed and ``path`` keeps its previous content. The file gets the umask's mode, like any
+    other new file; an ``OSError`` while writing (a full disk) names ``path``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -36,11 +44,24 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
     )
     try:
+        os.fchmod(handle, default_file_mode())
         with os.fdopen(handle, "wb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        if error.filename is None and error.errno is not None:  # write(), fsync() name no file
+            raise OSError(error.errno, error.strerror, str(target)) from error
+        raise
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_open`; returns the path."""
+    with atomic_open(path) as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)

@@ -28,6 +28,7 @@ class CNN4(nn.Module):
     """MAML's 4-block CNN for ``ways``-way classification of ``(C, H, W)`` images.
 
     Example:
+        >>> import torch
         >>> net = CNN4(ways=5, in_channels=3, image_size=84)  # the paper's MiniImageNet net
         >>> net(torch.rand(2, 3, 84, 84)).shape
         torch.Size([2, 5])
@@ -63,6 +64,7 @@ class MLP(nn.Module):
     """A fully connected ReLU network on flattened inputs.
 
     Example:
+        >>> import torch
         >>> MLP(in_features=784, ways=5, hidden=(64, 64))(torch.rand(3, 1, 28, 28)).shape
         torch.Size([3, 5])
     """

@@ -14,7 +14,7 @@ called. torchmeta ``MetaModule`` models need no shim: the algorithms evaluate ev
 Example:
     >>> from l2l_adversarial.torchmeta_compat import enable_torchmeta, tasks_from_batch
     >>> torchmeta = enable_torchmeta()       # before any ``import torchmeta``
-    >>> for batch in loader:                 # a torchmeta BatchMetaDataLoader
+    >>> for batch in loader:                 # a torchmeta BatchMetaDataLoader  # doctest: +SKIP
     ...     optimizer.zero_grad()
     ...     tasks = tasks_from_batch(batch, device="cuda")
     ...     for task in tasks:
@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any, NoReturn, Protocol
 
@@ -35,9 +35,11 @@ import torch
 from torch import Tensor
 
 from l2l_adversarial.task import Task
+from l2l_adversarial.transforms import AdversarialTaskTransform, derive_seed
 
 __all__ = [
     "SPLIT_NAMES",
+    "AdversarialBatches",
     "MetaLossLearner",
     "batch_from_tasks",
     "enable_torchmeta",
@@ -98,16 +100,11 @@ def _split(batch: Mapping[str, Any], name: str) -> tuple[Tensor, Tensor]:
                 f'batch["{name}"] {role} must be a torch.Tensor, got {type(tensor).__name__}; '
                 "use a torchmeta dataset whose transform ends in ToTensor()"
             )
-    if inputs.dim() < 2 or targets.dim() != 2 or inputs.shape[:2] != targets.shape:
+    if inputs.dim() < 2 or targets.dim() < 2 or inputs.shape[:2] != targets.shape[:2]:
         raise ValueError(
             f'batch["{name}"] has inputs of shape {tuple(inputs.shape)} and targets of shape '
             f"{tuple(targets.shape)}; expected inputs (tasks, samples, ...) and targets "
-            "(tasks, samples) with the same leading two sizes"
-        )
-    if targets.dtype.is_floating_point or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(
-            f'batch["{name}"] targets must be integer class indices, got {targets.dtype}; '
-            "relabel with torchmeta.transforms.Categorical(num_classes_per_task)"
+            "(tasks, samples, ...) with the same leading two sizes"
         )
     return inputs, targets
 
@@ -119,7 +116,10 @@ def tasks_from_batch(
 
     Args:
         batch: ``{"train": (inputs, targets), "test": (inputs, targets)}`` ("support"/"query"
-            keys work too) with inputs ``(B, N, ...)`` and integer targets ``(B, N)``.
+            keys work too) with inputs ``(B, N, ...)`` and targets ``(B, N, ...)``: class
+            indices ``(B, N)`` (torchmeta's ``Categorical``) or regression targets such as
+            ``Sinusoid``'s float ``(B, N, 1)``; the learners check class indices where their
+            loss is a classification loss.
         device: move the batch there first (``None``: leave it where it is).
 
     Example:
@@ -213,11 +213,83 @@ def meta_loss_of_batch(
     ``backward()`` per task instead (see the module example).
 
     Example:
+        >>> from l2l_adversarial import ADML
+        >>> adml = ADML(torch.nn.Linear(4, 5), lr=0.1)
+        >>> optimizer = torch.optim.SGD(adml.parameters(), lr=0.01)
+        >>> task = Task(torch.rand(5, 4), torch.arange(5), torch.rand(10, 4), torch.arange(10) % 5)
+        >>> batch = batch_from_tasks([task, task])
         >>> loss = meta_loss_of_batch(adml, batch)
         >>> loss.backward(); optimizer.step()
     """
     losses = [learner.meta_loss(*task, steps=steps) for task in tasks_from_batch(batch)]
     return torch.stack(losses).mean()
+
+
+class AdversarialBatches:
+    """A torchmeta ``BatchMetaDataLoader`` whose batches are a meta-test scenario.
+
+    Iterating yields the loader's batch dicts (``{"train": (inputs, targets), "test": (inputs,
+    targets)}``, other keys kept) with ``transform``'s fractions of every task's support
+    ("train") and query ("test") samples perturbed; clean samples are bit-identical and targets
+    untouched, so a torchmeta loop runs unchanged. :meth:`perturbed_batches` also yields the
+    masks ``{"train": (B, N) bool, "test": (B, M) bool}`` of perturbed samples. With a
+    ``seed``, task ``b`` of batch ``n`` is transformed with ``seed=derive_seed(seed, n, b)``.
+
+    Example:
+        >>> from l2l_adversarial import FGSM
+        >>> from l2l_adversarial.transforms import AdversarialTaskTransform
+        >>> batch = {"train": (torch.rand(2, 4, 3), torch.arange(2).repeat(2, 2)),
+        ...          "test": (torch.rand(2, 6, 3), torch.arange(2).repeat(2, 3))}
+        >>> to_clean_adversarial = AdversarialTaskTransform(
+        ...     FGSM(2 / 255), torch.nn.Linear(3, 2), support_fraction=0.0, query_fraction=1.0)
+        >>> for batch_out, masks in AdversarialBatches([batch], to_clean_adversarial).perturbed_batches():
+        ...     print(torch.equal(batch_out["train"][0], batch["train"][0]), masks["test"].all().item())
+        True True
+    """
+
+    def __init__(
+        self, loader: Iterable[Any], transform: AdversarialTaskTransform, *, seed: int | None = None
+    ) -> None:
+        if not isinstance(transform, AdversarialTaskTransform):
+            raise TypeError(
+                "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
+                f"query_fraction), got {type(transform).__name__}"
+            )
+        if seed is not None:
+            derive_seed(seed)  # validates
+        self.loader = loader
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, _ in self.perturbed_batches():
+            yield batch
+
+    def perturbed_batches(self) -> Iterator[tuple[dict[str, Any], dict[str, Tensor]]]:
+        """Yield ``(batch, masks)``: the perturbed batch and its masks of perturbed samples."""
+        for index, batch in enumerate(self.loader):
+            tasks = tasks_from_batch(batch)
+            support, query = _split_names(batch)
+            perturbed = [
+                self.transform(
+                    task, seed=None if self.seed is None else derive_seed(self.seed, index, b)
+                )
+                for b, task in enumerate(tasks)
+            ]
+            out = dict(batch)
+            out[support] = (
+                torch.stack([p.task.support_inputs for p in perturbed]),
+                batch[support][1],
+            )
+            out[query] = (torch.stack([p.task.query_inputs for p in perturbed]), batch[query][1])
+            masks = {
+                support: torch.stack([p.support_mask for p in perturbed]),
+                query: torch.stack([p.query_mask for p in perturbed]),
+            }
+            yield out, masks
 
 
 def _removed_torchvision_helper(name: str) -> Callable[..., NoReturn]:

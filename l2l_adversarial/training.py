@@ -14,19 +14,21 @@ writes the run folder; every rank reads the checkpoint on resume.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from l2l_adversarial import __version__
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
@@ -36,7 +38,7 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import METHODS, dump_config
+from l2l_adversarial.config import METHODS, config_changes, dump_config
 from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
@@ -45,11 +47,22 @@ from l2l_adversarial.distributed import (
     on_rank0,
     world,
 )
+from l2l_adversarial.engines import meta_step, resolve_engine
+from l2l_adversarial.errors import DeviceError, TrainingDivergedError
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.models import CNN4
-from l2l_adversarial.report import write_atomic
 from l2l_adversarial.reproducibility import apply_deterministic_settings
+from l2l_adversarial.run_folder import (
+    RunFolderError,
+    has_results,
+    move_aside,
+    remove_aside,
+    restore_aside,
+    writer_lock,
+)
+from l2l_adversarial.seeding import derive_seed
+from l2l_adversarial.signals import Interrupted, interrupt_on_signals
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
@@ -61,14 +74,23 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds")
-"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last row."""
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds", "engine")
+"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last
+row; ``engine``: the engine that ran (:mod:`l2l_adversarial.engines`)."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
 
 
-class RunFolderError(RuntimeError):
-    """The run folder holds another run's results that would be overwritten."""
+class TrainingMonitor(Protocol):
+    """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
+    after every iteration, ``close`` at the end (see
+    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+
+    def start(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TaskSource(Protocol):
@@ -87,8 +109,9 @@ def resolve_device(name: str) -> torch.device:
         return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {name!r} was asked for but CUDA is not available; use device=auto or cpu"
+        raise DeviceError(
+            f"device {name!r} is not available, CUDA is missing on this machine (config key "
+            "device); use device=auto or device=cpu"
         )
     return cuda_device() if device.type == "cuda" and device.index is None else device
 
@@ -169,6 +192,11 @@ class _AllReduceOptimizer:
 class Trainer:
     """One meta-training run in ``run_dir`` (see :func:`train`)."""
 
+    after_save: Callable[[], None] | None = None
+    """Called after every checkpoint written (e.g. to drop the results it replaces)."""
+    saved_iteration: int | None = None
+    """The iteration of the checkpoint in the run folder (``None``: none yet)."""
+
     def __init__(
         self,
         config: dict[str, Any],
@@ -191,6 +219,8 @@ class Trainer:
         if self.sequential:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
+        self.engine = resolve_engine(learner, train["engine"])
+        """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
         self.iteration = 0
         workers, prefetch = default_loading(tasks, device)
         #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
@@ -215,42 +245,69 @@ class Trainer:
             return
         state = {
             **self.fingerprint(),
+            "config": self.config,
+            "package_version": __version__,
             "iteration": self.iteration,
             "learner": self.learner.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "rng": rng_state(),
         }
         save_checkpoint(self.run_dir / CHECKPOINT, state, kind="train")
+        self.saved_iteration = self.iteration
+        if self.after_save is not None:
+            self.after_save()
 
-    def restore(self) -> None:
-        state = load_checkpoint(
-            self.run_dir / CHECKPOINT, kind="train", expected=self.fingerprint()
-        )
+    def restore(self, accept_changes: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+        """Continue from the run folder's checkpoint; return the config changes accepted.
+
+        A change of any setting that alters training (see
+        :func:`l2l_adversarial.config.config_changes`), or of the package version, is refused
+        unless ``accept_changes`` names it; accepted learning rates replace the saved ones.
+        """
+        path = self.run_dir / CHECKPOINT
+        state = load_checkpoint(path, kind="train", expected=self.fingerprint())
+        changes = config_changes(state["config"], self.config)
+        if state["package_version"] != __version__:
+            changes["package_version"] = (state["package_version"], __version__)
+        refused = {key: change for key, change in changes.items() if key not in accept_changes}
+        if refused:
+            listed = "\n  ".join(
+                f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items()
+            )
+            raise CheckpointError(
+                f"resuming with a changed config, {str(path)!r} was trained with other "
+                f"settings; pass --accept-changes {','.join(refused)} to continue with the new "
+                f"values, or --overwrite to start over:\n  {listed}"
+            )
+        unknown = sorted(set(accept_changes) - changes.keys())
+        if unknown:
+            raise CheckpointError(
+                f"--accept-changes names {', '.join(unknown)}, which did not change, for "
+                f"{str(path)!r}; name only changed keys ({', '.join(changes) or 'none'})"
+            )
         self.learner.load_state_dict(state["learner"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        for optimizer, lr in zip(self.optimizers, self._learning_rates(), strict=True):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         set_rng_state(state["rng"])
-        self.iteration = int(state["iteration"])
-        if self.rank == 0:
-            self._truncate_metrics(self.iteration)
+        self.iteration = self.saved_iteration = int(state["iteration"])
+        return changes
+
+    def _learning_rates(self) -> list[float]:
+        """The configured rate of each optimizer (the saved state holds the old ones)."""
+        train = self.config["train"]
+        rates = [train["meta_lr"]]
+        if self.sequential:
+            rates.append(train["clean_meta_lr"] or train["meta_lr"])
+        return rates
 
     # -- logs ----------------------------------------------------------------------------
     def _metrics_path(self) -> Path:
         return self.run_dir / "metrics.csv"
 
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop rows logged after the checkpoint: the resumed run logs them again."""
-        path = self._metrics_path()
-        if not path.exists():
-            return
-        rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) <= iteration]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(path, buffer.getvalue())
-
-    def _log(self, row: dict[str, float]) -> None:
+    def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
         new = not path.exists()
         with path.open("a", newline="") as file:
@@ -302,33 +359,21 @@ class Trainer:
             return self.optimizers
         return [_AllReduceOptimizer(o) for o in self.optimizers]
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
-        meta-batch (all ranks)."""
-        batch = self._meta_batch(self.iteration)
-        optimizers = self._optimizers()
-        if self.sequential:
-            assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
-            loss, accuracy = objective.total.item(), objective.accuracy.item()
-        else:
-            optimizer = optimizers[0]
-            optimizer.zero_grad()
-            losses, accuracies = [], []
-            for task in self._seeded(batch):
-                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-                (task_loss / len(batch)).backward()
-                losses.append(task_loss.detach())
-                accuracies.append(task_accuracy.detach())
-            optimizer.step()
-            loss = torch.stack(losses).mean().item()
-            accuracy = torch.stack(accuracies).float().mean().item()
-        loss, accuracy = mean_over_ranks([loss, accuracy])
-        return loss, accuracy
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
+        objective = meta_step(
+            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
+            engine=self.engine,
+        )  # fmt: skip
+        return objective.total, objective.accuracy
 
     def run(
-        self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
-    ) -> dict[str, float]:
+        self,
+        progress: bool = True,
+        on_iteration: Callable[[int], None] | None = None,
+        monitor: TrainingMonitor | None = None,
+    ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
         bar = tqdm(
@@ -338,60 +383,139 @@ class Trainer:
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float] = {}
+        last: dict[str, float | str] = {}
         started = time.perf_counter()
+        if monitor is not None:
+            monitor.start(self)
         try:
             while self.iteration < total:
                 if on_iteration is not None:
                     on_iteration(self.iteration)
-                loss, accuracy = self.step()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"meta-loss became {loss} at iteration {self.iteration}; lower "
-                        "train.meta_lr or train.inner_lr, or resume from the last checkpoint"
+                loss_tensor, accuracy_tensor = self.step()
+                logged = (self.iteration + 1) % train["log_every"] == 0
+                saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+                if logged or saved or self.iteration + 1 == total:
+                    # losses are read (a host-device sync) only when logged or checkpointed
+                    loss, accuracy = mean_over_ranks(
+                        torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
                     )
+                    self._guard_divergence(loss)
+                    last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
+                            "seconds": round(time.perf_counter() - started, 3),
+                            "data_seconds": round(self.data_seconds, 4),
+                            "engine": self.engine}  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
                 self.iteration += 1
                 bar.update(1)
-                last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3),
-                        "data_seconds": round(self.data_seconds, 4)}  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.iteration % train["log_every"] == 0 or self.iteration == total:
+                if logged or self.iteration == total:
                     if self.rank == 0:
                         self._log(last)
                     self.data_seconds = 0.0
-                if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                if monitor is not None:
+                    monitor.step(self, last)
+                if saved or self.iteration == total:
                     self.save()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             self.save()
             bar.close()
-            raise KeyboardInterrupt(
-                f"interrupted after iteration {self.iteration}; checkpoint saved in "
-                f"{self.run_dir / CHECKPOINT}; continue with --resume"
+            signum = getattr(interrupt, "signum", Interrupted().signum)
+            raise Interrupted(
+                f"interrupted ({Interrupted(signum=signum).name}) after iteration "
+                f"{self.iteration}, checkpoint saved in {str(self.run_dir / CHECKPOINT)!r}; "
+                "continue with --resume",
+                signum,
             ) from None
         finally:
             self.close_batches()
+            if monitor is not None:
+                monitor.close()
         bar.close()
         return last
 
+    def _guard_divergence(self, loss: float) -> None:
+        """Stop before a non-finite or exploding step can reach a checkpoint."""
+        train = self.config["train"]
+        limit = train["max_loss"]
+        finite = math.isfinite(loss) and all(
+            bool(torch.isfinite(p).all()) for p in self.learner.parameters()
+        )
+        if finite and (limit is None or loss <= limit):
+            return
+        problem = (
+            f"the meta-loss became {loss:g}"
+            if not math.isfinite(loss)
+            else "the parameters became non-finite"
+            if not finite
+            else f"the meta-loss {loss:g} exceeds train.max_loss={limit:g}"
+        )
+        kept = (
+            "no checkpoint was written"
+            if self.saved_iteration is None
+            else f"the checkpoint of iteration {self.saved_iteration} is kept"
+        )
+        raise TrainingDivergedError(
+            f"training diverged, {problem} at iteration {self.iteration + 1} in "
+            f"{str(self.run_dir)!r}; lower train.meta_lr (now {train['meta_lr']:g}) or "
+            f"train.inner_lr (now {train['inner_lr']:g}), or raise train.max_loss; {kept}"
+        )
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create the run folder; refuse to overwrite another run's results unless asked."""
-    has_results = run_dir.exists() and any(run_dir.iterdir())
+
+def prepare_run_dir(
+    run_dir: Path,
+    config: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    changes: dict[str, tuple[Any, Any]] | None = None,
+    iteration: int = 0,
+) -> Path | None:
+    """Make ``run_dir`` ready for a run whose settings were all checked; return the folder
+    the old results were moved aside into (``None`` if none).
+
+    Call under the folder's writer lock. Results (a checkpoint, summary or evaluation) are
+    only replaced with ``overwrite``, and then moved aside, not deleted; a folder left by a
+    run killed before its first checkpoint is started again. On resume, metrics logged after
+    the checkpoint are dropped and config.yaml records the accepted ``changes``.
+    """
     if resume:
-        if not (run_dir / CHECKPOINT).exists():
-            raise CheckpointError(f"--resume: no checkpoint in {str(run_dir)!r} to resume from")
-        return
-    if has_results and not overwrite:
+        _truncate_metrics(run_dir / "metrics.csv", iteration)
+        if changes:
+            header = "".join(
+                f"# resumed at iteration {iteration} accepting {key}: {old!r} -> {new!r}\n"
+                for key, (old, new) in changes.items()
+            )
+            previous = (run_dir / "config.yaml").read_text(encoding="utf-8")
+            history = "".join(line + "\n" for line in previous.splitlines() if line.startswith("#"))
+            write_atomic(run_dir / "config.yaml", history + header + dump_config(config))
+        return None
+    if has_results(run_dir) and not overwrite:
         raise RunFolderError(
             f"run folder {str(run_dir)!r} already holds results; pass --resume to continue that "
             "run, --overwrite to replace it, or choose another run_dir"
         )
-    if has_results:
-        for name in (CHECKPOINT, "metrics.csv", "config.yaml", "summary.json", "evaluation.json"):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", dump_config(config))
+    aside = move_aside(run_dir)
+    try:
+        write_atomic(run_dir / "config.yaml", dump_config(config))
+    except BaseException:
+        if aside is not None:
+            restore_aside(run_dir, aside)
+        raise
+    return aside
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop rows logged after the checkpoint: the resumed run logs them again."""
+    if not path.exists():
+        return
+    with path.open(newline="") as file:
+        logged = list(csv.DictReader(file))
+    rows = [r for r in logged if int(r["iteration"]) <= iteration]
+    if len(rows) == len(logged):
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())
 
 
 def train(
@@ -401,26 +525,60 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    accept_changes: Collection[str] = (),
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> nn.Module:
     """Meta-train the configured method on ``tasks``; return the trained learner.
 
     Writes ``config.yaml``, ``metrics.csv``, ``checkpoint.pt`` and ``summary.json`` into
-    ``run_dir`` (rank 0 only).
+    ``run_dir`` (rank 0 only, holding the folder's writer lock). Everything (device, model,
+    the checkpoint to resume and its settings) is checked before any file is touched;
+    replaced results are moved aside and deleted once the new run's first checkpoint is
+    written, or put back if it fails before. SIGTERM and SIGUSR1 stop it like Ctrl-C:
+    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised. ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()
-    on_rank0(lambda: prepare_run_dir(run_dir, config, resume, overwrite))
     device = resolve_device(config["device"])
     apply_deterministic_settings(device, config["train"]["deterministic"])
     torch.manual_seed(config["seed"])
     sample = tasks[0]
     shape = sample.support_inputs.shape
     trainer = Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
-    if resume:
-        trainer.restore()
-    summary = trainer.run(progress=progress, on_iteration=on_iteration)
-    if rank == 0:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(interrupt_on_signals())
+        on_rank0(lambda: stack.enter_context(writer_lock(run_dir, "train")))
+        if resume and not (run_dir / CHECKPOINT).exists():
+            raise CheckpointError(
+                f"--resume: no checkpoint in {str(run_dir)!r} to resume from (the run stopped "
+                "before its first checkpoint, or never ran); run it again without --resume"
+            )
+        changes = trainer.restore(accept_changes) if resume else {}
+        prepared: list[Path | None] = [None]
+
+        def prepare() -> None:
+            prepared[0] = prepare_run_dir(
+                run_dir, config, resume, overwrite, changes, trainer.iteration
+            )
+
+        on_rank0(prepare)
+        aside = prepared[0]
+        if aside is not None:
+
+            def drop_old_results() -> None:
+                remove_aside(aside)
+                trainer.after_save = None
+
+            trainer.after_save = drop_old_results
+        try:
+            summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
+        except BaseException:
+            if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
+                restore_aside(run_dir, aside)
+            raise
+        if rank == 0 and summary:  # nothing ran: a finished run keeps its summary
+            write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return trainer.learner

@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial.algorithms.maml_ad import per_class_prefix
 from l2l_adversarial.attacks import Attack
 from l2l_adversarial.functional import FunctionalModel, stateless
-from l2l_adversarial.task import Task
+from l2l_adversarial.seeding import derive_seed
+from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import check_labels, check_task
 
 Model = Callable[[Tensor], Tensor]
@@ -57,27 +56,16 @@ __all__ = [
     "SUPPORT_STREAM",
     "AdversarialTaskSampler",
     "AdversarialTaskTransform",
+    "AdversarialTaskset",
+    "PerturbedSample",
     "PerturbedTask",
     "TaskSource",
     "adversarial_mask",
+    "alternate_split",
     "derive_seed",
     "perturb",
     "seeded",
 ]
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed hashed from non-negative integer keys (numpy's ``SeedSequence``).
-
-    Example:
-        >>> derive_seed(0, 3) == derive_seed(0, 3) != derive_seed(0, 4)
-        True
-    """
-    for key in keys:
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
-            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
-    return int(state[0])
 
 
 def seeded(attack: Attack, seed: int | None) -> Attack:
@@ -312,6 +300,138 @@ class AdversarialTaskSampler:
     def sample(self) -> Task:
         """The next task of the source, perturbed."""
         return self.sample_perturbed().task
+
+
+def alternate_split(labels: Tensor) -> Tensor:
+    """learn2learn's examples' support/query split: even positions are the support set.
+
+    With ``KShots(dataset, 2 * shots)`` a learn2learn task holds each class's samples side by
+    side, so the even positions are ``shots`` support samples per class (``fast_adapt`` in
+    learn2learn's ``maml_miniimagenet.py``: ``adaptation_indices[np.arange(shots*ways) * 2]``).
+
+    Example:
+        >>> alternate_split(torch.tensor([0, 0, 1, 1])).tolist()
+        [True, False, True, False]
+    """
+    mask = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+    mask[::2] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class PerturbedSample:
+    """A learn2learn task after :class:`AdversarialTaskset`: ``data`` with the scenario applied,
+    the unchanged ``labels``, which rows are support samples and which were perturbed."""
+
+    data: Tensor
+    labels: Tensor
+    support: Tensor
+    perturbed: Tensor
+
+
+class AdversarialTaskset:
+    """A learn2learn ``TaskDataset``/``Taskset`` whose sampled tasks are a meta-test scenario.
+
+    ``sample()`` returns ``[data, labels]`` like the wrapped taskset, with ``transform``'s
+    fractions of the support and the query rows perturbed (clean rows bit-identical), so a
+    learn2learn loop (``fast_adapt(taskset.sample(), ...)``) runs unchanged.
+    ``sample_perturbed()`` also returns which rows are support rows and which were perturbed.
+
+    Args:
+        taskset: anything whose ``.sample()`` returns ``[data, labels]``.
+        transform: an :class:`AdversarialTaskTransform` (attack, attacked model, fractions).
+        support: ``support(labels) -> bool mask`` of the support rows; default
+            :func:`alternate_split`, the split of learn2learn's examples.
+        seed: task ``n`` sampled through the wrapper is transformed with
+            ``seed=derive_seed(seed, n)`` (attacks with a random start); ``None``: unseeded.
+
+    Example:
+        >>> import learn2learn as l2l
+        >>> from l2l_adversarial import FGSM
+        >>> dataset = l2l.data.MetaDataset(torch.utils.data.TensorDataset(
+        ...     torch.rand(40, 4), torch.arange(4).repeat_interleave(10)))
+        >>> taskset = l2l.data.Taskset(dataset, [
+        ...     l2l.data.transforms.NWays(dataset, 2), l2l.data.transforms.KShots(dataset, 4),
+        ...     l2l.data.transforms.LoadData(dataset), l2l.data.transforms.RemapLabels(dataset)])
+        >>> model = torch.nn.Linear(4, 2)
+        >>> adversarial_support = AdversarialTaskset(
+        ...     taskset, AdversarialTaskTransform(FGSM(2 / 255), model, 1.0, 0.0), seed=0)
+        >>> data, labels = adversarial_support.sample()
+        >>> data.shape, adversarial_support.sample_perturbed().perturbed.tolist()
+        (torch.Size([8, 4]), [True, False, True, False, True, False, True, False])
+    """
+
+    def __init__(
+        self,
+        taskset: object,
+        transform: AdversarialTaskTransform,
+        *,
+        support: Callable[[Tensor], Tensor] = alternate_split,
+        seed: int | None = None,
+    ) -> None:
+        if not callable(getattr(taskset, "sample", None)):
+            raise TypeError(
+                "taskset must have a .sample() method returning [data, labels] (a learn2learn "
+                f"TaskDataset), got {type(taskset).__name__}"
+            )
+        if not isinstance(transform, AdversarialTaskTransform):
+            raise TypeError(
+                "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
+                f"query_fraction), got {type(transform).__name__}"
+            )
+        if not callable(support):
+            raise TypeError(
+                f"support must be a callable labels -> bool mask, got {type(support).__name__}"
+            )
+        if seed is not None:
+            derive_seed(seed)  # validates
+        self.taskset = taskset
+        self.transform = transform
+        self.support = support
+        self.seed = seed
+        self.sampled = 0
+
+    def __repr__(self) -> str:
+        return f"AdversarialTaskset({type(self.taskset).__name__}, {self.transform!r})"
+
+    def __len__(self) -> int:
+        return len(self.taskset)  # type: ignore[arg-type]
+
+    def sample_perturbed(self) -> PerturbedSample:
+        """The next task of the taskset, perturbed, with its support and perturbed-row masks."""
+        sampled = self.taskset.sample()  # type: ignore[attr-defined]
+        if not isinstance(sampled, Sequence) or len(sampled) != 2:
+            raise TypeError(
+                f"{type(self.taskset).__name__}.sample() must return [data, labels] as "
+                "learn2learn's TaskDataset does; for 4-part Tasks use AdversarialTaskSampler"
+            )
+        data, labels = sampled
+        support = self.support(labels)
+        if (
+            not isinstance(support, Tensor)
+            or support.dtype != torch.bool
+            or support.shape != labels.shape[:1]
+        ):
+            raise ValueError(
+                f"support(labels) must return a bool mask of shape ({labels.shape[0]},), got "
+                f"{support!r:.80}"
+            )
+        seed = None if self.seed is None else derive_seed(self.seed, self.sampled)
+        self.sampled += 1
+        task = Task(data[support], labels[support], data[~support], labels[~support])
+        perturbed = self.transform(task, seed=seed)
+        mask = torch.zeros_like(support)
+        mask[support], mask[~support] = perturbed.support_mask, perturbed.query_mask
+        if bool(mask.any()):
+            data = data.clone()
+            data[support] = perturbed.task.support_inputs
+            data[~support] = perturbed.task.query_inputs
+        return PerturbedSample(data, labels, support, mask)
+
+    def sample(self) -> list[Tensor]:
+        """The next task, ``[data, labels]``, with the scenario applied."""
+        sampled = self.sample_perturbed()
+        return [sampled.data, sampled.labels]
 
 
 def _check_attack(attack: object) -> None:

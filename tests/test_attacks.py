@@ -189,3 +189,87 @@ def test_bad_inputs_are_rejected_with_clear_messages() -> None:
         PGD(eps=EPS, steps=0)
     with pytest.raises(ValueError, match="data_range"):
         FGSM(eps=EPS, data_range=(1.0, 0.0))
+
+
+# --- any differentiable loss, any target type --------------------------------------------------
+
+
+def test_fgsm_with_mse_matches_closed_form_on_sine_range_regression() -> None:
+    """grad_x mean((w x + b - y)^2) = 2 (w x + b - y) w / n, inputs in Sinusoid's [-5, 5]."""
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1).double()
+    x = torch.linspace(-5, 5, 9, dtype=torch.float64).unsqueeze(1)
+    y = torch.sin(x)
+    attack = FGSM(eps=0.3, data_range=(-5.0, 5.0), loss_fn=nn.functional.mse_loss)
+    with torch.no_grad():
+        residual = x * model.weight + model.bias - y
+        expected = (x + 0.3 * (residual * model.weight).sign()).clamp(-5, 5)
+    assert torch.equal(attack(model, x, y), expected)
+
+
+@pytest.mark.parametrize("attack_class", [FGSM, FFGSM, PGD])
+def test_attacks_raise_a_regression_loss_on_multi_dimensional_float_targets(attack_class) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    x = torch.rand(10, 4, dtype=torch.float64) * 4 - 2
+    targets = torch.randn(10, 2, 3, dtype=torch.float64)
+
+    def loss_fn(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.smooth_l1_loss(outputs.view(-1, 2, 3), target)
+
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if attack_class is not FGSM else {}
+    attack = attack_class(eps=0.1, data_range=(-2.0, 2.0), loss_fn=loss_fn, **kwargs)
+    adversarial = attack(model, x, targets)
+    assert (adversarial - x).abs().max() <= 0.1 + 1e-12
+    assert adversarial.min() >= -2 and adversarial.max() <= 2
+    with torch.no_grad():
+        assert loss_fn(model(adversarial), targets) > loss_fn(model(x), targets)
+
+
+def test_one_step_pgd_without_random_start_is_fgsm_for_mse() -> None:
+    model = linear_model(ways=2)
+    x, _ = data()
+    targets = torch.rand(8, 2, dtype=torch.float64)
+    mse = nn.functional.mse_loss
+    fgsm = FGSM(eps=EPS, loss_fn=mse)(model, x, targets)
+    pgd = PGD(eps=EPS, steps=1, step_size=EPS, random_start=False, loss_fn=mse)(model, x, targets)
+    assert torch.equal(fgsm, pgd)
+
+
+def test_model_with_nan_weights_is_refused() -> None:
+    model = linear_model()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    x, y = data()
+    for attack in (FGSM(EPS), PGD(EPS, steps=2)):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            attack(model, x, y)
+
+
+def test_malformed_arguments_name_the_argument_and_the_accepted_values() -> None:
+    model = linear_model()
+    x, y = data()
+    with pytest.raises(TypeError, match=r"inputs are torch.float32.*parameters are torch.float64"):
+        FGSM(EPS)(model, x.float(), y)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"inputs have 1 channel\(s\).*takes 3"):
+        FGSM(EPS)(conv, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"shape \(4, 6\) and labels shape \(5,\).*one label"):
+        FGSM(EPS)(model, x[:4], y[:5])
+    with pytest.raises(ValueError, match="empty batch"):
+        FGSM(EPS)(model, x[:0], y[:0])
+    with pytest.raises(TypeError, match=r"integer class indices.*cross_entropy.*loss_fn="):
+        FGSM(EPS)(model, x, y.double())
+    with pytest.raises(TypeError, match="floating-point"):
+        FGSM(EPS)(model, (x * 255).to(torch.uint8), y)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        FGSM(EPS, loss_fn="mse")  # type: ignore[arg-type]
+
+
+def test_check_values_false_skips_the_host_reads() -> None:
+    model = linear_model()
+    x, y = data()
+    with pytest.raises(ValueError, match=r"outside data_range.*Sinusoid"):
+        FGSM(EPS)(model, x * 255, y)
+    out = FGSM(EPS, check_values=False)(model, x * 255, y)  # not checked: clamped to the range
+    assert out.max() <= 1

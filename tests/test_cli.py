@@ -55,7 +55,7 @@ def test_train_evaluate_report_on_digits(
     }
     assert all(len(s["accuracy_curve"]) == 3 for s in scenarios)  # steps 0..2
     assert main(["evaluate", str(run), *SMALL]) == 2  # results are not overwritten silently
-    assert "already exists" in capsys.readouterr().err
+    assert "already exist" in capsys.readouterr().err
     assert main(["report", str(run / "evaluation.json"), "--output", str(tmp_path / "report")]) == 0
     written = {p.suffix for p in (tmp_path / "report").iterdir()}
     assert written >= {".md", ".json", ".png"}

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from l2l_adversarial.config import ConfigError, load_config
+from l2l_adversarial.configs import CONFIG_FOLDER
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+BUNDLED = sorted(CONFIG_FOLDER.glob("*.yaml"))
 
 
 def test_defaults_are_the_papers_settings() -> None:
@@ -80,14 +81,14 @@ def test_unreadable_config_files_are_rejected(tmp_path: Path) -> None:
         load_config(None, ["iterations"])
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_configs_are_valid(path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
+def test_bundled_configs_are_valid(path: Path, tmp_path: Path) -> None:
     config = load_config(path, [f"dataset.root={tmp_path}"])
     assert config["train"]["inner_lr"] == 0.01 and config["evaluate"]["adaptation_steps"] == 10
 
 
-def test_there_are_example_configs_for_every_paper_setting() -> None:
-    names = {p.stem for p in EXAMPLES}
+def test_there_are_bundled_configs_for_every_paper_setting() -> None:
+    names = {p.stem for p in BUNDLED}
     for dataset in ("mini-imagenet", "cifar100"):
         for shots in (1, 5):
             for method in ("maml", "maml-ad", "adml"):

@@ -338,7 +338,7 @@ def test_training_run_equals_one_process_and_only_rank0_writes(
     for got, want in zip(logged, expected, strict=True):  # means over all ranks, as in one process
         assert got == pytest.approx(want, rel=1e-5)
     assert {p.name for p in (folder / "runs" / "run").iterdir()} == {
-        "config.yaml", "metrics.csv", "checkpoint.pt", "summary.json"
+        "config.yaml", "metrics.csv", "checkpoint.pt", "summary.json", ".lock"
     }  # fmt: skip
     assert results[1]["writes"] == []  # rank 1 created, wrote, renamed or removed nothing
 

@@ -12,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, Task
+from l2l_adversarial import ADML, FGSM, PGD, Task, engines
 from l2l_adversarial.torchmeta_compat import (
+    AdversarialBatches,
     batch_from_tasks,
     enable_torchmeta,
     meta_loss_of_batch,
     tasks_from_batch,
 )
+from l2l_adversarial.transforms import AdversarialTaskTransform, derive_seed
 
 TASKS, WAYS, SHOTS, QUERIES, SIDE = 3, 3, 2, 4, 6
 
@@ -101,11 +103,6 @@ def malformed(change):
             r'batch\["train"\] inputs must be a torch.Tensor',
         ),
         (
-            malformed(lambda b: b.update(train=(b["train"][0], b["train"][1].float()))),
-            TypeError,
-            "integer class indices",
-        ),
-        (
             malformed(lambda b: b.update(train=(b["train"][0][0], b["train"][1][0]))),
             ValueError,
             r"expected inputs \(tasks, samples, ...\)",
@@ -127,7 +124,6 @@ def malformed(change):
         "missing-key",
         "not-a-pair",
         "numpy-inputs",
-        "float-targets",
         "no-task-dim",
         "task-count",
         "sample-shape",
@@ -137,6 +133,16 @@ def malformed(change):
 def test_tasks_from_batch_rejects_malformed_batches(batch, error, match):
     with pytest.raises(error, match=match):
         tasks_from_batch(batch)
+
+
+def test_tasks_from_batch_keeps_regression_targets_of_any_shape():
+    batch = {
+        "train": (torch.rand(2, 5, 1), torch.rand(2, 5, 1)),
+        "test": (torch.rand(2, 7, 1), torch.rand(2, 7, 2, 3)),
+    }
+    tasks = tasks_from_batch(batch)
+    assert [tuple(t.query_labels.shape) for t in tasks] == [(7, 2, 3), (7, 2, 3)]
+    assert all(t.support_labels.dtype == torch.float32 for t in tasks)
 
 
 def test_batch_from_tasks_rejects_bad_tasks():
@@ -294,7 +300,7 @@ def test_batch_meta_dataloader_feeds_adml(torchmeta):
                     source = round(image.mean().item() * CLASSES - 0.03)
                     assert classes.setdefault(label, source) == source
             assert len(set(classes.values())) == WAYS
-        objective = adml.meta_step(tasks, optimizer)
+        objective = engines.meta_step(adml, tasks, optimizer)
         assert torch.isfinite(objective.total)
         if step == 1:
             break
@@ -328,3 +334,71 @@ def test_meta_module_meta_gradient_equals_plain_module(torchmeta):
     torch.testing.assert_close(
         adml.functional(fast, task.query_inputs), meta(task.query_inputs, params=OrderedDict(fast))
     )
+
+
+def test_sinusoid_regression_batches_go_through_tasks_from_batch_and_fgsm(torchmeta):
+    from torchmeta.toy import Sinusoid
+    from torchmeta.transforms import ClassSplitter
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    dataset = Sinusoid(
+        num_samples_per_task=10,
+        num_tasks=4,
+        dataset_transform=ClassSplitter(shuffle=False, num_train_per_class=4, num_test_per_class=6),
+    )
+    batch = next(iter(BatchMetaDataLoader(dataset, batch_size=2)))
+    tasks = tasks_from_batch(batch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 1)).double()
+    attack = FGSM(eps=0.1, data_range=(-5.0, 5.0), loss_fn=nn.functional.mse_loss)
+    assert len(tasks) == 2
+    for task in tasks:
+        assert task.support_inputs.shape == (4, 1) and task.query_labels.shape == (6, 1)
+        assert task.query_labels.dtype == torch.float64  # Sinusoid's numpy targets
+        adversarial = attack(model, task.query_inputs, task.query_labels)
+        assert 0 < (adversarial - task.query_inputs).abs().max() <= 0.1 + 1e-12
+        with torch.no_grad():
+            mse = nn.functional.mse_loss
+            assert mse(model(adversarial), task.query_labels) > mse(
+                model(task.query_inputs), task.query_labels
+            )
+
+
+SIX_SCENARIOS = [(s, q) for s in (0.0, 0.4, 1.0) for q in (0.0, 1.0)]
+EPS = 8 / 255
+
+
+@pytest.mark.parametrize(("support_fraction", "query_fraction"), SIX_SCENARIOS)
+def test_torchmeta_loader_wrapped_keeps_its_batches_and_perturbs_the_scenario(
+    torchmeta, support_fraction, query_fraction
+):
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    attack = PGD(EPS, steps=2)
+    transform = AdversarialTaskTransform(attack, model, support_fraction, query_fraction)
+    runs = []
+    for wrap in (False, True, True):
+        random.seed(0)  # torchmeta's task sampler and label permutation: the same batch
+        torch.manual_seed(0)
+        loader = BatchMetaDataLoader(in_memory_meta_dataset(torchmeta), batch_size=2)
+        if wrap:
+            runs.append(next(AdversarialBatches(loader, transform, seed=3).perturbed_batches()))
+        else:
+            runs.append(next(iter(loader)))
+    clean, (batch, masks), (again, _) = runs
+    assert set(batch) == set(clean) and torch.equal(batch["train"][0], again["train"][0])
+    assert torch.equal(batch["test"][0], again["test"][0])  # seeded random start
+    for key, fraction in (("train", support_fraction), ("test", query_fraction)):
+        inputs, targets = batch[key]
+        assert inputs.shape == clean[key][0].shape and torch.equal(targets, clean[key][1])
+        assert masks[key].shape == targets.shape
+        assert int(masks[key].sum()) == 2 * 3 * round(fraction * (targets.shape[1] // 3))
+        assert torch.equal(inputs[~masks[key]], clean[key][0][~masks[key]])
+        assert (inputs - clean[key][0]).abs().max() <= EPS + 1e-6
+    # task by task, the same as the transform applied to tasks_from_batch(clean batch)
+    for index, task in enumerate(tasks_from_batch(clean)):
+        reference = transform(task, seed=derive_seed(3, 0, index))
+        assert torch.equal(batch["train"][0][index], reference.task.support_inputs)
+        assert torch.equal(batch["test"][0][index], reference.task.query_inputs)

@@ -218,3 +218,117 @@ def test_bad_arguments_raise_clear_errors():
         perturb(FGSM(EPS), model, torch.rand(3, 16), torch.arange(2))
     with pytest.raises(ValueError, match="fraction"):
         adversarial_mask(torch.arange(3), 2.0)
+
+
+# --- wrapping learn2learn tasksets and torchmeta loaders ------------------------------------
+
+SIX_SCENARIOS = [(s, q) for s in (0.0, 0.4, 1.0) for q in (0.0, 1.0)]
+SIDE = 4
+
+
+def learn2learn_taskset(ways: int = WAYS, shots: int = SHOTS):
+    """A real learn2learn Taskset as its examples build one: 2 * shots samples per class."""
+    import learn2learn as l2l
+    from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
+
+    generator = torch.Generator().manual_seed(0)
+    classes, per_class = 5, 12
+    images = torch.rand(classes * per_class, 1, SIDE, SIDE, generator=generator)
+    dataset = l2l.data.MetaDataset(
+        torch.utils.data.TensorDataset(images, torch.arange(classes).repeat_interleave(per_class))
+    )
+    transforms = [
+        NWays(dataset, ways),
+        KShots(dataset, 2 * shots),
+        LoadData(dataset),
+        RemapLabels(dataset),
+    ]
+    return l2l.data.Taskset(dataset, transforms)
+
+
+def fast_adapt_accuracy(learner, batch, shots: int, ways: int) -> float:
+    """learn2learn's fast_adapt: split even/odd rows, adapt a clone, score the query."""
+    data, labels = batch
+    support = torch.zeros(data.size(0), dtype=torch.bool)
+    support[torch.arange(shots * ways) * 2] = True
+    clone = learner.clone()
+    for _ in range(2):
+        clone.adapt(torch.nn.functional.cross_entropy(clone(data[support]), labels[support]))
+    return (clone(data[~support]).argmax(1) == labels[~support]).float().mean().item()
+
+
+@pytest.mark.parametrize(("support_fraction", "query_fraction"), SIX_SCENARIOS)
+def test_learn2learn_taskset_wrapped_keeps_sample_and_perturbs_the_scenario(
+    support_fraction, query_fraction
+):
+    import random
+
+    from l2l_adversarial.transforms import AdversarialTaskset, alternate_split
+
+    model = make_model()
+    attack = FGSM(EPS)
+    transform = AdversarialTaskTransform(attack, model, support_fraction, query_fraction)
+    taskset = learn2learn_taskset()
+    wrapped = AdversarialTaskset(taskset, transform, seed=0)
+    for _ in range(2):
+        state = random.getstate()
+        clean_data, labels = taskset.sample()
+        random.setstate(state)  # the same task again, through the wrapper
+        sampled = wrapped.sample_perturbed()
+        assert torch.equal(sampled.labels, labels)
+        support = alternate_split(labels)
+        assert torch.equal(sampled.support, support)
+        # independent reference: perturb() on each set split by hand
+        for rows, fraction in ((support, support_fraction), (~support, query_fraction)):
+            expected, mask = perturb(attack, model, clean_data[rows], labels[rows], fraction)
+            assert torch.equal(sampled.data[rows], expected)
+            assert torch.equal(sampled.perturbed[rows], mask)
+            per_class = torch.bincount(labels[rows][mask], minlength=WAYS).tolist()
+            assert per_class == [round(fraction * SHOTS)] * WAYS
+        assert torch.equal(sampled.data[~sampled.perturbed], clean_data[~sampled.perturbed])
+        assert (sampled.data - clean_data).abs().max() <= EPS + 1e-6
+    random.setstate(state)
+    data, labels = wrapped.sample()  # learn2learn's [data, labels] contract
+    assert data.shape == clean_data.shape and data.dtype == clean_data.dtype
+
+
+def test_learn2learn_evaluation_loop_gains_the_six_scenarios_by_wrapping():
+    import random
+
+    from l2l_adversarial import MAML
+    from l2l_adversarial.transforms import AdversarialTaskset
+
+    learner = MAML(make_model(), lr=0.5)
+    attack = FGSM(0.3)
+    accuracies = {}
+    for support_fraction, query_fraction in [(None, None), *SIX_SCENARIOS]:
+        random.seed(0)  # learn2learn's task sampler: the same tasks for every scenario
+        taskset = learn2learn_taskset()
+        if support_fraction is not None:
+            transform = AdversarialTaskTransform(attack, learner, support_fraction, query_fraction)
+            taskset = AdversarialTaskset(taskset, transform, seed=0)
+        accuracies[support_fraction, query_fraction] = sum(
+            fast_adapt_accuracy(learner, taskset.sample(), SHOTS, WAYS) for _ in range(3)
+        )
+    assert accuracies[0.0, 0.0] == accuracies[None, None]  # Clean-Clean is the unwrapped loop
+    for support_fraction in (0.0, 0.4, 1.0):  # the attacked query costs accuracy, as it should
+        assert accuracies[support_fraction, 1.0] < accuracies[support_fraction, 0.0]
+
+
+def test_wrappers_refuse_what_they_cannot_wrap():
+    from l2l_adversarial.torchmeta_compat import AdversarialBatches
+    from l2l_adversarial.transforms import AdversarialTaskset
+
+    transform = AdversarialTaskTransform(FGSM(EPS), make_model(), 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"\.sample\(\) method returning \[data, labels\]"):
+        AdversarialTaskset([1, 2], transform)
+    with pytest.raises(TypeError, match="transform must be an AdversarialTaskTransform"):
+        AdversarialTaskset(learn2learn_taskset(), FGSM(EPS))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="transform must be an AdversarialTaskTransform"):
+        AdversarialBatches([], FGSM(EPS))  # type: ignore[arg-type]
+    wrapped = AdversarialTaskset(learn2learn_taskset(), transform, support=lambda y: y == 0)
+    with pytest.raises(ValueError, match="query_labels"):
+        wrapped.sample()  # only class 0 in the support set: query labels out of range
+    bad = AdversarialTaskset(learn2learn_taskset(), transform, support=lambda y: y)
+    with pytest.raises(ValueError, match="must return a bool mask"):
+        bad.sample()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pickle
 
+from l2l_adversarial.errors import UserError
+
 __all__ = ["DatasetDownloadError", "DatasetFileError", "UnsafePickleError"]
 
 
-class DatasetFileError(ValueError):
+class DatasetFileError(UserError, ValueError):
     """A dataset file exists but is not what it should be (corrupt, truncated, wrong content)."""
 
 
@@ -15,5 +17,5 @@ class UnsafePickleError(DatasetFileError, pickle.UnpicklingError):
     """A pickle asked for a Python object that the expected dataset format never contains."""
 
 
-class DatasetDownloadError(RuntimeError):
+class DatasetDownloadError(UserError, RuntimeError):
     """Every download attempt failed; no partial file was left behind."""
