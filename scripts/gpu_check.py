@@ -24,7 +24,7 @@ tiny images and model):
    (``l2l_adversarial.reproducibility``) end with identical parameters;
 3. an estimate of each table's wall time (Tables 1-4: MAML, MAML-AD, ADML and Matching Nets
    trained for their configured iterations, then 600 test tasks at both eps), from short
-   ``l2l-adversarial train`` and ``evaluate`` runs of the shipped configs on generated data
+   ``l2l-adversarial train`` and ``evaluate`` runs of the bundled configs on generated data
    (CIFAR-100's 32 x 32 images are stood in for by a generated cache of that size).
 
 Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table ready for the README).
@@ -53,21 +53,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks package and this checkout's l2l_adversarial
 
-from benchmarks.op_counter import OpCounter  # noqa: E402
-
 from benchmarks.conftest import SIZES, Size, Workload  # noqa: E402
+from benchmarks.op_counter import OpCounter  # noqa: E402
 from benchmarks.test_data_pipeline import write_generated_cache  # noqa: E402
 from benchmarks.test_meta_iteration import maml_reference  # noqa: E402
 from l2l_adversarial import engines  # noqa: E402
 from l2l_adversarial.checkpoint import load_checkpoint  # noqa: E402
 from l2l_adversarial.cli import main as cli  # noqa: E402
 from l2l_adversarial.config import load_config  # noqa: E402
+from l2l_adversarial.configs import config_path  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
 from l2l_adversarial.training import build_learner  # noqa: E402
 
-CONFIGS = ROOT / "examples" / "configs"
 TABLES = {  # table: (config dataset, shots, image side)
     "Table 1": ("mini-imagenet", 1, 84),
     "Table 2": ("mini-imagenet", 5, 84),
@@ -144,7 +143,7 @@ def timed(
 def row_config(method: str, shots: int, overrides: list[str], plan: Plan, root: Path) -> dict:
     dataset = "mini-imagenet"
     return load_config(
-        CONFIGS / f"{dataset}-5w{shots}s-{method}.yaml",
+        config_path(f"{dataset}-5w{shots}s-{method}"),
         [f"dataset.root={root}", "dataset.strict=false", "dataset.device_resident=true",
          f"device={plan.device}", *overrides, *(QUICK if plan.quick else [])],
     )  # fmt: skip
@@ -269,7 +268,7 @@ def cli_flags(config: Path, plan: Plan, root: Path, extra: list[str]) -> list[st
 def check_determinism(plan: Plan, root: Path, work: Path) -> dict[str, bool]:
     """Two same-seed ``train`` runs per engine end with identical parameters."""
     identical = {}
-    config = CONFIGS / "mini-imagenet-5w1s-adml.yaml"
+    config = config_path("mini-imagenet-5w1s-adml")
     for engine in ("sequential", "vmap"):
         states = []
         for run in ("a", "b"):
@@ -291,7 +290,7 @@ def estimate_tables(plan: Plan, roots: dict[int, Path], work: Path) -> list[dict
         dataset, shots, side = TABLES[table]
         total, parts = 0.0, {}
         for method in PAPER_METHODS:
-            path = CONFIGS / f"{dataset}-5w{shots}s-{method}.yaml"
+            path = config_path(f"{dataset}-5w{shots}s-{method}")
             configured = load_config(path, [f"dataset.root={roots[side]}"])
             run_dir = work / f"{table.replace(' ', '')}-{method}"
             flags = cli_flags(path, plan, roots[side], [f"train.iterations={steps}",
@@ -378,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         roots = {}
         for side in (84, 32):
             roots[side] = work / f"data-{side}"
-            for mode, classes in (("train", 64), ("test", 20)):
+            for mode, classes in (("train", 64), ("validation", 16), ("test", 20)):
                 write_generated_cache(roots[side], mode, plan.image(side), classes, 40)
         result: dict[str, Any] = {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
