@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -30,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
 from l2l_adversarial.files import atomic_open
+from l2l_adversarial.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -123,7 +125,7 @@ def _check_results(
 ) -> list[EvaluationResult]:
     results = list(results)
     key = _dataset_key(dataset)
-    seen = set()
+    seen: set[tuple[str, int | None]] = set()
     for result in results:
         if not isinstance(result, EvaluationResult):
             raise TypeError(f"results must hold EvaluationResult, got {type(result).__name__}")
@@ -135,9 +137,14 @@ def _check_results(
             raise ValueError(
                 f"result of {result.method!r} is on {result.dataset!r}, the table on {dataset!r}"
             )
-        if result.method in seen:
-            raise ValueError(f"two results for method {result.method!r}: give each a unique name")
-        seen.add(result.method)
+        run = (result.method, result.training_seed)
+        if run in seen:
+            raise ValueError(
+                f"two results for method {result.method!r} with training seed "
+                f"{result.training_seed}: give each a unique name, or train with --seeds"
+            )
+        seen.add(run)
+    runs_by_method(results)  # several seeds of a method: evaluated on the same tasks
     return results
 
 
@@ -152,7 +159,10 @@ def _epsilons(results: Sequence[EvaluationResult]) -> list[float]:
 
 def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) -> dict[str, Any]:
     """The table as a JSON-ready dictionary: one entry per (method, support, epsilon, query)
-    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``).
+    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``). A method with runs
+    of several training seeds gets their mean accuracy and mean test-task interval, and
+    ``seed_std`` (across seeds), ``per_seed`` and ``seeds``; ``comparisons`` then holds the
+    paired method differences of :func:`~l2l_adversarial.seeds.compare_all`.
 
     Example:
         >>> table = table_json([], "CIFAR100", shots=5)
@@ -165,8 +175,12 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
     paper = {
         (e["method"], e["support"], float(e["epsilon"]), e["query"]): e for e in reference_entries
     }
-    ours = {result.method: result for result in results}
-    methods = list(PAPER_METHODS) + [m for m in ours if m not in PAPER_METHODS]
+    ours = {(s.method, s.support, s.epsilon, s.query): s for s in summarise(results)}
+    several_seeds = len({(r.method, r.training_seed) for r in results}) > len(
+        {r.method for r in results}
+    )
+    named = dict.fromkeys(r.method for r in results)
+    methods = list(PAPER_METHODS) + [m for m in named if m not in PAPER_METHODS]
     ways_found = {result.ways for result in results} or {e["ways"] for e in paper.values()}
     ways = ways_found.pop() if len(ways_found) == 1 else None
     display = reference_entries[0]["dataset"] if reference_entries else dataset
@@ -176,7 +190,14 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
         for support in _supports(shots):
             for epsilon in epsilons:
                 for query in ("clean", "adversarial"):
-                    found = ours[method].find(support, query, epsilon) if method in ours else None
+                    found = next(
+                        (
+                            v
+                            for (m, s, e, q), v in ours.items()
+                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
+                        ),
+                        None,
+                    )
                     reference = next(
                         (
                             v
@@ -191,9 +212,7 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                             "support": support,
                             "epsilon": epsilon,
                             "query": query,
-                            "ours": None
-                            if found is None
-                            else {"accuracy": found.accuracy, "ci95": found.ci95},
+                            "ours": _ours(found),
                             "paper": None
                             if reference is None
                             else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
@@ -216,15 +235,54 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                 "attacks": r.attacks,
                 "learner": r.learner,
                 "seed": r.seed,
+                "training_seed": r.training_seed,
             }
             for r in results
         ],
         "entries": entries,
+        "comparisons": [dataclasses.asdict(c) for c in compare_all(results)]
+        if several_seeds
+        else [],
     }
 
 
-def _cell(value: dict[str, float] | None) -> str:
-    return MISSING if value is None else f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+def _ours(summary: SeedSummary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    value: dict[str, Any] = {"accuracy": summary.mean, "ci95": summary.task_ci95}
+    if len(summary.per_seed) > 1:
+        value.update(seed_std=summary.std, per_seed=summary.per_seed, seeds=summary.seeds)
+    return value
+
+
+def _cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return MISSING
+    if "seed_std" in value:  # mean ± spread across seeds [test-task interval]
+        return f"{value['accuracy']:.2f} ± {value['seed_std']:.2f} [{value['ci95']:.2f}]"
+    return f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+
+
+def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the paired method differences in :func:`table_json`."""
+    if not comparisons:
+        return []
+    first = comparisons[0]
+    lines = [
+        "",
+        f"Paired differences over {first['seeds']} training seed(s) x {first['tasks']} shared "
+        "test tasks (accuracy points, 95% bootstrap interval over seeds and tasks; "
+        "* = the interval excludes 0):",
+        "",
+    ]
+    for c in comparisons:
+        scenario = f"{c['support'].capitalize()}-{c['query'].capitalize()}"
+        mark = " *" if c["low"] > 0 or c["high"] < 0 else ""
+        lines.append(
+            f"- {c['first']} − {c['second']}, {scenario}, ε = {c['epsilon']:g}: "
+            f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
+        )
+    return lines
 
 
 def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) -> str:
@@ -243,7 +301,13 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         f"### {table['title']}",
         "",
         "Accuracy (%) ± 95% confidence interval: ours \\| paper. Rows: support set at "
-        "meta-test; columns: attack radius (8-bit pixel levels) and query set.",
+        "meta-test; columns: attack radius (8-bit pixel levels) and query set."
+        + (
+            " Ours over several training seeds: mean ± standard deviation across seeds "
+            "[mean 95% interval of the test tasks]."
+            if table["comparisons"]
+            else ""
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -261,8 +325,11 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         for m in table["methods"]:
             lines.append(
                 f"- {m['method']}: tasks {m['num_tasks']}, protocol {m['protocol']!r}, "
-                f"{m['learner']}, seed {m['seed']}, attacks: {'; '.join(m['attacks'])}"
+                f"{m['learner']}, evaluation seed {m['seed']}"
+                + ("" if m["training_seed"] is None else f", training seed {m['training_seed']}")
+                + f", attacks: {'; '.join(m['attacks'])}"
             )
+    lines += format_comparisons(table["comparisons"])
     return "\n".join(lines) + "\n"
 
 

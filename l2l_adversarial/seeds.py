@@ -33,8 +33,11 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +51,13 @@ __all__ = [
     "compare",
     "compare_all",
     "runs_by_method",
+    "seed_run_dirs",
+    "seed_runs",
     "summarise",
 ]
 
+SEED_FOLDER = "seed-{}"
+"""A training seed's run folder inside the run folder of ``train --seeds``."""
 CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 4000
 
@@ -234,3 +241,38 @@ def _check_same_tasks(what: str, runs: Sequence[EvaluationResult]) -> None:
             f"ways, shots: {sorted(keys)}); evaluate all of them with the same "
             "evaluate.tasks and evaluate.seed"
         )
+
+
+def seed_runs(
+    config: dict[str, Any], run_dir: Path, seeds: Sequence[int] | None = None
+) -> list[tuple[dict[str, Any], Path]]:
+    """One ``(config, run folder)`` per training seed: ``seeds`` (``train --seeds``), else the
+    config's ``seeds``, each in ``run_dir/seed-<seed>``; without either, the run itself.
+
+    Example:
+        >>> [(c["seed"], str(d)) for c, d in seed_runs({"seed": 0, "seeds": [3, 4]}, Path("r"))]
+        [(3, 'r/seed-3'), (4, 'r/seed-4')]
+    """
+    chosen = list(seeds or config.get("seeds") or [])
+    if not chosen:
+        return [(config, run_dir)]
+    if len(set(chosen)) != len(chosen) or any(seed < 0 for seed in chosen):
+        raise SeedsError(
+            f"training seeds {chosen}, in --seeds or the config's seeds: give distinct "
+            "integers >= 0, e.g. --seeds 0 1 2"
+        )
+    return [
+        ({**config, "seed": seed, "seeds": None}, run_dir / SEED_FOLDER.format(seed))
+        for seed in chosen
+    ]
+
+
+def seed_run_dirs(run_dir: Path) -> list[Path]:
+    """The ``seed-<seed>`` run folders (holding a config.yaml) in ``run_dir``, by seed."""
+    pattern = re.compile(re.escape(SEED_FOLDER).replace(r"\{\}", r"(\d+)") + "$")
+    found = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = pattern.match(child.name)
+        if match and (child / "config.yaml").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
