@@ -149,6 +149,11 @@ SCHEMA: dict[str, Any] = {
             "max_loss": _number(min=1e-12, nullable=True, default=1000.0),
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # meta-validation: clean and adversarial accuracy on seeded validation tasks every
+            # validate_every iterations (validation.csv, best.pt); null: never
+            "validate_every": _integer(min=1, nullable=True, default=500),
+            "validation_tasks": _integer(min=1, default=50),
+            "tensorboard": {"type": "boolean", "default": False},
             # meta-batches built ahead of the loop (l2l_adversarial.data.prefetch): worker
             # processes and meta-batches ahead; null: the default for the task source
             "workers": _integer(min=0, nullable=True, default=None),
@@ -156,6 +161,13 @@ SCHEMA: dict[str, Any] = {
             # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
             # workspace, for an exact resume (l2l_adversarial.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
+            # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
+            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
         }
     ),
     "evaluate": _section(
@@ -170,8 +182,15 @@ SCHEMA: dict[str, Any] = {
                 "default": [2.0, 0.2],
             },
             "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
-            "attack": {"type": "string", "allowed": ["fgsm", "pgd"], "default": "fgsm"},
+            # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
+            "attack": {
+                "type": "string",
+                "allowed": ["fgsm", "pgd", "autoattack"],
+                "default": "fgsm",
+            },
             "pgd_steps": _integer(min=1, default=10),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
         }
     ),
@@ -232,6 +251,11 @@ def validate_config(
         raise ConfigError(
             "train.meta_update: 'sequential' applies to method adml only; "
             "set train.meta_update=joint or method=adml"
+        )
+    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
+        raise ConfigError(
+            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
+            "use auto or sequential"
         )
     return config
 
@@ -382,6 +406,7 @@ NEUTRAL_KEYS = (
     "train.log_every",
     "train.checkpoint_every",
     "train.max_loss",
+    "train.tensorboard",
     "evaluate",
 )
 """Keys (or sections) a run may change when resumed: they do not alter what was trained."""

@@ -20,12 +20,12 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
@@ -47,9 +47,10 @@ from l2l_adversarial.distributed import (
     on_rank0,
     world,
 )
+from l2l_adversarial.engines import meta_step, resolve_engine
 from l2l_adversarial.errors import DeviceError, TrainingDivergedError
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.models import CNN4
-from l2l_adversarial.report import write_atomic
 from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
@@ -59,9 +60,9 @@ from l2l_adversarial.run_folder import (
     restore_aside,
     writer_lock,
 )
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.signals import Interrupted, interrupt_on_signals
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
@@ -73,10 +74,23 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds")
-"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last row."""
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds", "engine")
+"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last
+row; ``engine``: the engine that ran (:mod:`l2l_adversarial.engines`)."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
+
+
+class TrainingMonitor(Protocol):
+    """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
+    after every iteration, ``close`` at the end (see
+    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+
+    def start(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TaskSource(Protocol):
@@ -205,6 +219,8 @@ class Trainer:
         if self.sequential:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
+        self.engine = resolve_engine(learner, train["engine"])
+        """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
         self.iteration = 0
         workers, prefetch = default_loading(tasks, device)
         #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
@@ -291,7 +307,7 @@ class Trainer:
     def _metrics_path(self) -> Path:
         return self.run_dir / "metrics.csv"
 
-    def _log(self, row: dict[str, float]) -> None:
+    def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
         new = not path.exists()
         with path.open("a", newline="") as file:
@@ -343,33 +359,21 @@ class Trainer:
             return self.optimizers
         return [_AllReduceOptimizer(o) for o in self.optimizers]
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
-        meta-batch (all ranks)."""
-        batch = self._meta_batch(self.iteration)
-        optimizers = self._optimizers()
-        if self.sequential:
-            assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
-            loss, accuracy = objective.total.item(), objective.accuracy.item()
-        else:
-            optimizer = optimizers[0]
-            optimizer.zero_grad()
-            losses, accuracies = [], []
-            for task in self._seeded(batch):
-                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-                (task_loss / len(batch)).backward()
-                losses.append(task_loss.detach())
-                accuracies.append(task_accuracy.detach())
-            optimizer.step()
-            loss = torch.stack(losses).mean().item()
-            accuracy = torch.stack(accuracies).float().mean().item()
-        loss, accuracy = mean_over_ranks([loss, accuracy])
-        return loss, accuracy
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
+        objective = meta_step(
+            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
+            engine=self.engine,
+        )  # fmt: skip
+        return objective.total, objective.accuracy
 
     def run(
-        self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
-    ) -> dict[str, float]:
+        self,
+        progress: bool = True,
+        on_iteration: Callable[[int], None] | None = None,
+        monitor: TrainingMonitor | None = None,
+    ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
         bar = tqdm(
@@ -379,25 +383,37 @@ class Trainer:
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float] = {}
+        last: dict[str, float | str] = {}
         started = time.perf_counter()
+        if monitor is not None:
+            monitor.start(self)
         try:
             while self.iteration < total:
                 if on_iteration is not None:
                     on_iteration(self.iteration)
-                loss, accuracy = self.step()
-                self._guard_divergence(loss)
+                loss_tensor, accuracy_tensor = self.step()
+                logged = (self.iteration + 1) % train["log_every"] == 0
+                saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+                if logged or saved or self.iteration + 1 == total:
+                    # losses are read (a host-device sync) only when logged or checkpointed
+                    loss, accuracy = mean_over_ranks(
+                        torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
+                    )
+                    self._guard_divergence(loss)
+                    last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
+                            "seconds": round(time.perf_counter() - started, 3),
+                            "data_seconds": round(self.data_seconds, 4),
+                            "engine": self.engine}  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
                 self.iteration += 1
                 bar.update(1)
-                last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3),
-                        "data_seconds": round(self.data_seconds, 4)}  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.iteration % train["log_every"] == 0 or self.iteration == total:
+                if logged or self.iteration == total:
                     if self.rank == 0:
                         self._log(last)
                     self.data_seconds = 0.0
-                if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                if monitor is not None:
+                    monitor.step(self, last)
+                if saved or self.iteration == total:
                     self.save()
         except KeyboardInterrupt as interrupt:
             self.save()
@@ -411,6 +427,8 @@ class Trainer:
             ) from None
         finally:
             self.close_batches()
+            if monitor is not None:
+                monitor.close()
         bar.close()
         return last
 
@@ -510,6 +528,7 @@ def train(
     accept_changes: Collection[str] = (),
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> nn.Module:
     """Meta-train the configured method on ``tasks``; return the trained learner.
 
@@ -518,7 +537,8 @@ def train(
     the checkpoint to resume and its settings) is checked before any file is touched;
     replaced results are moved aside and deleted once the new run's first checkpoint is
     written, or put back if it fails before. SIGTERM and SIGUSR1 stop it like Ctrl-C:
-    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised.
+    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised. ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()
@@ -554,7 +574,7 @@ def train(
 
             trainer.after_save = drop_old_results
         try:
-            summary = trainer.run(progress=progress, on_iteration=on_iteration)
+            summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
         except BaseException:
             if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
                 restore_aside(run_dir, aside)
