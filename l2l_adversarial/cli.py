@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import sys
 import time
@@ -29,11 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from l2l_adversarial.algorithms import MatchingNetwork
-from l2l_adversarial.attacks import FGSM, PGD
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
-from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
+from l2l_adversarial.config import ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
-from l2l_adversarial.data import make_tasks
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
@@ -50,6 +47,14 @@ from l2l_adversarial.evaluation import (
     MatchingLearner,
     evaluate,
 )
+from l2l_adversarial.factory import (
+    DATASET_TITLES,
+    METHOD_NAMES,
+    build_learner,
+    evaluation_attack,
+    resolve_device,
+    task_source,
+)
 from l2l_adversarial.report import (
     ResultsFileError,
     format_table,
@@ -61,51 +66,18 @@ from l2l_adversarial.report import (
 )
 from l2l_adversarial.run_folder import RunFolderError, reader_lock
 from l2l_adversarial.signals import interrupt_on_signals
-from l2l_adversarial.training import CHECKPOINT, build_learner, resolve_device, train
+from l2l_adversarial.training import CHECKPOINT, train
 
 __all__ = ["main"]
 
-DATASET_TITLES = {
-    "mini-imagenet": "MiniImageNet",
-    "cifar100": "CIFAR100",
-    "cifar-fs": "CIFAR-FS",
-    "digits": "Digits",
-}
 DISTRIBUTED_COMMANDS = ("train", "evaluate")
 """Commands that split their work over the processes of a torchrun launch."""
-METHOD_NAMES = {
-    "maml": "MAML",
-    "maml-ad": "MAML-AD",
-    "adml": "ADML",
-    "aq": "AQ",
-    "matching-nets": "Matching Nets",
-}
 
 
 def default_run_dir(config: dict[str, Any]) -> Path:
     task = config["task"]
     name = f"{config['dataset']['name']}-{task['ways']}w{task['shots']}s-{config['method']}"
     return Path(config["run_dir"] or Path("runs") / name)
-
-
-def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
-    dataset, task = config["dataset"], config["task"]
-    options: dict[str, Any] = {"strict": dataset["strict"]}
-    if dataset["name"] in BUNDLED_DATASETS:
-        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
-    return make_tasks(
-        dataset["name"],
-        dataset["root"],
-        mode,
-        task["ways"],
-        task["shots"],
-        task["query_shots"],
-        seed=seed,
-        num_tasks=num_tasks,
-        download=dataset["download"],
-        device=resolve_device(config["device"]) if dataset["device_resident"] else None,
-        **options,
-    )
 
 
 def load_trained_learner(
@@ -175,11 +147,7 @@ def evaluate_run(
     with contextlib.ExitStack() as stack:  # rank 0 locks; its refusal stops every rank
         on_rank0(lambda: stack.enter_context(reader_lock(run_dir)))
         learner, checkpoint = load_trained_learner(run_dir, config, tasks)
-    make_attack = (
-        FGSM
-        if settings["attack"] == "fgsm"
-        else functools.partial(PGD, steps=settings["pgd_steps"])
-    )
+    make_attack = evaluation_attack(settings)
     with tqdm(
         total=len(rank_indices(len(tasks))),
         desc=f"evaluate {config['method']}",
