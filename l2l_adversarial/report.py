@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -370,7 +371,8 @@ def plot_curves(
     title: str | None = None,
 ) -> Path:
     """Figures 2-5: mean query loss or top-1 accuracy over the adaptation step, one line per
-    method, one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
+    method (with several training seeds: their mean, and a band of ± one sd across seeds),
+    one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
     Adversarial-Adversarial) at ``epsilon``. Writes a PNG to ``path``.
 
     Example:
@@ -383,13 +385,21 @@ def plot_curves(
     axes = figure.subplots(2, 2, sharex=True).ravel()
     plotted = 0
     for axis, scenario in zip(axes, FIGURE_SCENARIOS, strict=True):
-        for result in results:
-            entry = result.find(scenario.support, scenario.query, epsilon)
-            if entry is None:
+        for method, runs in runs_by_method(results).items():
+            entries = [run.find(scenario.support, scenario.query, epsilon) for run in runs]
+            if any(entry is None for entry in entries):
                 continue
-            curve = entry.accuracy_curve if metric == "accuracy" else entry.loss_curve
-            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method,
-                      color=method_color(result.method))  # fmt: skip
+            curves = np.array(
+                [e.accuracy_curve if metric == "accuracy" else e.loss_curve for e in entries if e]
+            )
+            mean, steps = curves.mean(axis=0), range(curves.shape[1])
+            label = method if len(runs) == 1 else f"{method} (mean ± sd, {len(runs)} seeds)"
+            axis.plot(steps, mean, marker="o", markersize=3, label=label,
+                      color=method_color(method))  # fmt: skip
+            if len(runs) > 1:  # spread across training seeds
+                spread = curves.std(axis=0, ddof=1)
+                axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2,
+                                  color=method_color(method), linewidth=0)  # fmt: skip
             plotted += 1
         axis.set_title(scenario.name)
         axis.set_xlabel("Gradient update step")
@@ -449,8 +459,8 @@ def plot_robustness(
     title: str | None = None,
     mark: float | None = None,
 ) -> Path:
-    """Accuracy against the attack radius, one line per method (95% CI bars), one panel per
-    scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
+    """Accuracy against the attack radius, one line per method (95% CI bars; with several
+    training seeds, their mean and sd bars), one panel per scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
     every scenario is Clean-Clean there). ``mark`` draws a vertical line at one radius (the
     table's). Writes a PNG to ``path``.
 
@@ -464,29 +474,38 @@ def plot_robustness(
     figure = Figure(figsize=(4.2 * len(supports), 7.5), layout="constrained")
     axes = figure.subplots(2, len(supports), sharex=True, sharey=True, squeeze=False)
     radii: set[float] = {0.0}
+    by_method: dict[str, list[SeedSummary]] = {}
+    for summary in summarise(results):
+        by_method.setdefault(summary.method, []).append(summary)
+
+    def points_bar(summary: SeedSummary) -> float:
+        return summary.task_ci95 if len(summary.per_seed) == 1 else summary.std
+
     for row, query in enumerate(("clean", "adversarial")):
         for column, support in enumerate(supports):
             axis = axes[row][column]
-            for result in results:
+            for method, summaries in by_method.items():
+                # one run: 95% CI of the test tasks; several: sd across training seeds
                 points = {
-                    e.epsilon: (e.accuracy, e.ci95)
-                    for e in result.scenarios
-                    if (e.support, e.query) == (support, query)
+                    s.epsilon: (s.mean, points_bar(s))
+                    for s in summaries
+                    if (s.support, s.query) == (support, query)
                 }
                 clean = next(
-                    (e for e in result.scenarios if (e.support, e.query) == ("clean", "clean")),
-                    None,
+                    (s for s in summaries if (s.support, s.query) == ("clean", "clean")), None
                 )
                 if not points:
                     continue
                 if 0.0 not in points and clean is not None:
-                    points[0.0] = (clean.accuracy, clean.ci95)
+                    points[0.0] = (clean.mean, points_bar(clean))
                 xs = sorted(points)
                 radii.update(xs)
+                seeds = len(summaries[0].per_seed)
                 axis.errorbar(
                     xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
-                    marker="o", markersize=4, capsize=3, label=result.method,
-                    color=method_color(result.method),
+                    marker="o", markersize=4, capsize=3,
+                    label=method if seeds == 1 else f"{method} (mean ± sd, {seeds} seeds)",
+                    color=method_color(method),
                 )  # fmt: skip
             if mark is not None:
                 axis.axvline(mark, color="black", linestyle=":", linewidth=1)

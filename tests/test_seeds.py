@@ -106,3 +106,19 @@ def test_unequal_seed_counts_cannot_be_paired():
     with pytest.raises(UserError, match="same number of training seeds"):
         compare([run("A", 0, {CA: [1.0]}), run("A", 1, {CA: [1.0]})], [run("B", 0, {CA: [1.0]})],
                 *CA, 2.0)  # fmt: skip
+
+
+def test_figures_draw_the_spread_across_seeds(tmp_path):
+    from l2l_adversarial.report import plot_curves, plot_robustness
+
+    def curved(method, seed, level):
+        result = run(method, seed, {CA: [level, level + 10.0], CC: [90.0, 80.0]})
+        for entry in result.scenarios:
+            entry.accuracy_curve = [20.0, entry.accuracy]
+            entry.loss_curve = [1.6, 1.0]
+        return result
+
+    results = [curved(m, s, 50.0 + 5 * s) for m in ("MAML", "ADML") for s in (0, 1)]
+    paths = [plot_robustness(results, tmp_path / "robust_eps.png"),
+             plot_curves(results, tmp_path / "curves.png", epsilon=2.0)]  # fmt: skip
+    assert all(path.stat().st_size > 10_000 for path in paths)
