@@ -87,6 +87,7 @@ __all__ = [
     "ScenarioResult",
     "confidence_interval",
     "evaluate",
+    "few_shot_learner",
     "paper_scenarios",
 ]
 
@@ -220,6 +221,14 @@ class MatchingLearner(FewShotLearner):
 
     def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
         return [self.network.query_model(support_inputs, support_labels)]
+
+
+def few_shot_learner(learner: nn.Module, lr: float, steps: int) -> FewShotLearner:
+    """How a meta-trained learner adapts at meta-test: SGD from theta (``lr``, ``steps``), or
+    conditioning on the support set for Matching Networks."""
+    if isinstance(learner, MatchingNetwork):
+        return MatchingLearner(learner)
+    return GradientLearner(learner, lr=lr, steps=steps)
 
 
 def _fraction_label(fraction: float) -> str:

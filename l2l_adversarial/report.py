@@ -13,17 +13,19 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -51,6 +53,16 @@ FIGURE_SCENARIOS = (
 """The four panels of Figures 2-5."""
 METRICS = ("accuracy", "loss")
 MISSING = "—"
+METHOD_COLORS = {
+    "MAML": "tab:blue",
+    "MAML-AD": "tab:orange",
+    "ADML": "tab:green",
+    "Matching Nets": "tab:purple",
+    "AQ": "tab:red",
+}
+"""One colour per method in every figure; other methods take the remaining tab10 colours."""
+_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+EPSILON_LABEL = "ε (8-bit pixel levels: ε/255 on [0, 1] images)"
 
 __all__ = [
     "FIGURE_SCENARIOS",
@@ -58,12 +70,16 @@ __all__ = [
     "ResultsFileError",
     "PAPER_METHODS",
     "TABLE_NUMBERS",
+    "format_compact_table",
     "format_table",
     "load_paper_tables",
+    "method_color",
     "load_results",
     "paper_entries",
     "report_paths",
     "plot_curves",
+    "plot_robustness",
+    "plot_training",
     "refuse_overwrite",
     "save_results",
     "table_json",
@@ -71,6 +87,18 @@ __all__ = [
     "write_atomic",
     "write_report",
 ]
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every figure.
+
+    Example:
+        >>> method_color("ADML"), method_color("ADML") == method_color("MAML")
+        ('tab:green', False)
+    """
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _SPARE_COLORS[sum(map(ord, method)) % len(_SPARE_COLORS)]
 
 
 def load_paper_tables() -> list[dict[str, Any]]:
@@ -293,7 +321,8 @@ def plot_curves(
             if entry is None:
                 continue
             curve = entry.accuracy_curve if metric == "accuracy" else entry.loss_curve
-            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method)
+            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method,
+                      color=method_color(result.method))  # fmt: skip
             plotted += 1
         axis.set_title(scenario.name)
         axis.set_xlabel("Gradient update step")
@@ -312,11 +341,194 @@ def plot_curves(
     figure.suptitle(
         title
         or f"{name} over the gradient update step, {first.ways}-way {first.shots}-shot"
-        f"{' ' + first.dataset if first.dataset else ''}, ε = {epsilon:g}"
+        f"{' ' + first.dataset if first.dataset else ''}, ε = {epsilon:g} pixel levels "
+        f"({epsilon:g}/255)"
     )
+    return _save_png(figure, path)
+
+
+def format_compact_table(results: Sequence[EvaluationResult], epsilon: float) -> str:
+    """Only what was measured at ``epsilon``: one row per method and support scenario, the
+    clean and the adversarial query (accuracy % ± 95% CI), no empty rows or columns.
+
+    Example:
+        >>> format_compact_table([], 2.0).splitlines()[0]
+        '| Method | Support | Clean query | Adversarial query (ε = 2/255) |'
+    """
+    lines = [
+        f"| Method | Support | Clean query | Adversarial query (ε = {epsilon:g}/255) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for result in results:
+        for support in _supports(result.shots):
+            cells = [result.find(support, query, epsilon) for query in ("clean", "adversarial")]
+            if all(cell is None for cell in cells):
+                continue
+            values = [MISSING if c is None else f"{c.accuracy:.2f} ± {c.ci95:.2f}" for c in cells]
+            lines.append(f"| {result.method} | {support.capitalize()} | {' | '.join(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_png(figure: Figure, path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return write_atomic(path, buffer.getvalue())
+
+
+def plot_robustness(
+    results: Sequence[EvaluationResult],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    mark: float | None = None,
+) -> Path:
+    """Accuracy against the attack radius, one line per method (95% CI bars), one panel per
+    scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
+    every scenario is Clean-Clean there). ``mark`` draws a vertical line at one radius (the
+    table's). Writes a PNG to ``path``.
+
+    Example:
+        >>> plot_robustness(results, "robustness_eps.png")  # doctest: +SKIP
+    """
+    if not results:
+        raise ValueError("results is empty: nothing to plot")
+    shots = results[0].shots
+    supports = _supports(shots)
+    figure = Figure(figsize=(4.2 * len(supports), 7.5), layout="constrained")
+    axes = figure.subplots(2, len(supports), sharex=True, sharey=True, squeeze=False)
+    radii: set[float] = {0.0}
+    for row, query in enumerate(("clean", "adversarial")):
+        for column, support in enumerate(supports):
+            axis = axes[row][column]
+            for result in results:
+                points = {
+                    e.epsilon: (e.accuracy, e.ci95)
+                    for e in result.scenarios
+                    if (e.support, e.query) == (support, query)
+                }
+                clean = next(
+                    (e for e in result.scenarios if (e.support, e.query) == ("clean", "clean")),
+                    None,
+                )
+                if not points:
+                    continue
+                if 0.0 not in points and clean is not None:
+                    points[0.0] = (clean.accuracy, clean.ci95)
+                xs = sorted(points)
+                radii.update(xs)
+                axis.errorbar(
+                    xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
+                    marker="o", markersize=4, capsize=3, label=result.method,
+                    color=method_color(result.method),
+                )  # fmt: skip
+            if mark is not None:
+                axis.axvline(mark, color="black", linestyle=":", linewidth=1)
+            axis.set_title(f"{support.capitalize()} support, {query} query")
+            axis.set_xscale("symlog", base=2, linthresh=1)
+            axis.grid(alpha=0.3)
+            if row == 1:
+                axis.set_xlabel(EPSILON_LABEL)
+            if column == 0:
+                axis.set_ylabel("Top-1 accuracy (%)")
+    ticks = sorted(radii)
+    for axis in axes.ravel():
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    first = results[0]
+    attacks = sorted({a.split("(")[0] for r in results for a in r.attacks})
+    figure.suptitle(
+        title
+        or f"Accuracy against the attack radius, {first.ways}-way {shots}-shot"
+        f"{' ' + first.dataset if first.dataset else ''} ({', '.join(attacks)}, "
+        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)"
+    )
+    return _save_png(figure, path)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _trained_epsilon(folder: Path, radii: set[float]) -> float:
+    """The run's ``train.eps`` (the radius its validation score uses) if it logged it."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    trained = float(config["train"]["eps"])
+    return trained if trained in radii else min(radii)
+
+
+def plot_training(
+    runs: Mapping[str, str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    *,
+    epsilon: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Training curves of several runs on one figure, one colour per method: the meta-loss and
+    the query accuracy of the meta-batches (``metrics.csv``), and the clean and adversarial
+    loss and accuracy of meta-validation (``validation.csv``, at ``epsilon`` when the run
+    logged it, else at its ``train.eps``). ``runs`` maps a method's name to its run folder.
+
+    Example:
+        >>> plot_training({"ADML": "runs/digits-5w5s-adml"}, "training.png")  # doctest: +SKIP
+    """
+    if not runs:
+        raise ValueError("runs is empty: nothing to plot")
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    (train_loss, train_acc), (val_loss, val_acc) = figure.subplots(2, 2, sharex=True)
+    splits: set[str] = set()
+    for method, folder in runs.items():
+        folder = Path(folder)
+        color = method_color(method)
+        metrics = folder / "metrics.csv"
+        if not metrics.exists():
+            raise FileNotFoundError(f"{metrics} not found: is {folder} a run folder?")
+        rows = _read_csv(metrics)
+        iterations = [int(r["iteration"]) for r in rows]
+        train_loss.plot(iterations, [float(r["loss"]) for r in rows], color=color, label=method)
+        train_acc.plot(iterations, [100 * float(r["accuracy"]) for r in rows], color=color,
+                       label=method)  # fmt: skip
+        validation = folder / "validation.csv"
+        if not validation.exists():
+            continue
+        rows = _read_csv(validation)
+        splits.update(r["split"] for r in rows)
+        radii = {float(r["epsilon"]) for r in rows}
+        wanted = epsilon if epsilon in radii else _trained_epsilon(folder, radii)
+        rows = [r for r in rows if float(r["epsilon"]) == wanted]
+        iterations = [int(r["iteration"]) for r in rows]
+        for query, style in (("clean", "-"), ("adversarial", "--")):
+            label = f"{method}, {query} query" + (
+                f" (ε = {wanted:g}/255)" if query != "clean" else ""
+            )
+            val_loss.plot(iterations, [float(r[f"{query}_loss"]) for r in rows], style,
+                          color=color, marker="o", markersize=3, label=label)  # fmt: skip
+            val_acc.plot(iterations, [float(r[f"{query}_accuracy"]) for r in rows], style,
+                         color=color, marker="o", markersize=3, label=label)  # fmt: skip
+    train_loss.set_title("Meta-batches: meta-loss (ADML: sum of its two branches)")
+    train_loss.set_ylabel("Meta-loss")
+    train_acc.set_title("Meta-batches: query accuracy after adaptation")
+    train_acc.set_ylabel("Accuracy (%)")
+    where = f" ({', '.join(sorted(splits))} split)" if splits else ""
+    val_loss.set_title(f"Meta-validation{where}: query loss")
+    val_loss.set_ylabel("Cross-entropy")
+    val_acc.set_title(f"Meta-validation{where}: query accuracy")
+    val_acc.set_ylabel("Accuracy (%)")
+    for axis in (train_loss, train_acc, val_loss, val_acc):
+        axis.grid(alpha=0.3)
+    if train_loss.lines:
+        train_loss.legend(fontsize="small")
+    if val_acc.lines:  # below the panels, where it hides no curve
+        handles, labels = val_acc.get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4),
+                      fontsize="small")  # fmt: skip
+    for axis in (val_loss, val_acc):
+        axis.set_xlabel("Meta-iteration")
+    figure.suptitle(
+        title or "Meta-training and meta-validation (after adaptation, against the iteration)"
+    )
+    return _save_png(figure, path)
 
 
 class ResultsFileError(UserError, ValueError):
@@ -374,14 +586,22 @@ def load_results(path: str | os.PathLike[str]) -> list[EvaluationResult]:
 
 
 def report_paths(
-    results: Sequence[EvaluationResult], directory: str | os.PathLike[str], dataset: str, shots: int
+    results: Sequence[EvaluationResult],
+    directory: str | os.PathLike[str],
+    dataset: str,
+    shots: int,
+    training: bool = False,
 ) -> list[Path]:
     """The files :func:`write_report` writes: ``table{N}`` for the paper's tables, else
-    ``{dataset}_{shots}shot``, as ``.md``, ``.json`` and (with results) two ``.png``."""
+    ``{dataset}_{shots}shot``, as ``.md``, ``.json``, (with results) the loss, accuracy and
+    robustness ``.png`` and (with ``training``) the training curves' ``.png``."""
     number = table_number(dataset, shots)
     stem = f"table{number}" if number is not None else f"{_dataset_key(dataset)}_{shots}shot"
     folder = Path(directory)
-    figures = [folder / f"{stem}_{metric}.png" for metric in METRICS] if results else []
+    names = [f"{stem}_{metric}.png" for metric in METRICS] + [f"{stem}_robustness_eps.png"]
+    figures = [folder / name for name in names] if results else []
+    if training:
+        figures.append(folder / f"{stem}_training.png")
     return [folder / f"{stem}.md", folder / f"{stem}.json", *figures]
 
 
@@ -392,16 +612,23 @@ def write_report(
     shots: int,
     *,
     epsilon: float = 2.0,
+    training_runs: Mapping[str, str | os.PathLike[str]] | None = None,
     overwrite: bool = True,
 ) -> list[Path]:
-    """Write the table (``.md``, ``.json``) and the loss and accuracy figures (``.png``) to
-    :func:`report_paths`; with ``overwrite=False`` refuse (:class:`ResultsExistError`)
-    before writing anything if one exists."""
-    paths = report_paths(results, directory, dataset, shots)
+    """Write the table (``.md``, ``.json``), the loss and accuracy figures at ``epsilon``, the
+    robustness curves (``_robustness_eps.png``) and, given the methods' run folders
+    (``training_runs``), the training curves (``_training.png``) to :func:`report_paths`; with
+    ``overwrite=False`` refuse (:class:`ResultsExistError`) before writing anything if one
+    exists."""
+    paths = report_paths(results, directory, dataset, shots, training=bool(training_runs))
     refuse_overwrite(paths, overwrite)
     table = table_json(results, dataset, shots)
     write_atomic(paths[0], format_table(results, dataset, shots))
     write_atomic(paths[1], json.dumps(table, indent=1, ensure_ascii=False))
-    for metric, path in zip(METRICS, paths[2:], strict=False):
-        plot_curves(results, path, metric, epsilon=epsilon)
+    if results:
+        for metric, path in zip(METRICS, paths[2:4], strict=True):
+            plot_curves(results, path, metric, epsilon=epsilon)
+        plot_robustness(results, paths[4], mark=epsilon)
+    if training_runs:
+        plot_training(training_runs, paths[-1], epsilon=epsilon)
     return paths
