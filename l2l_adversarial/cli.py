@@ -16,14 +16,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import functools
 import json
 import math
 import sys
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from l2l_adversarial.attacks import FGSM, PGD, Attack
-from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
-from l2l_adversarial.data import DatasetFileError, make_tasks
+from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
@@ -47,6 +44,14 @@ from l2l_adversarial.distributed import (
 )
 from l2l_adversarial.errors import UserError, describe_os_error
 from l2l_adversarial.evaluation import EvaluationResult, Scenario, evaluate, few_shot_learner
+from l2l_adversarial.factory import (
+    DATASET_TITLES,
+    METHOD_NAMES,
+    build_learner,
+    evaluation_attack,
+    resolve_device,
+    task_source,
+)
 from l2l_adversarial.meta_validation import BEST_CHECKPOINT, MetaValidator
 from l2l_adversarial.report import (
     ResultsFileError,
@@ -61,51 +66,18 @@ from l2l_adversarial.report import (
 )
 from l2l_adversarial.run_folder import RunFolderError, reader_lock
 from l2l_adversarial.signals import interrupt_on_signals
-from l2l_adversarial.training import CHECKPOINT, build_learner, resolve_device, train
+from l2l_adversarial.training import CHECKPOINT, train
 
 __all__ = ["main"]
 
-DATASET_TITLES = {
-    "mini-imagenet": "MiniImageNet",
-    "cifar100": "CIFAR100",
-    "cifar-fs": "CIFAR-FS",
-    "digits": "Digits",
-}
 DISTRIBUTED_COMMANDS = ("train", "evaluate")
 """Commands that split their work over the processes of a torchrun launch."""
-METHOD_NAMES = {
-    "maml": "MAML",
-    "maml-ad": "MAML-AD",
-    "adml": "ADML",
-    "aq": "AQ",
-    "matching-nets": "Matching Nets",
-}
 
 
 def default_run_dir(config: dict[str, Any]) -> Path:
     task = config["task"]
     name = f"{config['dataset']['name']}-{task['ways']}w{task['shots']}s-{config['method']}"
     return Path(config["run_dir"] or Path("runs") / name)
-
-
-def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
-    dataset, task = config["dataset"], config["task"]
-    options: dict[str, Any] = {"strict": dataset["strict"]}
-    if dataset["name"] in BUNDLED_DATASETS:
-        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
-    return make_tasks(
-        dataset["name"],
-        dataset["root"],
-        mode,
-        task["ways"],
-        task["shots"],
-        task["query_shots"],
-        seed=seed,
-        num_tasks=num_tasks,
-        download=dataset["download"],
-        device=resolve_device(config["device"]) if dataset["device_resident"] else None,
-        **options,
-    )
 
 
 CHECKPOINTS = {"last": CHECKPOINT, "best": BEST_CHECKPOINT}
@@ -184,17 +156,6 @@ def load_trained_learner(
         "digest": state["digest"],
         "finished": iteration >= total,
     }
-
-
-def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
-    """``evaluate.attack`` as a function of the radius: FGSM, PGD (``pgd_steps``, step
-    ``pgd_step_size`` pixel levels) or the AutoAttack ensemble."""
-    if settings["attack"] == "pgd":
-        step = settings["pgd_step_size"]
-        return functools.partial(
-            PGD, steps=settings["pgd_steps"], step_size=None if step is None else step / 255
-        )
-    return AutoAttack if settings["attack"] == "autoattack" else FGSM
 
 
 def evaluate_run(

@@ -153,6 +153,13 @@ SCHEMA: dict[str, Any] = {
             # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
             # workspace, for an exact resume (l2l_adversarial.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
+            # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
+            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
         }
     ),
     "evaluate": _section(
@@ -236,6 +243,11 @@ def validate_config(
         raise ConfigError(
             "train.meta_update: 'sequential' applies to method adml only; "
             "set train.meta_update=joint or method=adml"
+        )
+    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
+        raise ConfigError(
+            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
+            "use auto or sequential"
         )
     return config
 

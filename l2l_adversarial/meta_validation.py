@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +117,7 @@ class MetaValidator:
         if self.config["train"]["tensorboard"]:
             self.writer = _summary_writer(trainer.run_dir / TENSORBOARD_DIR, trainer.iteration)
 
-    def step(self, trainer: Trainer, row: dict[str, float]) -> None:
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None:
         """After every iteration: TensorBoard scalars, and validation when it is due."""
         train = self.config["train"]
         iteration = trainer.iteration

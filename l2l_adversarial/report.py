@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
-from l2l_adversarial.files import atomic_open
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -549,16 +549,6 @@ def refuse_overwrite(paths: Sequence[str | os.PathLike[str]], overwrite: bool) -
             f"results already exist, {', '.join(map(repr, existing))}; pass --overwrite to replace "
             "them, or choose another output"
         )
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: all or nothing.
-
-    Creates the parent directory. Returns the path.
-    """
-    with atomic_open(path) as file:
-        file.write(data.encode("utf-8") if isinstance(data, str) else data)
-    return Path(path)
 
 
 def save_results(

@@ -20,17 +20,15 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -38,18 +36,18 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import METHODS, config_changes, dump_config
+from l2l_adversarial.config import config_changes, dump_config
 from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
-    cuda_device,
     mean_over_ranks,
     on_rank0,
     world,
 )
-from l2l_adversarial.errors import DeviceError, TrainingDivergedError
-from l2l_adversarial.models import CNN4
-from l2l_adversarial.report import write_atomic
+from l2l_adversarial.engines import meta_step, resolve_engine
+from l2l_adversarial.errors import TrainingDivergedError
+from l2l_adversarial.factory import build_learner, resolve_device
+from l2l_adversarial.files import write_atomic
 from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
@@ -59,22 +57,22 @@ from l2l_adversarial.run_folder import (
     restore_aside,
     writer_lock,
 )
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.signals import Interrupted, interrupt_on_signals
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
     "TaskSource",
-    "build_attack",
     "build_learner",
     "resolve_device",
     "train",
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds")
-"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last row."""
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds", "engine")
+"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last
+row; ``engine``: the engine that ran (:mod:`l2l_adversarial.engines`)."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
 
@@ -86,7 +84,7 @@ class TrainingMonitor(Protocol):
 
     def start(self, trainer: Trainer) -> None: ...
 
-    def step(self, trainer: Trainer, row: dict[str, float]) -> None: ...
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -96,81 +94,6 @@ class TaskSource(Protocol):
     (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
 
     def __getitem__(self, index: int) -> Task: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
-
-    ``"auto"`` and ``"cuda"`` mean this process's GPU: ``cuda:LOCAL_RANK`` under torchrun.
-    """
-    if name == "auto":
-        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"device {name!r} is not available, CUDA is missing on this machine (config key "
-            "device); use device=auto or device=cpu"
-        )
-    return cuda_device() if device.type == "cuda" and device.index is None else device
-
-
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255)."""
-    eps = eps_255 / 255
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    if name == "fgsm":
-        return FGSM(eps=eps)
-    if name == "ffgsm":
-        return FFGSM(eps=eps, generator=generator)
-    if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator)
-    raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
-
-
-def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
-    """The configured meta-learner around the paper's 4-layer CNN (its embedding for
-    Matching Networks), for ``in_channels`` x ``image_size`` x ``image_size`` images."""
-    method, train, ways, hidden = (
-        config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
-    )  # fmt: skip
-    if method == "matching-nets":
-        return MatchingNetwork(
-            ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
-            fce=config["model"]["fce"],
-        )  # fmt: skip
-    model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
-    channels_last = train["channels_last"]
-    if channels_last is None:  # on when training on the CPU ("cuda" must not need a GPU here)
-        device = config["device"]
-        channels_last = device == "cpu" or (
-            device == "auto" and resolve_device(device).type == "cpu"
-        )
-    common = {
-        "lr": train["inner_lr"],
-        "first_order": train["first_order"],
-        "adaptation_steps": train["adaptation_steps"],
-        "channels_last": channels_last,
-    }
-    if method == "maml":
-        return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
-    if method == "adml":
-        return ADML(
-            model,
-            **common,
-            attack=attack,
-            clean_lr=train["clean_inner_lr"],
-            attack_target=train["attack_target"] or "initial",
-        )
-    if method == "maml-ad":
-        return MAMLAD(
-            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
-        )
-    if method == "aq":
-        return AdversarialQuerying(
-            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
-        )
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
 class _AllReduceOptimizer:
@@ -217,6 +140,8 @@ class Trainer:
         if self.sequential:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
+        self.engine = resolve_engine(learner, train["engine"])
+        """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
         self.iteration = 0
         workers, prefetch = default_loading(tasks, device)
         #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
@@ -303,7 +228,7 @@ class Trainer:
     def _metrics_path(self) -> Path:
         return self.run_dir / "metrics.csv"
 
-    def _log(self, row: dict[str, float]) -> None:
+    def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
         new = not path.exists()
         with path.open("a", newline="") as file:
@@ -355,36 +280,21 @@ class Trainer:
             return self.optimizers
         return [_AllReduceOptimizer(o) for o in self.optimizers]
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
-        meta-batch (all ranks)."""
-        batch = self._meta_batch(self.iteration)
-        optimizers = self._optimizers()
-        if self.sequential:
-            assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
-            loss, accuracy = objective.total.item(), objective.accuracy.item()
-        else:
-            optimizer = optimizers[0]
-            optimizer.zero_grad()
-            losses, accuracies = [], []
-            for task in self._seeded(batch):
-                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-                (task_loss / len(batch)).backward()
-                losses.append(task_loss.detach())
-                accuracies.append(task_accuracy.detach())
-            optimizer.step()
-            loss = torch.stack(losses).mean().item()
-            accuracy = torch.stack(accuracies).float().mean().item()
-        loss, accuracy = mean_over_ranks([loss, accuracy])
-        return loss, accuracy
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
+        objective = meta_step(
+            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
+            engine=self.engine,
+        )  # fmt: skip
+        return objective.total, objective.accuracy
 
     def run(
         self,
         progress: bool = True,
         on_iteration: Callable[[int], None] | None = None,
         monitor: TrainingMonitor | None = None,
-    ) -> dict[str, float]:
+    ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
         bar = tqdm(
@@ -394,7 +304,7 @@ class Trainer:
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float] = {}
+        last: dict[str, float | str] = {}
         started = time.perf_counter()
         if monitor is not None:
             monitor.start(self)
@@ -402,21 +312,29 @@ class Trainer:
             while self.iteration < total:
                 if on_iteration is not None:
                     on_iteration(self.iteration)
-                loss, accuracy = self.step()
-                self._guard_divergence(loss)
+                loss_tensor, accuracy_tensor = self.step()
+                logged = (self.iteration + 1) % train["log_every"] == 0
+                saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+                if logged or saved or self.iteration + 1 == total:
+                    # losses are read (a host-device sync) only when logged or checkpointed
+                    loss, accuracy = mean_over_ranks(
+                        torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
+                    )
+                    self._guard_divergence(loss)
+                    last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
+                            "seconds": round(time.perf_counter() - started, 3),
+                            "data_seconds": round(self.data_seconds, 4),
+                            "engine": self.engine}  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
                 self.iteration += 1
                 bar.update(1)
-                last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3),
-                        "data_seconds": round(self.data_seconds, 4)}  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.iteration % train["log_every"] == 0 or self.iteration == total:
+                if logged or self.iteration == total:
                     if self.rank == 0:
                         self._log(last)
                     self.data_seconds = 0.0
                 if monitor is not None:
                     monitor.step(self, last)
-                if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                if saved or self.iteration == total:
                     self.save()
         except KeyboardInterrupt as interrupt:
             self.save()

@@ -217,10 +217,17 @@ def test_resume_with_worker_processes_matches_a_run_built_in_place(tmp_path: Pat
     ):
         assert torch.equal(a, b) and torch.equal(a, c)
     header, *rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
-    assert header.split(",") == ["iteration", "loss", "accuracy", "seconds", "data_seconds"]
+    assert header.split(",") == [
+        "iteration",
+        "loss",
+        "accuracy",
+        "seconds",
+        "data_seconds",
+        "engine",
+    ]
     assert [row.split(",")[0] for row in rows] == ["2", "4", "6"]
     for row in rows:
-        seconds, data_seconds = (float(v) for v in row.split(",")[3:])
+        seconds, data_seconds = (float(v) for v in row.split(",")[3:5])
         assert 0.0 <= data_seconds <= seconds
 
 

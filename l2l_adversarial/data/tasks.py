@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from l2l_adversarial.data.device import image_table
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
 
 __all__ = ["FewShotTasks", "as_meta_dataset", "fixed_tasks"]
@@ -247,7 +248,7 @@ class FewShotTasks:
         return [row for rows in chosen for row in rows], support, query
 
     def _task(self, index: int) -> Task:
-        task_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0])
+        task_seed = derive_seed(self.seed, index)
         if self.table is None:
             with _global_random_state(task_seed):
                 rows, support, query = self._draw(random)
