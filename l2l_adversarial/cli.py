@@ -33,6 +33,7 @@ from tqdm import tqdm
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
@@ -93,9 +94,15 @@ def validation_monitor(
     if train["validate_every"] is None and not train["tensorboard"]:
         return None
     split = "train" if config["dataset"]["name"] in BUNDLED_DATASETS else "validation"
-    tasks = task_source(
-        config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
-    )
+    try:
+        tasks = task_source(
+            config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
+        )
+    except (DatasetFileError, FileNotFoundError) as error:  # a missing split file
+        raise DatasetFileError(
+            f"{error}\nmeta-validation (train.validate_every) reads the {split} split: add its "
+            "file, or train without it: -o train.validate_every=null"
+        ) from error
     return MetaValidator(config, tasks, split=split, epsilons=epsilons)
 
 
@@ -354,10 +361,13 @@ def command_quickstart(args: argparse.Namespace) -> int:
     started, cpu_started = time.perf_counter(), time.process_time()
 
     def quickstart_config(method: str, epsilon: float | None) -> dict[str, Any]:
+        """MAML trains without a radius; all three are evaluated at ``epsilon``."""
         overrides = [*QUICKSTART, f"method={method}", f"train.iterations={args.iterations}",
                      f"evaluate.tasks={args.tasks}", f"seed={args.seed}"]  # fmt: skip
         if epsilon is not None:
-            overrides += [f"train.eps={epsilon}", f"evaluate.eps=[{epsilon}]"]
+            overrides.append(f"evaluate.eps=[{epsilon}]")
+            if method != "maml":
+                overrides.append(f"train.eps={epsilon}")
         config = load_config(None, [*overrides, *args.set])
         resolve_device(config["device"])
         return config
@@ -366,7 +376,6 @@ def command_quickstart(args: argparse.Namespace) -> int:
         quickstart_config(method, QUICKSTART_RADII[0])
     epsilon: float | None = None
     rule: dict[str, Any] = {}
-    results, checkpoints, runs = [], [], {}
     for method in QUICKSTART_METHODS:
         config = quickstart_config(method, epsilon)
         run_dir = output / method
@@ -377,6 +386,9 @@ def command_quickstart(args: argparse.Namespace) -> int:
               monitor=validation_monitor(config, radii))  # fmt: skip
         if method == "maml":
             epsilon, rule = choose_epsilon(run_dir / "validation.csv")
+    results, checkpoints, runs = [], [], {}
+    for method in QUICKSTART_METHODS:
+        config, run_dir = quickstart_config(method, epsilon), output / method
         runs[METHOD_NAMES[method]] = run_dir
         result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
         # the robustness curve: the other radii, clean support only (one adaptation per task)

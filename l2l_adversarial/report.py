@@ -527,8 +527,10 @@ def plot_robustness(
         title
         or f"Accuracy against the attack radius, {first.ways}-way {shots}-shot"
         f"{' ' + first.dataset if first.dataset else ''} ({', '.join(attacks)}, "
-        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)"
-    )
+        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)\n"
+        + ("ε = 0 is Clean-Clean (nothing perturbed)"
+           + ("; dotted line: the table's ε" if mark is not None else ""))
+    )  # fmt: skip
     return _save_png(figure, path)
 
 
