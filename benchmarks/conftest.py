@@ -82,6 +82,9 @@ SIZES = {
     size.name: size
     for size in (
         Size("tiny", ways=3, shots=1, queries=2, channels=1, image=16, hidden=4, steps=1, meta_batch=2),
+        # issue 11's counting configuration at the smallest images: op and sync counts do not
+        # depend on image size or width, so its counts are paper-1shot's at a fraction of the time
+        Size("counts", ways=5, shots=1, queries=15, channels=1, image=16, hidden=4, steps=5, meta_batch=4),
         Size("small", ways=5, shots=1, queries=15, channels=1, image=28, hidden=64, steps=5, meta_batch=4),
         Size("paper-1shot", ways=5, shots=1, queries=15, channels=3, image=84, hidden=32, steps=5, meta_batch=4),
         Size("paper-5shot", ways=5, shots=5, queries=15, channels=3, image=84, hidden=32, steps=5, meta_batch=4),
@@ -111,6 +114,7 @@ class Row:
     images: int | None
     flops: int | None
     ops: int | None = None  # ATen operator calls in the warm-up call (see op_counter.py)
+    launches: int | None = None  # those that are not views (kernel launches on CUDA)
     syncs: int | None = None  # host-device synchronising calls among them
 
 
@@ -225,6 +229,7 @@ def measure(
                 images=images,
                 flops=first.flops,
                 ops=first.ops,
+                launches=first.launches,
                 syncs=first.syncs,
             )
         )
@@ -342,6 +347,7 @@ class _FirstCallProbe:
         self.peak_cuda_mb: float | None = None
         self.flops: int | None = None
         self.ops: int | None = None
+        self.launches: int | None = None
         self.syncs: int | None = None
         self._called = False
 
@@ -362,6 +368,7 @@ class _FirstCallProbe:
             self.function()
         self.seconds = time.perf_counter() - start
         self.flops, self.ops, self.syncs = counter.total, ops.ops, ops.syncs
+        self.launches = ops.launches
         peak = _peak_resident_mb()
         if rss_before is not None and peak is not None:
             self.peak_rss_mb = peak - rss_before
@@ -412,10 +419,10 @@ def pytest_terminal_summary(
         "learn2learn MAML meta-iteration of the same size in this run; GFLOP = convolution and "
         "matrix-product arithmetic per call, and its ratio to MAML's; +RSS = peak resident "
         "memory above the level before the call (MB); CUDA = peak allocated (MB); ops = ATen "
-        "operator calls of the first call (kernel launches on CUDA), and their ratio to MAML's; "
-        "syncs = host-device synchronising calls among them (benchmarks/op_counter.py)"
+        "operator calls of the first call, and their ratio to MAML's; launch = those that are "
+        "not views (kernel launches on CUDA), and their ratio; syncs = host-device synchronising calls among them (benchmarks/op_counter.py)"
     )
-    header = f"{'benchmark':52s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'GFLOP':>7s} {'(x)':>5s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s} {'ops':>7s} {'(x)':>5s} {'syncs':>5s}"
+    header = f"{'benchmark':52s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'GFLOP':>7s} {'(x)':>5s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s} {'ops':>7s} {'(x)':>5s} {'launch':>7s} {'(x)':>5s} {'syncs':>5s}"
     for size in dict.fromkeys(row.size for row in rows):
         # meta-iterations first, then attacks
         group = sorted(
@@ -441,10 +448,15 @@ def pytest_terminal_summary(
             if reference is not None and row.ops and reference.ops:
                 op_ratio = f"{row.ops / reference.ops:.2f}"
             syncs = "n/a" if row.syncs is None else str(row.syncs)
+            launches = "n/a" if row.launches is None else str(row.launches)
+            launch_ratio = "n/a"
+            if reference is not None and row.launches and reference.launches:
+                launch_ratio = f"{row.launches / reference.launches:.2f}"
             write(
                 f"{row.name:52s} {row.seconds_median:9.4f} {row.seconds_min:9.4f} "
                 f"{row.rounds:6d} {ratio:>7s} {ratio_min:>6s} {gflop:>7s} {flop_ratio:>5s} "
-                f"{rss:>8s} {cuda:>8s} {throughput:>9s} {ops:>7s} {op_ratio:>5s} {syncs:>5s}"
+                f"{rss:>8s} {cuda:>8s} {throughput:>9s} {ops:>7s} {op_ratio:>5s} "
+                f"{launches:>7s} {launch_ratio:>5s} {syncs:>5s}"
             )
     if paired:
         _write_paired(write, paired)

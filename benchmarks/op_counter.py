@@ -1,6 +1,8 @@
 """Count ATen operator calls and host-device synchronisations of a piece of code.
 
-Every ATen operator call is at least one kernel launch on CUDA; ``_local_scalar_dense``
+Every ATen operator call costs a dispatch; those that compute (all but views: ``view``,
+``permute``, ``expand``, ``detach``... change metadata only) are at least one kernel launch on
+CUDA (:attr:`OpCounter.launches`). ``_local_scalar_dense``
 (``.item()``, ``bool()``, ``int()``, ``.tolist()`` of a tensor), ``nonzero``, ``_unique2``,
 ``masked_select`` and boolean-mask indexing make the host wait for the device. Counted on the
 CPU with a :class:`~torch.utils._python_dispatch.TorchDispatchMode`, the numbers do not
@@ -11,8 +13,8 @@ Example:
     >>> with OpCounter() as counter:
     ...     x = torch.ones(3)
     ...     _ = (x * 2).sum().item()
-    >>> counter.ops, counter.syncs
-    (4, 1)
+    >>> counter.ops, counter.launches, counter.syncs
+    (4, 4, 1)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ SYNCING_OPS = frozenset(
     }
 )
 """Operators whose output size or value the host must wait for."""
+METADATA_OPS = frozenset({"aten._unsafe_view", "aten._reshape_alias"})
+"""Operators without the alias annotation of a view that still only change metadata."""
 
 
 def _name(func: Any) -> str:
@@ -51,12 +55,14 @@ def _is_mask_index(func: Any, args: tuple[Any, ...]) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """ATen operator calls (:attr:`ops`) and syncing calls (:attr:`syncs`) inside the block,
-    with the syncing operators by name (:attr:`sync_names`)."""
+    """ATen operator calls (:attr:`ops`), those that are not views (:attr:`launches`) and
+    syncing calls (:attr:`syncs`) inside the block, the syncing operators by name
+    (:attr:`sync_names`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.launches = 0
         self.syncs = 0
         self.sync_names: Counter[str] = Counter()
 
@@ -69,6 +75,8 @@ class OpCounter(TorchDispatchMode):
     ) -> Any:
         self.ops += 1
         name = _name(func)
+        if not (func.is_view or name in METADATA_OPS):
+            self.launches += 1
         if name in SYNCING_OPS or _is_mask_index(func, args):
             self.syncs += 1
             self.sync_names[name] += 1

@@ -193,8 +193,8 @@ def meta_step(
     ``loss_and_accuracy`` task by task.
 
     Example:
-        >>> objective = meta_step(adml, tasks, optimizer)              # joint update
-        >>> objective = meta_step(adml, tasks, optimizer, optimizer2)  # Algorithm 1's two steps
+        >>> objective = meta_step(adml, tasks, optimizer)  # doctest: +SKIP
+        >>> beta1_then_beta2 = meta_step(adml, tasks, beta1, beta2)  # doctest: +SKIP
     """
     check_choice("engine", engine, ENGINES)
     if isinstance(learner, MatchingNetwork):
@@ -236,7 +236,7 @@ def meta_batch_objective(
     (every task's graph kept until the caller's backward pass).
 
     Example:
-        >>> meta_batch_objective(adml, tasks, engine="vmap").total.backward()
+        >>> meta_batch_objective(adml, tasks, engine="vmap").total.backward()  # doctest: +SKIP
     """
     batch = _MetaBatch(learner, tasks, resolve_engine(learner, engine), steps, chunk_size)
     parts = list(batch.objectives())

@@ -29,8 +29,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -38,19 +36,18 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import METHODS, config_changes, dump_config
+from l2l_adversarial.config import config_changes, dump_config
 from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
-    cuda_device,
     mean_over_ranks,
     on_rank0,
     world,
 )
 from l2l_adversarial.engines import meta_step, resolve_engine
-from l2l_adversarial.errors import DeviceError, TrainingDivergedError
+from l2l_adversarial.errors import TrainingDivergedError
+from l2l_adversarial.factory import build_learner, resolve_device
 from l2l_adversarial.files import write_atomic
-from l2l_adversarial.models import CNN4
 from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
@@ -67,7 +64,6 @@ from l2l_adversarial.task import Task
 __all__ = [
     "RunFolderError",
     "TaskSource",
-    "build_attack",
     "build_learner",
     "resolve_device",
     "train",
@@ -98,81 +94,6 @@ class TaskSource(Protocol):
     (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
 
     def __getitem__(self, index: int) -> Task: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
-
-    ``"auto"`` and ``"cuda"`` mean this process's GPU: ``cuda:LOCAL_RANK`` under torchrun.
-    """
-    if name == "auto":
-        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"device {name!r} is not available, CUDA is missing on this machine (config key "
-            "device); use device=auto or device=cpu"
-        )
-    return cuda_device() if device.type == "cuda" and device.index is None else device
-
-
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255)."""
-    eps = eps_255 / 255
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    if name == "fgsm":
-        return FGSM(eps=eps)
-    if name == "ffgsm":
-        return FFGSM(eps=eps, generator=generator)
-    if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator)
-    raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
-
-
-def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
-    """The configured meta-learner around the paper's 4-layer CNN (its embedding for
-    Matching Networks), for ``in_channels`` x ``image_size`` x ``image_size`` images."""
-    method, train, ways, hidden = (
-        config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
-    )  # fmt: skip
-    if method == "matching-nets":
-        return MatchingNetwork(
-            ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
-            fce=config["model"]["fce"],
-        )  # fmt: skip
-    model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
-    channels_last = train["channels_last"]
-    if channels_last is None:  # on when training on the CPU ("cuda" must not need a GPU here)
-        device = config["device"]
-        channels_last = device == "cpu" or (
-            device == "auto" and resolve_device(device).type == "cpu"
-        )
-    common = {
-        "lr": train["inner_lr"],
-        "first_order": train["first_order"],
-        "adaptation_steps": train["adaptation_steps"],
-        "channels_last": channels_last,
-    }
-    if method == "maml":
-        return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
-    if method == "adml":
-        return ADML(
-            model,
-            **common,
-            attack=attack,
-            clean_lr=train["clean_inner_lr"],
-            attack_target=train["attack_target"] or "initial",
-        )
-    if method == "maml-ad":
-        return MAMLAD(
-            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
-        )
-    if method == "aq":
-        return AdversarialQuerying(
-            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
-        )
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
 class _AllReduceOptimizer:

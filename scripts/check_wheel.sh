@@ -58,7 +58,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from data_factories import write_mini_imagenet_cache  # noqa: E402
 
-for mode in ("train", "test"):
+for mode in ("train", "validation", "test"):
     write_mini_imagenet_cache("data", mode, num_classes=5, images_per_class=4, image_size=16)
 EOF
 small=(-o dataset.root=data -o dataset.strict=false -o train.iterations=1 -o train.meta_batch_size=1

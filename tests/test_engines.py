@@ -394,7 +394,7 @@ def test_regression_with_mse_meta_trains_without_class_checks() -> None:
     held_out = [sine(10_000 + k) for k in range(8)]
 
     def held_out_loss() -> float:
-        return float(engines.meta_batch_objective(adml, held_out).total)
+        return float(engines.meta_batch_objective(adml, held_out).total.detach())
 
     before = held_out_loss()
     for it in range(60):
