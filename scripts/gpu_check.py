@@ -64,8 +64,8 @@ from l2l_adversarial.config import load_config  # noqa: E402
 from l2l_adversarial.configs import config_path  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
+from l2l_adversarial.factory import build_learner  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
-from l2l_adversarial.training import build_learner  # noqa: E402
 
 TABLES = {  # table: (config dataset, shots, image side)
     "Table 1": ("mini-imagenet", 1, 84),

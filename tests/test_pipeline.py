@@ -3,7 +3,6 @@ built ahead equal those built in place, data wait logged, deterministic settings
 
 from __future__ import annotations
 
-import doctest
 import os
 import random
 from pathlib import Path
@@ -16,9 +15,6 @@ from learn2learn.data import Taskset
 from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
 from torch.utils.data import Dataset, TensorDataset
 
-import l2l_adversarial.data.device
-import l2l_adversarial.data.prefetch
-import l2l_adversarial.reproducibility
 from l2l_adversarial import Task
 from l2l_adversarial.checkpoint import load_checkpoint
 from l2l_adversarial.config import ConfigError, load_config
@@ -282,12 +278,3 @@ def test_deterministic_settings_for_cuda(
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
-
-
-@pytest.mark.parametrize(
-    "module",
-    [l2l_adversarial.data.device, l2l_adversarial.data.prefetch, l2l_adversarial.reproducibility],
-)
-def test_docstring_examples_run(module: object) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.attempted > 0 and result.failed == 0
