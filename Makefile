@@ -18,7 +18,7 @@ bench:
 bench-smoke:
 	$(PYTHON) -m pytest benchmarks --bench-sizes=tiny --bench-rounds=1 --benchmark-disable -q
 
-# On one GPU, <= 5 minutes: every method x engine timed at paper size, the CUDA checks and the
+# On one GPU (meant for <= 5 minutes; unmeasured): every method x engine timed at paper size, the CUDA checks and the
 # wall-time estimate of each reproduce.py table (scripts/gpu_check.py; results in gpu-check/).
 # Without CUDA it says so and exits 0. E.g. make gpu-check GPU_CHECK_ARGS="--iterations 10".
 GPU_CHECK_ARGS ?=

@@ -2,7 +2,7 @@
 batched engine and the deterministic settings hold on CUDA, and how long each paper table of
 ``examples/reproduce.py`` would take.
 
-    make gpu-check                                   # CUDA, paper sizes; <= 5 minutes
+    make gpu-check                                   # CUDA, paper sizes; meant for <= 5 min
     python scripts/gpu_check.py --device cpu --quick # the same code at a tiny size (tests)
 
 On a machine without CUDA, ``--device cuda`` (the default) says so and exits 0.
