@@ -11,7 +11,7 @@ load, so a damaged file is refused instead of loading altered numbers. Loading u
 Example:
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "last.pt"
-    >>> save_checkpoint(path, {"iteration": 3, "model": {"w": torch.zeros(2)}}, kind="train")
+    >>> digest = save_checkpoint(path, {"iteration": 3, "model": {"w": torch.zeros(2)}}, kind="train")
     >>> load_checkpoint(path, kind="train")["iteration"]
     3
 """

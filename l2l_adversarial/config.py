@@ -80,6 +80,14 @@ def _section(schema: dict[str, Any]) -> dict[str, Any]:
 SCHEMA: dict[str, Any] = {
     "method": {"type": "string", "allowed": list(METHODS), "default": "adml"},
     "seed": _integer(min=0, default=0),
+    # several training seeds: train runs one run folder per seed (run_dir/seed-<seed>)
+    "seeds": {
+        "type": "list",
+        "minlength": 1,
+        "schema": _integer(min=0),
+        "nullable": True,
+        "default": None,
+    },
     "device": {"type": "string", "regex": r"auto|cpu|cuda(:\d+)?", "default": "auto"},
     "run_dir": {"type": "string", "nullable": True, "default": None},
     "dataset": _section(
@@ -141,6 +149,11 @@ SCHEMA: dict[str, Any] = {
             "max_loss": _number(min=1e-12, nullable=True, default=1000.0),
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # meta-validation: clean and adversarial accuracy on seeded validation tasks every
+            # validate_every iterations (validation.csv, best.pt); null: never
+            "validate_every": _integer(min=1, nullable=True, default=500),
+            "validation_tasks": _integer(min=1, default=50),
+            "tensorboard": {"type": "boolean", "default": False},
             # meta-batches built ahead of the loop (l2l_adversarial.data.prefetch): worker
             # processes and meta-batches ahead; null: the default for the task source
             "workers": _integer(min=0, nullable=True, default=None),
@@ -169,8 +182,15 @@ SCHEMA: dict[str, Any] = {
                 "default": [2.0, 0.2],
             },
             "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
-            "attack": {"type": "string", "allowed": ["fgsm", "pgd"], "default": "fgsm"},
+            # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
+            "attack": {
+                "type": "string",
+                "allowed": ["fgsm", "pgd", "autoattack"],
+                "default": "fgsm",
+            },
             "pgd_steps": _integer(min=1, default=10),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
         }
     ),
@@ -386,6 +406,7 @@ NEUTRAL_KEYS = (
     "train.log_every",
     "train.checkpoint_every",
     "train.max_loss",
+    "train.tensorboard",
     "evaluate",
 )
 """Keys (or sections) a run may change when resumed: they do not alter what was trained."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.config import BUNDLED_DATASETS, METHODS
 from l2l_adversarial.data import make_tasks
 from l2l_adversarial.distributed import cuda_device
@@ -128,11 +129,15 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
-def evaluation_attack(settings: dict[str, Any]) -> Callable[..., Attack]:
-    """``make_attack(eps=...)`` for the ``evaluate`` section: FGSM, or PGD with its steps."""
+def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
+    """``evaluate.attack`` as a function of the radius: FGSM, PGD (``pgd_steps``, step
+    ``pgd_step_size`` pixel levels) or the AutoAttack ensemble."""
     if settings["attack"] == "pgd":
-        return functools.partial(PGD, steps=settings["pgd_steps"])
-    return FGSM
+        step = settings["pgd_step_size"]
+        return functools.partial(
+            PGD, steps=settings["pgd_steps"], step_size=None if step is None else step / 255
+        )
+    return AutoAttack if settings["attack"] == "autoattack" else FGSM
 
 
 def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:

@@ -44,7 +44,8 @@ __all__ = [
     "writer_lock",
 ]
 
-RESULT_FILES = ("checkpoint.pt", "metrics.csv", "config.yaml", "summary.json", "evaluation.json")
+RESULT_FILES = ("checkpoint.pt", "metrics.csv", "config.yaml", "summary.json", "evaluation.json",
+                "best.pt", "validation.csv", "evaluation_best.json")  # fmt: skip
 """What a run writes into its folder (other files there are the user's and left alone)."""
 LOCK = ".lock"
 ASIDE_PREFIX = ".replaced-"

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +75,18 @@ METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds", "en
 row; ``engine``: the engine that ran (:mod:`l2l_adversarial.engines`)."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
+
+
+class TrainingMonitor(Protocol):
+    """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
+    after every iteration, ``close`` at the end (see
+    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+
+    def start(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TaskSource(Protocol):
@@ -278,7 +290,10 @@ class Trainer:
         return objective.total, objective.accuracy
 
     def run(
-        self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
+        self,
+        progress: bool = True,
+        on_iteration: Callable[[int], None] | None = None,
+        monitor: TrainingMonitor | None = None,
     ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
@@ -291,6 +306,8 @@ class Trainer:
         )
         last: dict[str, float | str] = {}
         started = time.perf_counter()
+        if monitor is not None:
+            monitor.start(self)
         try:
             while self.iteration < total:
                 if on_iteration is not None:
@@ -315,6 +332,8 @@ class Trainer:
                     if self.rank == 0:
                         self._log(last)
                     self.data_seconds = 0.0
+                if monitor is not None:
+                    monitor.step(self, last)
                 if saved or self.iteration == total:
                     self.save()
         except KeyboardInterrupt as interrupt:
@@ -329,6 +348,8 @@ class Trainer:
             ) from None
         finally:
             self.close_batches()
+            if monitor is not None:
+                monitor.close()
         bar.close()
         return last
 
@@ -428,6 +449,7 @@ def train(
     accept_changes: Collection[str] = (),
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> nn.Module:
     """Meta-train the configured method on ``tasks``; return the trained learner.
 
@@ -436,7 +458,8 @@ def train(
     the checkpoint to resume and its settings) is checked before any file is touched;
     replaced results are moved aside and deleted once the new run's first checkpoint is
     written, or put back if it fails before. SIGTERM and SIGUSR1 stop it like Ctrl-C:
-    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised.
+    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised. ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()
@@ -472,7 +495,7 @@ def train(
 
             trainer.after_save = drop_old_results
         try:
-            summary = trainer.run(progress=progress, on_iteration=on_iteration)
+            summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
         except BaseException:
             if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
                 restore_aside(run_dir, aside)
