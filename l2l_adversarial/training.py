@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, 
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
     CheckpointError,
+    check_finite_weights,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -57,7 +59,7 @@ from l2l_adversarial.run_folder import (
     restore_aside,
     writer_lock,
 )
-from l2l_adversarial.signals import Interrupted, interrupt_on_signals
+from l2l_adversarial.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import derive_seed
 
@@ -100,15 +102,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255)."""
+    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+
+    Its per-call value checks are off (``check_values=False``): the data was validated when
+    loaded, and training's divergence guard stops a non-finite loss once per iteration with
+    the setting to change, where a diverged inner loop would make the attack raise instead.
+    """
     eps = eps_255 / 255
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     if name == "fgsm":
-        return FGSM(eps=eps)
+        return FGSM(eps=eps, check_values=False)
     if name == "ffgsm":
-        return FFGSM(eps=eps, generator=generator)
+        return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator)
+        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
@@ -238,6 +245,7 @@ class Trainer:
         """
         path = self.run_dir / CHECKPOINT
         state = load_checkpoint(path, kind="train", expected=self.fingerprint())
+        check_finite_weights(path, state["learner"])
         changes = config_changes(state["config"], self.config)
         if state["package_version"] != __version__:
             changes["package_version"] = (state["package_version"], __version__)
@@ -347,35 +355,53 @@ class Trainer:
         )
         last: dict[str, float] = {}
         started = time.perf_counter()
-        try:
-            while self.iteration < total:
-                if on_iteration is not None:
-                    on_iteration(self.iteration)
-                loss, accuracy = self.step()
-                self._guard_divergence(loss)
-                self.iteration += 1
-                bar.update(1)
-                last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                        "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                if self.rank == 0 and (
-                    self.iteration % train["log_every"] == 0 or self.iteration == total
-                ):
-                    self._log(last)
-                if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
-                    self.save()
-        except KeyboardInterrupt as interrupt:
-            self.save()
-            bar.close()
-            signum = getattr(interrupt, "signum", Interrupted().signum)
-            raise Interrupted(
-                f"interrupted ({Interrupted(signum=signum).name}) after iteration "
-                f"{self.iteration}, checkpoint saved in {str(self.run_dir / CHECKPOINT)!r}; "
-                "continue with --resume",
-                signum,
-            ) from None
+        stepping = False  # inside an iteration: its state is half updated
+        with deferred_signals() as stop:  # a signal stops the loop between iterations
+            try:
+                while self.iteration < total:
+                    if stop.signum is not None:
+                        raise Interrupted(signum=stop.signum)
+                    if on_iteration is not None:
+                        on_iteration(self.iteration)
+                    stepping = True
+                    loss, accuracy = self.step()
+                    self._guard_divergence(loss)
+                    self.iteration += 1
+                    bar.update(1)
+                    last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
+                            "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+                    if self.rank == 0 and (
+                        self.iteration % train["log_every"] == 0 or self.iteration == total
+                    ):
+                        self._log(last)
+                    if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                        self.save()
+                    stepping = False
+            except KeyboardInterrupt as interrupt:
+                bar.close()
+                raise self._interrupted(interrupt, saved=not stepping) from None
         bar.close()
         return last
+
+    def _interrupted(self, interrupt: KeyboardInterrupt, saved: bool) -> Interrupted:
+        """Save a checkpoint between iterations (not inside one, where a second signal
+        lands); say where the run can continue from."""
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        if saved:
+            self.save()
+            where = f"after iteration {self.iteration}, checkpoint saved in"
+        else:
+            where = (
+                f"during iteration {self.iteration + 1}, the checkpoint of iteration "
+                f"{self.saved_iteration} is kept in"
+            )
+        return Interrupted(
+            f"interrupted ({name}) {where} {str(self.run_dir / CHECKPOINT)!r}; continue with "
+            "--resume",
+            signum,
+        )
 
     def _guard_divergence(self, loss: float) -> None:
         """Stop before a non-finite or exploding step can reach a checkpoint."""
