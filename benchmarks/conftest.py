@@ -56,6 +56,8 @@ from torch.utils.flop_counter import flop_registry
 
 from l2l_adversarial import CNN4, Task
 
+from .op_counter import OpCounter
+
 SIZES_OPTION, ROUNDS_OPTION, THREADS_OPTION = "--bench-sizes", "--bench-rounds", "--bench-threads"
 PAIRED_ROUNDS_OPTION = "--bench-paired-rounds"
 REFERENCE = "maml (learn2learn reference)"
@@ -80,6 +82,9 @@ SIZES = {
     size.name: size
     for size in (
         Size("tiny", ways=3, shots=1, queries=2, channels=1, image=16, hidden=4, steps=1, meta_batch=2),
+        # issue 11's counting configuration at the smallest images: op and sync counts do not
+        # depend on image size or width, so its counts are paper-1shot's at a fraction of the time
+        Size("counts", ways=5, shots=1, queries=15, channels=1, image=16, hidden=4, steps=5, meta_batch=4),
         Size("small", ways=5, shots=1, queries=15, channels=1, image=28, hidden=64, steps=5, meta_batch=4),
         Size("paper-1shot", ways=5, shots=1, queries=15, channels=3, image=84, hidden=32, steps=5, meta_batch=4),
         Size("paper-5shot", ways=5, shots=5, queries=15, channels=3, image=84, hidden=32, steps=5, meta_batch=4),
@@ -108,6 +113,9 @@ class Row:
     peak_cuda_mb: float | None
     images: int | None
     flops: int | None
+    ops: int | None = None  # ATen operator calls in the warm-up call (see op_counter.py)
+    launches: int | None = None  # those that are not views (kernel launches on CUDA)
+    syncs: int | None = None  # host-device synchronising calls among them
 
 
 class Workload:
@@ -220,6 +228,9 @@ def measure(
                 peak_cuda_mb=first.peak_cuda_mb,
                 images=images,
                 flops=first.flops,
+                ops=first.ops,
+                launches=first.launches,
+                syncs=first.syncs,
             )
         )
 
@@ -335,6 +346,9 @@ class _FirstCallProbe:
         self.peak_rss_mb: float | None = None
         self.peak_cuda_mb: float | None = None
         self.flops: int | None = None
+        self.ops: int | None = None
+        self.launches: int | None = None
+        self.syncs: int | None = None
         self._called = False
 
     def __call__(self) -> None:
@@ -348,12 +362,13 @@ class _FirstCallProbe:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             cuda_before = torch.cuda.memory_allocated(self.device)
-        counter = _FlopCounter()
+        counter, ops = _FlopCounter(), OpCounter()
         start = time.perf_counter()
-        with counter:
+        with counter, ops:
             self.function()
         self.seconds = time.perf_counter() - start
-        self.flops = counter.total
+        self.flops, self.ops, self.syncs = counter.total, ops.ops, ops.syncs
+        self.launches = ops.launches
         peak = _peak_resident_mb()
         if rss_before is not None and peak is not None:
             self.peak_rss_mb = peak - rss_before
@@ -403,9 +418,11 @@ def pytest_terminal_summary(
         "s = seconds per call (median and min over the timed rounds); x MAML = ratio to the "
         "learn2learn MAML meta-iteration of the same size in this run; GFLOP = convolution and "
         "matrix-product arithmetic per call, and its ratio to MAML's; +RSS = peak resident "
-        "memory above the level before the call (MB); CUDA = peak allocated (MB)"
+        "memory above the level before the call (MB); CUDA = peak allocated (MB); ops = ATen "
+        "operator calls of the first call, and their ratio to MAML's; launch = those that are "
+        "not views (kernel launches on CUDA), and their ratio; syncs = host-device synchronising calls among them (benchmarks/op_counter.py)"
     )
-    header = f"{'benchmark':52s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'GFLOP':>7s} {'(x)':>5s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s}"
+    header = f"{'benchmark':52s} {'median s':>9s} {'min s':>9s} {'rounds':>6s} {'x MAML':>7s} {'(min)':>6s} {'GFLOP':>7s} {'(x)':>5s} {'+RSS MB':>8s} {'CUDA MB':>8s} {'images/s':>9s} {'ops':>7s} {'(x)':>5s} {'launch':>7s} {'(x)':>5s} {'syncs':>5s}"
     for size in dict.fromkeys(row.size for row in rows):
         # meta-iterations first, then attacks
         group = sorted(
@@ -426,10 +443,20 @@ def pytest_terminal_summary(
             rss = "n/a" if row.peak_rss_mb is None else f"{row.peak_rss_mb:.0f}"
             cuda = "-" if row.peak_cuda_mb is None else f"{row.peak_cuda_mb:.0f}"
             throughput = "-" if row.images is None else f"{row.images / row.seconds_median:.0f}"
+            ops = "n/a" if row.ops is None else str(row.ops)
+            op_ratio = "n/a"
+            if reference is not None and row.ops and reference.ops:
+                op_ratio = f"{row.ops / reference.ops:.2f}"
+            syncs = "n/a" if row.syncs is None else str(row.syncs)
+            launches = "n/a" if row.launches is None else str(row.launches)
+            launch_ratio = "n/a"
+            if reference is not None and row.launches and reference.launches:
+                launch_ratio = f"{row.launches / reference.launches:.2f}"
             write(
                 f"{row.name:52s} {row.seconds_median:9.4f} {row.seconds_min:9.4f} "
                 f"{row.rounds:6d} {ratio:>7s} {ratio_min:>6s} {gflop:>7s} {flop_ratio:>5s} "
-                f"{rss:>8s} {cuda:>8s} {throughput:>9s}"
+                f"{rss:>8s} {cuda:>8s} {throughput:>9s} {ops:>7s} {op_ratio:>5s} "
+                f"{launches:>7s} {launch_ratio:>5s} {syncs:>5s}"
             )
     if paired:
         _write_paired(write, paired)

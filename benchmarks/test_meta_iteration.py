@@ -1,13 +1,13 @@
-"""Time per meta-iteration: learn2learn's MAML loop against ADML, MAML-AD and Adversarial
-Querying, on the same tasks and the same initial model (see conftest.py for the sizes).
+"""Time, ATen ops and syncs per meta-iteration: learn2learn's MAML loop against MAML, ADML,
+MAML-AD and Adversarial Querying run by ``engines.meta_step`` (what ``train`` runs), with the
+sequential and the vmap engine, on the same tasks and the same initial model (see conftest.py
+for the sizes).
 
 The reference is the loop of learn2learn's MiniImageNet MAML example: per task
 ``maml.clone()``, ``learner.adapt(loss)`` per inner step, the query loss's ``.backward()``;
-then the gradients are divided by the meta-batch size and Adam steps. Our learners run the
-same loop with ``meta_loss`` per task, with ``channels_last=True`` (what the command line
-uses on the CPU) unless the row says otherwise; one ADML row uses ``meta_step`` with the vmap
-engine (the one ``engine="auto"`` picks on CUDA). Our MAML's row shows what the
-channels-last query passes alone are worth.
+then the gradients are divided by the meta-batch size and Adam steps. Our sequential rows use
+``channels_last=True`` (what the command line uses on the CPU) unless the row says otherwise;
+the vmap engine ignores it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, PGD, AdversarialQuerying
+from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, PGD, AdversarialQuerying, engines
 from l2l_adversarial.algorithms.base import MetaLearner
 
 from .conftest import REFERENCE, Measure, MeasurePaired, Workload
@@ -54,83 +54,51 @@ def maml_reference(workload: Workload) -> Iteration:
     return iteration
 
 
-def per_task_loop(learner: MetaLearner, workload: Workload) -> Iteration:
-    """The reference loop with ``learner.meta_loss(*task)`` as each task's loss."""
-    optimizer = torch.optim.Adam(learner.parameters(), META_LR)
-
-    def iteration() -> None:
-        optimizer.zero_grad()
-        for task in workload.tasks:
-            learner.meta_loss(*task).backward()
-        for p in learner.parameters():
-            p.grad.data.mul_(1.0 / len(workload.tasks))
-        optimizer.step()
-
-    return iteration
-
-
-def maml_loop(workload: Workload) -> Iteration:
-    learner = MAML(
-        workload.make_model(), lr=INNER_LR, adaptation_steps=workload.size.steps, channels_last=True
-    )
-    return per_task_loop(learner, workload)
+LEARNERS: dict[str, Callable[..., MetaLearner]] = {
+    "maml": lambda model, steps, **kw: MAML(model, lr=INNER_LR, adaptation_steps=steps, **kw),
+    "adml": lambda model, steps, **kw: ADML(
+        model, lr=INNER_LR, adaptation_steps=steps, **{"attack": FGSM(eps=EPS), **kw}
+    ),
+    "maml-ad": lambda model, steps, **kw: MAMLAD(
+        model, lr=INNER_LR, attack=FGSM(eps=EPS), adaptation_steps=steps, **kw
+    ),
+    "aq": lambda model, steps, **kw: AdversarialQuerying(
+        model, lr=INNER_LR, attack=FGSM(eps=EPS), adaptation_steps=steps, **kw
+    ),
+}
 
 
-def adml_loop(workload: Workload, attack: FGSM | PGD, channels_last: bool = True) -> Iteration:
-    learner = ADML(
-        workload.make_model(),
-        lr=INNER_LR,
-        attack=attack,
-        adaptation_steps=workload.size.steps,
-        channels_last=channels_last,
-    )
-    return per_task_loop(learner, workload)
+def engine_step(method: str, engine: str, **options: object) -> Callable[[Workload], Iteration]:
+    """One ``engines.meta_step`` of ``method``'s learner with ``engine``."""
 
-
-def adml_vmap(workload: Workload) -> Iteration:
-    learner = ADML(
-        workload.make_model(),
-        lr=INNER_LR,
-        attack=FGSM(eps=EPS),
-        adaptation_steps=workload.size.steps,
-    )
-    optimizer = torch.optim.Adam(learner.parameters(), META_LR)
-
-    def iteration() -> None:
-        learner.meta_step(workload.tasks, optimizer, engine="vmap")
-
-    return iteration
-
-
-def adversarial_loop(
-    learner_class: type[MAMLAD] | type[AdversarialQuerying],
-) -> Callable[[Workload], Iteration]:
     def make(workload: Workload) -> Iteration:
-        learner = learner_class(
-            workload.make_model(),
-            lr=INNER_LR,
-            attack=FGSM(eps=EPS),
-            adaptation_steps=workload.size.steps,
-            channels_last=True,
-        )
-        return per_task_loop(learner, workload)
+        options.setdefault("channels_last", engine == "sequential")
+        learner = LEARNERS[method](workload.make_model(), workload.size.steps, **options)
+        optimizer = torch.optim.Adam(learner.parameters(), META_LR)
+
+        def iteration() -> None:
+            engines.meta_step(learner, workload.tasks, optimizer, engine=engine)
+
+        return iteration
 
     return make
 
 
 METHODS: dict[str, Callable[[Workload], Iteration]] = {
     REFERENCE: maml_reference,
-    "maml (ours, meta_loss per task)": maml_loop,
-    "adml (meta_loss per task)": lambda w: adml_loop(w, FGSM(eps=EPS)),
-    "adml (same, channels_last=False)": lambda w: adml_loop(w, FGSM(eps=EPS), False),
-    # PGD with one eps-step from the clean input is FGSM, through the generic path (attack,
-    # then adapt): the difference to the first ADML row is the shared support pass.
-    "adml (same, no shared support pass)": lambda w: adml_loop(
-        w, PGD(eps=EPS, steps=1, step_size=EPS, random_start=False)
+    **{
+        f"{method} (meta_step, {engine})": engine_step(method, engine)
+        for method in LEARNERS
+        for engine in ("sequential", "vmap")
+    },
+    "adml (sequential, channels_last=False)": engine_step(
+        "adml", "sequential", channels_last=False
     ),
-    "adml (meta_step, engine=vmap)": adml_vmap,
-    "maml-ad (meta_loss per task)": adversarial_loop(MAMLAD),
-    "adversarial querying (meta_loss per task)": adversarial_loop(AdversarialQuerying),
+    # PGD with one eps-step from the clean input is FGSM, through the generic path (attack,
+    # then adapt): the difference to the sequential ADML row is the shared support pass.
+    "adml (sequential, no shared support pass)": engine_step(
+        "adml", "sequential", attack=PGD(eps=EPS, steps=1, step_size=EPS, random_start=False)
+    ),
 }
 
 
@@ -140,7 +108,7 @@ def test_meta_iteration(method: str, workload: Workload, measure: Measure) -> No
 
 
 # The performance target (ADML <= 2x learn2learn's MAML, CPU, paper size 1-shot) in paired rounds.
-PAIRED = (REFERENCE, "maml (ours, meta_loss per task)", "adml (meta_loss per task)")
+PAIRED = (REFERENCE, "maml (meta_step, sequential)", "adml (meta_step, sequential)")
 
 
 def test_paired_rounds(workload: Workload, measure_paired: MeasurePaired) -> None:

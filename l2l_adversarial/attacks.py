@@ -22,7 +22,7 @@ Conventions (read these before choosing ``eps``):
   ``check_values=True`` (default) the attack also reads values back from the device: inputs
   must be finite and inside ``data_range``, class labels in range, and the model's loss finite
   (a model with NaN weights is refused instead of returning meaningless samples);
-  ``check_values=False`` skips these host reads.
+  ``check_values=False`` (or ``validation.value_checks(False)``) skips these host reads.
 * The attack never writes into the model: ``nn.Module`` parameters are read detached, so no
   ``.grad`` is touched and no edge joins the caller's autograd graph, and buffers are
   copied, so BatchNorm running statistics are never updated by an attack. BatchNorm itself
@@ -51,27 +51,17 @@ import torch
 from torch import Tensor, nn
 
 from l2l_adversarial.functional import stateless
-from l2l_adversarial.validation import check_finite, check_labels
+from l2l_adversarial.validation import (
+    check_finite,
+    check_labels,
+    is_classification_loss,
+    value_checks_enabled,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Tensor], Tensor]
 
 __all__ = ["Attack", "FGSM", "FFGSM", "PGD", "is_classification_loss"]
-
-CLASSIFICATION_LOSSES = (nn.functional.cross_entropy, nn.functional.nll_loss)
-
-
-def is_classification_loss(loss_fn: Callable[..., Tensor]) -> bool:
-    """Whether ``loss_fn`` takes class indices: cross-entropy or NLL (function or module).
-
-    Example:
-        >>> is_classification_loss(torch.nn.CrossEntropyLoss()), is_classification_loss(
-        ...     torch.nn.functional.mse_loss)
-        (True, False)
-    """
-    return loss_fn in CLASSIFICATION_LOSSES or isinstance(
-        loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)
-    )
 
 
 def _check_eps(name: str, value: float) -> float:
@@ -188,7 +178,7 @@ class Attack(ABC):
             if self.check_values and is_classification_loss(self.loss_fn):
                 check_labels("labels", labels, outputs.shape[-1])
             loss = self.loss_fn(outputs, labels)
-            if self.check_values and not bool(torch.isfinite(loss)):
+            if self.check_values and value_checks_enabled() and not bool(torch.isfinite(loss)):
                 raise ValueError(
                     f"the model's loss on these inputs is {loss.item()}: its parameters or outputs "
                     "hold NaN or inf (a diverged training run?), so no attack is meaningful; "
@@ -229,6 +219,8 @@ class Attack(ABC):
 
     def check_range(self, pixels: Tensor) -> None:
         """Raise ``ValueError`` unless ``pixels`` lie inside ``data_range`` (with a hint)."""
+        if not value_checks_enabled():  # checked once per meta-batch by the engine
+            return
         lower, upper = self.data_range
         slack = 1e-4 * (upper - lower)
         low, high = pixels.min().item(), pixels.max().item()

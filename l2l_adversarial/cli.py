@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import csv
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -28,12 +30,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from l2l_adversarial.algorithms import MatchingNetwork
-from l2l_adversarial.attacks import FGSM, PGD
 from l2l_adversarial.checkpoint import CheckpointError, check_finite_weights, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
-from l2l_adversarial.data import make_tasks
+from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
@@ -43,43 +43,36 @@ from l2l_adversarial.distributed import (
     world,
 )
 from l2l_adversarial.errors import UserError, describe_os_error
-from l2l_adversarial.evaluation import (
-    EvaluationResult,
-    FewShotLearner,
-    GradientLearner,
-    MatchingLearner,
-    evaluate,
+from l2l_adversarial.evaluation import EvaluationResult, Scenario, evaluate, few_shot_learner
+from l2l_adversarial.factory import (
+    DATASET_TITLES,
+    METHOD_NAMES,
+    build_learner,
+    evaluation_attack,
+    resolve_device,
+    task_source,
 )
+from l2l_adversarial.meta_validation import BEST_CHECKPOINT, MetaValidator
 from l2l_adversarial.report import (
     ResultsFileError,
+    format_compact_table,
     format_table,
     load_results,
     refuse_overwrite,
     report_paths,
     save_results,
+    write_atomic,
     write_report,
 )
 from l2l_adversarial.run_folder import RunFolderError, reader_lock
+from l2l_adversarial.seeds import seed_run_dirs, seed_runs
 from l2l_adversarial.signals import interrupt_on_signals
-from l2l_adversarial.training import CHECKPOINT, build_learner, resolve_device, train
+from l2l_adversarial.training import CHECKPOINT, train
 
 __all__ = ["main"]
 
-DATASET_TITLES = {
-    "mini-imagenet": "MiniImageNet",
-    "cifar100": "CIFAR100",
-    "cifar-fs": "CIFAR-FS",
-    "digits": "Digits",
-}
 DISTRIBUTED_COMMANDS = ("train", "evaluate")
 """Commands that split their work over the processes of a torchrun launch."""
-METHOD_NAMES = {
-    "maml": "MAML",
-    "maml-ad": "MAML-AD",
-    "adml": "ADML",
-    "aq": "AQ",
-    "matching-nets": "Matching Nets",
-}
 
 
 def default_run_dir(config: dict[str, Any]) -> Path:
@@ -88,35 +81,46 @@ def default_run_dir(config: dict[str, Any]) -> Path:
     return Path(config["run_dir"] or Path("runs") / name)
 
 
-def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
-    dataset, task = config["dataset"], config["task"]
-    options: dict[str, Any] = {"strict": dataset["strict"]}
-    if dataset["name"] in BUNDLED_DATASETS:
-        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
-    return make_tasks(
-        dataset["name"],
-        dataset["root"],
-        mode,
-        task["ways"],
-        task["shots"],
-        task["query_shots"],
-        seed=seed,
-        num_tasks=num_tasks,
-        download=dataset["download"],
-        **options,
-    )
+CHECKPOINTS = {"last": CHECKPOINT, "best": BEST_CHECKPOINT}
+"""``evaluate --checkpoint``: the last checkpoint, or the best one of meta-validation."""
+
+
+def validation_monitor(
+    config: dict[str, Any], epsilons: Sequence[float] = ()
+) -> MetaValidator | None:
+    """Meta-validation (and TensorBoard) for a run, on ``train.validation_tasks`` seeded tasks
+    of the validation split (of the meta-training split for digits, which has none)."""
+    train = config["train"]
+    if train["validate_every"] is None and not train["tensorboard"]:
+        return None
+    split = "train" if config["dataset"]["name"] in BUNDLED_DATASETS else "validation"
+    try:
+        tasks = task_source(
+            config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
+        )
+    except (DatasetFileError, FileNotFoundError) as error:  # a missing split file
+        raise DatasetFileError(
+            f"{error}\nmeta-validation (train.validate_every) reads the {split} split: add its "
+            "file, or train without it: -o train.validate_every=null"
+        ) from error
+    return MetaValidator(config, tasks, split=split, epsilons=epsilons)
 
 
 def load_trained_learner(
-    run_dir: Path, config: dict[str, Any], tasks: Any
+    run_dir: Path, config: dict[str, Any], tasks: Any, checkpoint: str = "last"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The learner of a finished (or interrupted) run at its last checkpoint, and what that
-    checkpoint is: ``{"iteration", "digest", "finished"}``.
+    """The learner of a finished (or interrupted) run at its last (or its best) checkpoint,
+    and what that checkpoint is: ``{"iteration", "digest", "finished"}``.
 
     Refuses a checkpoint trained with other settings than ``config`` or holding non-finite
     weights.
     """
-    path = run_dir / CHECKPOINT
+    path = run_dir / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not path.exists():
+        raise CheckpointError(
+            f"{str(path)!r} not found: the run kept no best checkpoint (train.validate_every "
+            "was null, or it stopped before its first validation); use --checkpoint last"
+        )
     state = load_checkpoint(path, kind="train", expected={"method": config["method"]})
     changes = config_changes(state["config"], config)
     if changes:
@@ -133,7 +137,7 @@ def load_trained_learner(
     learner = build_learner(config, shape[1], shape[-1])
     learner.load_state_dict(state["learner"])
     iteration, total = int(state["iteration"]), config["train"]["iterations"]
-    if iteration < total and world()[0] == 0:
+    if iteration < total and checkpoint == "last" and world()[0] == 0:
         print(
             f"warning: {str(run_dir)!r} is unfinished (checkpoint of iteration {iteration} "
             f"of {total}); evaluating that checkpoint, finish it with train --resume",
@@ -146,30 +150,22 @@ def load_trained_learner(
     }
 
 
-def few_shot_learner(learner: nn.Module, settings: dict[str, Any]) -> FewShotLearner:
-    """How a trained learner adapts at meta-test."""
-    if isinstance(learner, MatchingNetwork):
-        return MatchingLearner(learner)
-    return GradientLearner(learner, lr=settings["inner_lr"], steps=settings["adaptation_steps"])
-
-
 def evaluate_run(
-    run_dir: Path, config: dict[str, Any], progress: bool = True
+    run_dir: Path,
+    config: dict[str, Any],
+    progress: bool = True,
+    checkpoint: str = "last",
+    scenarios: Sequence[Scenario] | None = None,
 ) -> tuple[EvaluationResult, dict[str, Any]]:
-    """Evaluate a trained run on the seeded test tasks in the paper's scenarios; return the
-    result and the evaluated checkpoint's iteration and digest (read under the folder's
-    shared lock)."""
+    """Evaluate a trained run on the seeded test tasks in the paper's scenarios (or in
+    ``scenarios``); return the result and the evaluated checkpoint's iteration and digest
+    (read under the folder's shared lock)."""
     settings = config["evaluate"]
     device = resolve_device(config["device"])
     tasks = task_source(config, "test", seed=settings["seed"], num_tasks=settings["tasks"])
     with contextlib.ExitStack() as stack:  # rank 0 locks; its refusal stops every rank
         on_rank0(lambda: stack.enter_context(reader_lock(run_dir)))
-        learner, checkpoint = load_trained_learner(run_dir, config, tasks)
-    make_attack = (
-        FGSM
-        if settings["attack"] == "fgsm"
-        else functools.partial(PGD, steps=settings["pgd_steps"])
-    )
+        learner, evaluated = load_trained_learner(run_dir, config, tasks, checkpoint)
     with tqdm(
         total=len(rank_indices(len(tasks))),
         desc=f"evaluate {config['method']}",
@@ -177,12 +173,15 @@ def evaluate_run(
         dynamic_ncols=True,
     ) as bar:
         result = evaluate(
-            few_shot_learner(learner.to(device), settings),
+            few_shot_learner(
+                learner.to(device), settings["inner_lr"], settings["adaptation_steps"]
+            ),
             tasks,
             method=METHOD_NAMES[config["method"]],
             epsilons=settings["eps"],
-            make_attack=make_attack,
+            make_attack=evaluation_attack(settings),
             protocol=settings["protocol"],
+            scenarios=scenarios,
             seed=settings["seed"],
             dataset=DATASET_TITLES[config["dataset"]["name"]],
             device=device,
@@ -193,7 +192,7 @@ def evaluate_run(
             f"evaluating {str(run_dir)!r} gave non-finite accuracies; check its checkpoint "
             "and evaluate.inner_lr (lower it)"
         )
-    return result, checkpoint
+    return dataclasses.replace(result, training_seed=config["seed"]), evaluated
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -204,36 +203,52 @@ def command_train(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config) if args.config else None, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     resolve_device(config["device"])
-    tasks = task_source(config, "train", seed=config["seed"])
-    train(
-        config,
-        run_dir,
-        tasks,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        accept_changes=args.accept_changes,
-        progress=not args.quiet,
-    )
-    if world()[0] == 0:
-        print(f"trained {config['method']}: {run_dir}")
+    for seed_config, seed_dir in seed_runs(config, run_dir, args.seeds):
+        tasks = task_source(seed_config, "train", seed=seed_config["seed"])
+        train(
+            seed_config,
+            seed_dir,
+            tasks,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            accept_changes=args.accept_changes,
+            progress=not args.quiet,
+            monitor=validation_monitor(seed_config),
+        )
+        if world()[0] == 0:
+            print(f"trained {config['method']} (seed {seed_config['seed']}): {seed_dir}")
     return 0
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run folder, or every ``seed-<seed>`` run of a ``train --seeds`` folder
+    (each into its own evaluation.json, or all into ``--output``)."""
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    runs = [run_dir] if (run_dir / "config.yaml").is_file() else seed_run_dirs(run_dir)
+    if not runs:
         raise RunFolderError(
-            f"not a run folder, {str(run_dir)!r} has no config.yaml; give the --run-dir of a "
-            "train command, or train first"
+            f"not a run folder, {str(run_dir)!r} has no config.yaml (nor seed-<seed> runs); "
+            "give the --run-dir of a train command, or train first"
         )
-    config = load_config(run_dir / "config.yaml", args.set)
-    output = Path(args.output) if args.output else run_dir / "evaluation.json"
-    refuse_overwrite([output], args.overwrite)
-    result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
+    configs = [load_config(run / "config.yaml", args.set) for run in runs]
+    default = "evaluation.json" if args.checkpoint == "last" else "evaluation_best.json"
+    outputs = [Path(args.output)] if args.output else [run / default for run in runs]
+    refuse_overwrite(outputs, args.overwrite)
+    results, checkpoints = [], []
+    for run, config in zip(runs, configs, strict=True):
+        result, checkpoint = evaluate_run(
+            run, config, progress=not args.quiet, checkpoint=args.checkpoint
+        )
+        results.append(result)
+        checkpoints.append(checkpoint)
+        if world()[0] == 0 and not args.output:
+            save_results([result], run / default, [checkpoint])
     if world()[0] == 0:
-        save_results([result], output, [checkpoint])
-        print(format_table([result], result.dataset or config["dataset"]["name"], result.shots))
-        print(f"results: {output}")
+        if args.output:
+            save_results(results, outputs[0], checkpoints)
+        first = results[0]
+        print(format_table(results, first.dataset or configs[0]["dataset"]["name"], first.shots))
+        print(f"results: {', '.join(map(str, outputs))}")
     return 0
 
 
@@ -249,13 +264,16 @@ def command_configs(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    results = []
-    for path in args.results:
-        with reader_lock(Path(path).parent):
-            results += load_results(path)
     groups: dict[tuple[str, int], list[EvaluationResult]] = defaultdict(list)
-    for result in results:
-        groups[(result.dataset or "unknown", result.shots)].append(result)
+    runs: dict[tuple[str, int], dict[str, Path]] = defaultdict(dict)
+    for path in map(Path, args.results):
+        with reader_lock(path.parent):
+            loaded = load_results(path)
+        for result in loaded:
+            key = (result.dataset or "unknown", result.shots)
+            groups[key].append(result)
+            if (path.parent / "metrics.csv").is_file():  # results inside a run folder
+                runs[key][result.method] = path.parent
     tables = {}
     for (dataset, shots), group in sorted(groups.items()):
         try:
@@ -265,11 +283,17 @@ def command_report(args: argparse.Namespace) -> int:
                 f"these results do not make one table ({error}), in "
                 f"{', '.join(map(repr, args.results))}; report each run's results once"
             ) from error
-    outputs = [p for (d, s), g in groups.items() for p in report_paths(g, args.output, d, s)]
+    outputs = [
+        p
+        for (d, s), g in groups.items()
+        for p in report_paths(g, args.output, d, s, training=bool(runs[d, s]))
+    ]
     refuse_overwrite(outputs, args.overwrite)  # before writing any file
     for (dataset, shots), table in tables.items():
         print(table)
-        for path in write_report(groups[(dataset, shots)], args.output, dataset, shots):
+        paths = write_report(groups[(dataset, shots)], args.output, dataset, shots,
+                             epsilon=args.epsilon, training_runs=runs[dataset, shots])  # fmt: skip
+        for path in paths:
             print(f"wrote {path}")
     return 0
 
@@ -285,36 +309,119 @@ QUICKSTART = [
     "train.meta_lr=0.003",
     "train.adaptation_steps=5",
     "train.checkpoint_every=50",
+    "train.validate_every=20",
+    "train.validation_tasks=10",
     "evaluate.adaptation_steps=10",
-    "evaluate.eps=[2]",
 ]
+QUICKSTART_METHODS = ("maml", "maml-ad", "adml")
+QUICKSTART_ITERATIONS, QUICKSTART_TASKS = 60, 40
+QUICKSTART_RADII = (2.0, 4.0, 8.0, 16.0, 32.0)
+"""Candidate radii (pixel levels): the rule picks one; the robustness curves use them all."""
+QUICKSTART_SWEEP = (Scenario(0.0, 0.0), Scenario(0.0, 1.0))
+"""Scenarios of the robustness curves at the radii other than the table's."""
+EPS_RULE_RATIO = 0.9
+"""The quickstart's radius: the smallest candidate at which FGSM brings MAML's Clean-Adversarial
+accuracy below this fraction of its Clean-Clean accuracy, on its final meta-validation."""
+
+
+def choose_epsilon(validation_csv: Path) -> tuple[float, dict[str, Any]]:
+    """Apply the quickstart's rule to MAML's last meta-validation (``validation.csv``): the
+    smallest radius whose adversarial accuracy is below ``EPS_RULE_RATIO`` x the clean one
+    (the largest radius if none is). Returns the radius and the row it was read from."""
+    rows = list(csv.DictReader(validation_csv.open(newline="")))
+    if not rows:
+        raise RunFolderError(f"{str(validation_csv)!r} is empty: train MAML again (--overwrite)")
+    last = max(int(r["iteration"]) for r in rows)
+    final = sorted(
+        (r for r in rows if int(r["iteration"]) == last), key=lambda r: float(r["epsilon"])
+    )
+    for row in final:
+        if float(row["adversarial_accuracy"]) < EPS_RULE_RATIO * float(row["clean_accuracy"]):
+            return float(row["epsilon"]), row
+    return float(final[-1]["epsilon"]), final[-1]
 
 
 def command_quickstart(args: argparse.Namespace) -> int:
-    """Train MAML and ADML briefly on scikit-learn's bundled digits, evaluate, print the table."""
+    """Train MAML, pick the radius at which FGSM breaks it, train MAML-AD and ADML at that
+    radius, evaluate all three on the same seeded digits tasks, print the table, write the
+    figures."""
     # A tiny model: one intra-op thread is fastest (two measured 2-15x slower on a 2-core VM).
     torch.set_num_threads(1)
     output = Path(args.output)
-    refuse_overwrite([output / "evaluation.json"], args.overwrite)
-    started = time.perf_counter()
-    configs = {}
-    for method in ("maml", "adml"):  # every setting checked before any file is written
+    refuse_overwrite([output / "evaluation.json", output / "quickstart.json"], args.overwrite)
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def quickstart_config(method: str, epsilon: float | None) -> dict[str, Any]:
+        """MAML trains without a radius; all three are evaluated at ``epsilon``."""
         overrides = [*QUICKSTART, f"method={method}", f"train.iterations={args.iterations}",
-                     f"evaluate.tasks={args.tasks}", f"seed={args.seed}", *args.set]  # fmt: skip
-        configs[method] = load_config(None, overrides)
-        resolve_device(configs[method]["device"])
-    results, checkpoints = [], []
-    for method, config in configs.items():
+                     f"evaluate.tasks={args.tasks}", f"seed={args.seed}"]  # fmt: skip
+        if epsilon is not None:
+            overrides.append(f"evaluate.eps=[{epsilon}]")
+            if method != "maml":
+                overrides.append(f"train.eps={epsilon}")
+        config = load_config(None, [*overrides, *args.set])
+        resolve_device(config["device"])
+        return config
+
+    for method in QUICKSTART_METHODS:  # every setting checked before any file is written
+        quickstart_config(method, QUICKSTART_RADII[0])
+    epsilon: float | None = None
+    rule: dict[str, Any] = {}
+    for method in QUICKSTART_METHODS:
+        config = quickstart_config(method, epsilon)
         run_dir = output / method
         resume = not args.overwrite and (run_dir / CHECKPOINT).exists()  # checked against config
+        radii = QUICKSTART_RADII if method == "maml" else ()
         train(config, run_dir, task_source(config, "train", seed=config["seed"]), resume=resume,
-              overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
+              overwrite=args.overwrite, progress=not args.quiet,
+              monitor=validation_monitor(config, radii))  # fmt: skip
+        if method == "maml":
+            epsilon, rule = choose_epsilon(run_dir / "validation.csv")
+    results, checkpoints, runs = [], [], {}
+    for method in QUICKSTART_METHODS:
+        config, run_dir = quickstart_config(method, epsilon), output / method
+        runs[METHOD_NAMES[method]] = run_dir
         result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
-        results.append(result)
+        # the robustness curve: the other radii, clean support only (one adaptation per task)
+        config["evaluate"]["eps"] = [r for r in QUICKSTART_RADII if r != epsilon]
+        sweep, _ = evaluate_run(run_dir, config, progress=False, scenarios=QUICKSTART_SWEEP)
+        results.append(
+            dataclasses.replace(
+                result,
+                scenarios=result.scenarios + sweep.scenarios,
+                attacks=result.attacks + sweep.attacks,
+            )
+        )
         checkpoints.append(checkpoint)
+    assert epsilon is not None
     save_results(results, output / "evaluation.json", checkpoints)
-    print(format_table(results, "Digits", results[0].shots))
-    print(f"quickstart finished in {time.perf_counter() - started:.0f} s; results in {output}")
+    report = write_report(results, output / "report", "Digits", results[0].shots,
+                          epsilon=epsilon, training_runs=runs)  # fmt: skip
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    summary = {"epsilon": epsilon, "rule_ratio": EPS_RULE_RATIO, "rule_row": rule,
+               "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
+               "cpu_seconds": round(cpu, 1)}  # fmt: skip
+    write_atomic(output / "quickstart.json", json.dumps(summary, indent=1) + "\n")
+    print(
+        f"ε = {epsilon:g} pixel levels ({epsilon:g}/255), for training and the table: the "
+        f"smallest of {', '.join(f'{r:g}' for r in QUICKSTART_RADII)} at which FGSM brings MAML's "
+        f"Clean-Adversarial accuracy below {EPS_RULE_RATIO:.0%} of its Clean-Clean on its "
+        f"final meta-validation ({rule['adversarial_accuracy']} vs {rule['clean_accuracy']} % "
+        f"on {config['train']['validation_tasks']} seeded tasks of the meta-training digits)."
+    )
+    print(f"Digits 16x16, 5-way {results[0].shots}-shot, {args.iterations} meta-iterations, "
+          f"{args.tasks} seeded test tasks (digits 5-9), FGSM, paper protocol; accuracy (%) ± 95% CI:")  # fmt: skip
+    print(format_compact_table(results, epsilon))
+    curve = "; ".join(
+        f"{r.method} "
+        + " ".join(f"{e.accuracy:.1f}" for e in sorted(r.scenarios, key=lambda e: e.epsilon)
+                   if (e.support, e.query) == ("clean", "adversarial"))
+        for r in results
+    )  # fmt: skip
+    print(f"Clean-Adversarial at ε = {', '.join(f'{r:g}' for r in QUICKSTART_RADII)}: {curve}")
+    print("figures: " + ", ".join(str(p) for p in report if p.suffix == ".png"))
+    print(f"quickstart finished in {seconds:.0f} s ({cpu:.0f} s CPU, "
+          f"{torch.get_num_threads()} torch thread); results in {output}")  # fmt: skip
     return 0
 
 
@@ -343,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", help="run folder (default: runs/<dataset>-<ways>w<shots>s-<method>)"
     )
     sub.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+    sub.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="train one run per training seed, in RUN_DIR/seed-<seed> (or the "
+                     "config's seeds: [...]); one process per seed spreads them")  # fmt: skip
     sub.add_argument("--accept-changes", type=_key_list, default=[], metavar="KEY[,KEY]",
                      help="with --resume: continue although these config keys changed "
                      "(e.g. train.meta_lr); config.yaml records the change")  # fmt: skip
@@ -353,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="evaluate a trained run in the paper's six scenarios"
     )
     sub.add_argument("run_dir")
-    sub.add_argument("--output", help="results JSON (default: RUN_DIR/evaluation.json)")
+    sub.add_argument("--output", help="results JSON (default: RUN_DIR/evaluation.json, "
+                     "RUN_DIR/evaluation_best.json with --checkpoint best)")  # fmt: skip
+    sub.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last",
+                     help="the last checkpoint, or the best one of meta-validation (best.pt)")  # fmt: skip
     add_common(sub)
     sub.set_defaults(handler=command_evaluate)
 
@@ -361,12 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("results", nargs="+", help="evaluation JSON files")
     sub.add_argument("--output", default="report", help="folder for the tables and figures")
     sub.add_argument("--overwrite", action="store_true", help="replace existing files")
+    sub.add_argument("--epsilon", type=float, default=2.0,
+                     help="radius (pixel levels) of the step-by-step figures (default 2)")  # fmt: skip
     sub.set_defaults(handler=command_report)
 
-    sub = commands.add_parser("quickstart", help="MAML vs ADML on bundled digits, CPU, minutes")
+    sub = commands.add_parser(
+        "quickstart", help="MAML, MAML-AD and ADML on bundled digits: CPU, about 3 minutes"
+    )
     sub.add_argument("--output", default="runs/quickstart")
-    sub.add_argument("--iterations", type=int, default=100)
-    sub.add_argument("--tasks", type=int, default=40, help="test tasks per scenario")
+    sub.add_argument("--iterations", type=int, default=QUICKSTART_ITERATIONS)
+    sub.add_argument("--tasks", type=int, default=QUICKSTART_TASKS, help="test tasks per scenario")
     sub.add_argument("--seed", type=int, default=0)
     add_common(sub)
     sub.set_defaults(handler=command_quickstart)

@@ -88,6 +88,14 @@ def _section(schema: dict[str, Any]) -> dict[str, Any]:
 SCHEMA: dict[str, Any] = {
     "method": {"type": "string", "allowed": list(METHODS), "default": "adml"},
     "seed": _integer(min=0, default=0),
+    # several training seeds: train runs one run folder per seed (run_dir/seed-<seed>)
+    "seeds": {
+        "type": "list",
+        "minlength": 1,
+        "schema": _integer(min=0),
+        "nullable": True,
+        "default": None,
+    },
     "device": {"type": "string", "regex": r"auto|cpu|cuda(:\d+)?", "default": "auto"},
     "run_dir": {"type": "string", "nullable": True, "default": None},
     "dataset": _section(
@@ -99,6 +107,8 @@ SCHEMA: dict[str, Any] = {
             "strict": {"type": "boolean", "default": True},
             # digits only: side of the upsampled images (the quickstart uses 16)
             "image_size": _integer(min=16, nullable=True, default=None),
+            # the split kept on the training device as stored (uint8), tasks gathered there
+            "device_resident": {"type": "boolean", "default": False},
         }
     ),
     "task": _section(
@@ -147,6 +157,25 @@ SCHEMA: dict[str, Any] = {
             "max_loss": _number(min=1e-12, nullable=True, default=1000.0),
             "checkpoint_every": _integer(min=1, default=500),
             "log_every": _integer(min=1, default=10),
+            # meta-validation: clean and adversarial accuracy on seeded validation tasks every
+            # validate_every iterations (validation.csv, best.pt); null: never
+            "validate_every": _integer(min=1, nullable=True, default=500),
+            "validation_tasks": _integer(min=1, default=50),
+            "tensorboard": {"type": "boolean", "default": False},
+            # meta-batches built ahead of the loop (l2l_adversarial.data.prefetch): worker
+            # processes and meta-batches ahead; null: the default for the task source
+            "workers": _integer(min=0, nullable=True, default=None),
+            "prefetch": _integer(min=0, nullable=True, default=None),
+            # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
+            # workspace, for an exact resume (l2l_adversarial.reproducibility)
+            "deterministic": {"type": "boolean", "default": True},
+            # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
+            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
         }
     ),
     "evaluate": _section(
@@ -161,8 +190,15 @@ SCHEMA: dict[str, Any] = {
                 "default": [2.0, 0.2],
             },
             "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
-            "attack": {"type": "string", "allowed": ["fgsm", "pgd"], "default": "fgsm"},
+            # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
+            "attack": {
+                "type": "string",
+                "allowed": ["fgsm", "pgd", "autoattack"],
+                "default": "fgsm",
+            },
             "pgd_steps": _integer(min=1, default=10),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
         }
     ),
@@ -223,6 +259,11 @@ def validate_config(
         raise ConfigError(
             "train.meta_update: 'sequential' applies to method adml only; "
             "set train.meta_update=joint or method=adml"
+        )
+    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
+        raise ConfigError(
+            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
+            "use auto or sequential"
         )
     return config
 
@@ -373,6 +414,7 @@ NEUTRAL_KEYS = (
     "train.log_every",
     "train.checkpoint_every",
     "train.max_loss",
+    "train.tensorboard",
     "evaluate",
 )
 """Keys (or sections) a run may change when resumed: they do not alter what was trained."""

@@ -1,21 +1,32 @@
-"""Engines that evaluate ADML's meta-objective (Eq. 1) over a whole meta-batch.
+"""The meta-iteration of every gradient-based learner, task by task or batched.
 
-* ``"sequential"``: task after task, exactly as :meth:`ADML.task_objective` computes one task.
-  This is the reference; :meth:`ADML.meta_step` keeps one task's graph in memory at a time.
-* ``"vmap"``: every task of the meta-batch and both branches of Eq. (1) at once, with
-  ``torch.func``: line 7 is one ``vmap`` over ``grad`` for the ``2T`` (branch, task) pairs,
-  line 11 one vmapped query pass, and lines 6 and 9 one attack call over the meta-batch
-  (BatchNorm statistics and losses stay per task and per set; attacks with a random start
-  still run task by task, see :func:`batches_attack`). On a GPU this launches each layer's
-  kernels once per meta-batch instead of ``2T`` times.
-* ``"auto"`` (default): ``"vmap"`` when the parameters are on CUDA and the model allows it
-  (:func:`vmap_obstacle`), ``"sequential"`` otherwise: on CPU the vmapped (grouped)
-  convolutions are slower than the loop.
+:func:`meta_step` runs one meta-iteration (lines 3-11 of Algorithm 1 for ADML; the joint
+meta-update for every learner) on a meta-batch. A learner states one task's objective in
+:meth:`~l2l_adversarial.algorithms.base.MetaLearner.task_objective`; the engine decides how
+many tasks run at once:
 
-All engines give the same meta-gradient to floating-point tolerance. The vmap engine needs
-tasks of equal shapes (``"auto"`` falls back to the loop when they differ). Inside it, batch
-and layer normalisation run as primitive operations: PyTorch's batching rules for the fused
-kernels give wrong second derivatives (pytorch/functorch#534).
+* ``"sequential"``: task after task with :class:`~l2l_adversarial.algorithms.SequentialOps`
+  (``torch.autograd``), one task's graph in memory at a time. The reference.
+* ``"vmap"``: the same objective on a stack of tasks with :class:`BatchedOps`
+  (``torch.func``): each inner loop is one ``vmap`` over ``grad`` for all tasks (for ADML,
+  over the ``2T`` (branch, task) pairs), each query loss one vmapped pass, each attack one
+  call over the meta-batch (losses and BatchNorm statistics stay per task and per set; attacks
+  with a random start run task by task, see :func:`batches_attack`). On a GPU this launches
+  each layer's kernels once per meta-batch instead of once per task. ``chunk_size`` bounds
+  how many tasks run at once (memory).
+* ``"auto"`` (default): ``"sequential"``. No GPU measurement has shown vmap to be faster
+  yet (none was available to this project); on the CPU the vmapped (grouped) convolutions
+  are slower than the loop.
+
+All engines give the same meta-gradient to floating-point tolerance (``tests/test_engines.py``).
+The vmap engine needs tasks of equal shapes. Inside it, batch and layer normalisation run as
+primitive operations: PyTorch's batching rules for the fused kernels give wrong second
+derivatives (pytorch/functorch#534).
+
+Nothing in a meta-iteration reads device values on the host: the meta-batch's value checks
+(finite inputs, label range, the attack's data range) are one host read before it starts
+(:func:`l2l_adversarial.validation.check_meta_batch`; off inside
+``validation.value_checks(False)``), and the returned losses stay on the device.
 
 Example:
     >>> import torch, l2l_adversarial as l2la
@@ -23,16 +34,18 @@ Example:
     >>> adml = l2la.ADML(l2la.CNN4(ways=3, in_channels=1, hidden=4, image_size=16), lr=0.1)
     >>> tasks = [l2la.Task(torch.rand(3, 1, 16, 16), torch.arange(3),
     ...                    torch.rand(6, 1, 16, 16), torch.arange(3).repeat(2))] * 2
-    >>> objective = engines.meta_batch_objective(adml, tasks, engine="vmap")
-    >>> objective.total.backward()  # same gradient as engine="sequential"
+    >>> optimizer = torch.optim.Adam(adml.parameters(), lr=1e-3)
+    >>> objective = engines.meta_step(adml, tasks, optimizer, engine="vmap")
+    >>> objective.total.shape  # the mean over the meta-batch, on the device, detached
+    torch.Size([])
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,39 +53,49 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from l2l_adversarial.algorithms.adml import ADML, ADMLObjective, AdversarialTask
+from l2l_adversarial.algorithms.adml import ADML, ADMLObjective
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner, MetaLearner
+from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
+from l2l_adversarial.algorithms.task_ops import (
+    AdaptSet,
+    AttackSet,
+    ScoreSet,
+    SequentialOps,
+    TaskObjective,
+    TaskOps,
+)
 from l2l_adversarial.attacks import FGSM, PGD, Attack
 from l2l_adversarial.functional import Params
-from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_choice, check_task
+from l2l_adversarial.task import Task, per_class_prefix
+from l2l_adversarial.validation import (
+    check_choice,
+    check_meta_batch,
+    check_task_metadata,
+    value_checks,
+)
 
 __all__ = [
     "ENGINES",
-    "adversarial_tasks",
+    "BatchedOps",
     "batches_attack",
-    "mean_objective",
     "meta_batch_objective",
-    "preferred_engine",
+    "meta_step",
     "resolve_engine",
     "vmap_obstacle",
 ]
 
 ENGINES = ("auto", "sequential", "vmap")
-
 EMPTY_BATCH = "tasks is empty: a meta-batch needs at least one task"
+
+Objective = TypeVar("Objective", TaskObjective, ADMLObjective)
+
+
+class _Stepper(Protocol):
+    def zero_grad(self) -> None: ...
+    def step(self) -> Any: ...
 
 
 # -- choosing an engine --------------------------------------------------------------------
-def preferred_engine(device: torch.device) -> str:
-    """The engine ``"auto"`` picks on ``device`` for a model vmap can run.
-
-    Example:
-        >>> preferred_engine(torch.device("cuda")), preferred_engine(torch.device("cpu"))
-        ('vmap', 'sequential')
-    """
-    return "vmap" if device.type == "cuda" else "sequential"
-
-
 def vmap_obstacle(model: nn.Module) -> str | None:
     """Why the vmap engine cannot run ``model`` (in its current train/eval mode), or ``None``.
 
@@ -101,25 +124,30 @@ def vmap_obstacle(model: nn.Module) -> str | None:
     return None
 
 
-def resolve_engine(adml: ADML, engine: str = "auto") -> str:
-    """``"sequential"`` or ``"vmap"``: what ``engine`` means for ``adml``'s model and device.
+def resolve_engine(learner: nn.Module, engine: str = "auto") -> str:
+    """``"sequential"`` or ``"vmap"``: what ``engine`` means for ``learner``.
 
-    Raises ``ValueError`` for an unknown name, or for ``"vmap"`` on a model it cannot run.
+    ``"auto"`` is ``"sequential"`` (see the module docstring). Raises ``ValueError`` for an
+    unknown name, or for ``"vmap"`` on a learner or model it cannot run.
 
     Example:
-        >>> resolve_engine(adml, "auto")  # "sequential" on CPU, "vmap" on CUDA
+        >>> import l2l_adversarial as l2la
+        >>> resolve_engine(l2la.MAML(l2la.CNN4(ways=3), lr=0.1), "vmap")
+        'vmap'
     """
     check_choice("engine", engine, ENGINES)
-    if engine == "sequential":
-        return engine
-    obstacle = vmap_obstacle(adml.functional.module)
-    if engine == "auto":
-        preferred = preferred_engine(next(iter(adml.meta_parameters().values())).device)
-        return "sequential" if obstacle else preferred
+    if engine != "vmap":
+        return "sequential"
+    if not isinstance(learner, MetaLearner):
+        raise ValueError(
+            f"engine='vmap' runs gradient-based learners (MAML, ADML, MAML-AD, AQ), not "
+            f"{type(learner).__name__}; use engine='sequential' (or 'auto')"
+        )
+    obstacle = vmap_obstacle(learner.functional.module)
     if obstacle:
         raise ValueError(
-            f"engine='vmap' cannot run {type(adml.functional.module).__name__}: {obstacle}. "
-            "Use engine='sequential' (or 'auto', which falls back to it)."
+            f"engine='vmap' cannot run {type(learner.functional.module).__name__}: {obstacle}. "
+            "Use engine='sequential' (or 'auto')."
         )
     return engine
 
@@ -128,10 +156,9 @@ def batches_attack(attack: Attack) -> bool:
     """Whether the vmap engine attacks a whole meta-batch in one call.
 
     Only for attacks without randomness (FGSM; PGD without random start): an attack with a
-    random start runs task by task as the tasks come, so an iterator that seeds the attack's
-    generator before yielding each task gets the sequential engine's samples. (With
-    ``attack_target="adapted"`` the query sets are attacked after every task is adapted, as
-    in :meth:`ADML.meta_step` with two optimizers.)
+    random start runs task by task, each task from the generator state it had when the task
+    was taken from ``tasks`` (so an iterator that seeds the attack's generator before yielding
+    each task gets the sequential engine's samples).
 
     Example:
         >>> batches_attack(FGSM(eps=2 / 255)), batches_attack(PGD(eps=2 / 255))
@@ -140,161 +167,362 @@ def batches_attack(attack: Attack) -> bool:
     return type(attack) is FGSM or (type(attack) is PGD and not attack.random_start)
 
 
-# -- the engines ---------------------------------------------------------------------------
-def adversarial_tasks(
-    adml: ADML, tasks: Iterable[Task], engine: str = "auto"
-) -> list[AdversarialTask]:
-    """Lines 5-6 and 8-9 of Algorithm 1 for every task of a meta-batch.
+# -- the meta-iteration ----------------------------------------------------------------------
+def meta_step(
+    learner: nn.Module,
+    tasks: Iterable[Task],
+    optimizer: _Stepper,
+    clean_optimizer: _Stepper | None = None,
+    *,
+    steps: int | None = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+) -> Any:
+    """One meta-iteration over a meta-batch; returns the mean objective (detached, on the
+    parameters' device: reading it is the caller's choice).
+
+    With one ``optimizer`` (learning rate beta), theta takes one step on the mean over the
+    tasks of the learner's objective (for ADML ``L(theta'_adv, D'_c) + L(theta'_c, D'_adv)``).
+    With ``clean_optimizer`` too (ADML only), line 11 runs as the paper writes it:
+    ``optimizer`` (beta1) steps on ``L(theta'_adv, D'_c)``, then both branches are recomputed
+    at the updated theta and ``clean_optimizer`` (beta2) steps on ``L(theta'_c, D'_adv)``; the
+    adversarial samples made against theta are generated once, before either step.
+
+    ``engine`` and ``chunk_size`` (the vmap engine's tasks per batch; all by default): see the
+    module docstring. Learners that are not gradient-based (Matching Networks) run their
+    ``loss_and_accuracy`` task by task.
 
     Example:
-        >>> batch = adversarial_tasks(adml, tasks, engine="vmap")
+        >>> objective = meta_step(adml, tasks, optimizer)  # doctest: +SKIP
+        >>> beta1_then_beta2 = meta_step(adml, tasks, beta1, beta2)  # doctest: +SKIP
     """
-    if resolve_engine(adml, engine) == "sequential" or not batches_attack(adml.attack):
-        return [adml.adversarial_task(*task) for task in tasks]
-    checked = _checked(tasks)
-    if not _stackable(checked, engine):
-        return [adml.adversarial_task(*task) for task in checked]
-    with _PrimitiveNormalisation():
-        theta = adml.meta_parameters()
-        support = (
-            _stack(t.support_inputs for t in checked),
-            _stack(t.support_labels for t in checked),
+    check_choice("engine", engine, ENGINES)
+    if isinstance(learner, MatchingNetwork):
+        resolve_engine(learner, engine)
+        return _plain_step(learner, tasks, optimizer)
+    if not isinstance(learner, MetaLearner):
+        raise TypeError(
+            "learner must be an l2l_adversarial learner (MAML, ADML, MAMLAD, "
+            f"AdversarialQuerying, MatchingNetwork), got {type(learner).__name__}"
         )
-        query = (_stack(t.query_inputs for t in checked), _stack(t.query_labels for t in checked))
-        query_adversarial: list[Tensor | None] = [None] * len(checked)
-        if adml.attack_target == "initial":
-            queries, supports = _attack_sets(adml, theta, False, [query, support])
-            query_adversarial = list(queries)
-        else:  # D'_adv is made against theta'_c, inside the objective
-            (supports,) = _attack_sets(adml, theta, False, [support])
-    return [
-        AdversarialTask(
-            support_clean=task.support_inputs,
-            support_adversarial=support_adversarial,
-            support_labels=task.support_labels,
-            query_clean=task.query_inputs,
-            query_adversarial=adversarial,
-            query_labels=task.query_labels,
+    batch = _MetaBatch(learner, tasks, resolve_engine(learner, engine), steps, chunk_size)
+    if clean_optimizer is None:
+        return _descend(learner, batch.objectives(), optimizer, lambda o: o.total)
+    if not isinstance(learner, ADML):
+        raise TypeError(
+            f"clean_optimizer: the two-step update of Algorithm 1 is ADML's; "
+            f"{type(learner).__name__} takes one optimizer"
         )
-        for task, support_adversarial, adversarial in zip(
-            checked, supports, query_adversarial, strict=True
-        )
-    ]
-
-
-def mean_objective(
-    adml: ADML, batch: Iterable[AdversarialTask], steps: int | None = None, engine: str = "auto"
-) -> ADMLObjective:
-    """Line 7 and the losses of line 11, averaged over the tasks; differentiable in theta.
-
-    Example:
-        >>> mean_objective(adml, adversarial_tasks(adml, tasks)).total.backward()
-    """
-    vmap_engine = resolve_engine(adml, engine) == "vmap"
-    steps = adml.resolve_steps(steps)
-    batch = list(batch)
-    if not batch:
-        raise ValueError(EMPTY_BATCH)
-    if vmap_engine and _stackable(batch, engine):
-        with _PrimitiveNormalisation():
-            return _batched_objective(adml, batch, steps)
-    return _mean([adml.objective(task, steps) for task in batch])
+    first = _descend(learner, batch.objectives(), optimizer, lambda o: o.adversarial_support_loss)
+    second = _descend(
+        learner, batch.objectives(replay=True), clean_optimizer, lambda o: o.clean_support_loss
+    )
+    return ADMLObjective(
+        first.adversarial_support_loss,
+        second.clean_support_loss,
+        first.adversarial_support_accuracy,
+        second.clean_support_accuracy,
+    )
 
 
 def meta_batch_objective(
-    adml: ADML, tasks: Iterable[Task], steps: int | None = None, engine: str = "auto"
-) -> ADMLObjective:
-    """Lines 5-11 for a meta-batch: the mean over tasks of :meth:`ADML.task_objective`.
+    learner: MetaLearner,
+    tasks: Iterable[Task],
+    steps: int | None = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+) -> Any:
+    """The mean over a meta-batch of ``learner.task_objective``, differentiable in theta
+    (every task's graph kept until the caller's backward pass).
 
     Example:
-        >>> meta_batch_objective(adml, tasks, engine="auto").total.backward()
+        >>> meta_batch_objective(adml, tasks, engine="vmap").total.backward()  # doctest: +SKIP
     """
-    steps = adml.resolve_steps(steps)
-    if resolve_engine(adml, engine) == "vmap":
-        return mean_objective(adml, adversarial_tasks(adml, tasks, engine), steps, engine)
-    objectives = [adml.task_objective(task, steps) for task in tasks]
-    if not objectives:
+    batch = _MetaBatch(learner, tasks, resolve_engine(learner, engine), steps, chunk_size)
+    parts = list(batch.objectives())
+    weights = [weight for _, weight in parts]
+    columns = zip(*(objective for objective, _ in parts), strict=True)
+    return type(parts[0][0])(
+        *(torch.stack([w * v for w, v in zip(weights, c, strict=True)]).sum(0) for c in columns)
+    )
+
+
+def _descend(
+    learner: MetaLearner,
+    objectives: Iterable[tuple[Any, float]],
+    optimizer: _Stepper,
+    select: Callable[[Any], Tensor],
+) -> Any:
+    """Backpropagate ``select`` of each weighted objective as it comes (one graph alive at a
+    time), take one optimizer step; returns the weighted mean objective, detached."""
+    optimizer.zero_grad()
+    sums: list[Tensor] = []
+    kind: type | None = None
+    for objective, weight in objectives:
+        (weight * select(objective)).backward()
+        values = [weight * v.detach() for v in objective]
+        sums = values if not sums else [s + v for s, v in zip(sums, values, strict=True)]
+        kind = type(objective)
+    optimizer.step()
+    assert kind is not None  # _MetaBatch refuses an empty meta-batch
+    return kind(*sums)
+
+
+def _plain_step(
+    learner: MatchingNetwork, tasks: Iterable[Task], optimizer: _Stepper
+) -> TaskObjective:
+    """Matching Networks: no inner loop, ``loss_and_accuracy`` task by task."""
+    checked = [Task(*task) for task in tasks]
+    if not checked:
         raise ValueError(EMPTY_BATCH)
-    return _mean(objectives)
+    optimizer.zero_grad()
+    losses, accuracies = [], []
+    for task in checked:
+        loss, accuracy = learner.loss_and_accuracy(*task)
+        (loss / len(checked)).backward()
+        losses.append(loss.detach())
+        accuracies.append(accuracy.detach())
+    optimizer.step()
+    return TaskObjective(torch.stack(losses).mean(), torch.stack(accuracies).float().mean())
+
+
+class _AttackStreams:
+    """The attack generator's state for each task, taken when the task left ``tasks``; a
+    task's attacks draw from (and advance) its own stream, whatever the engine."""
+
+    def __init__(self, learner: MetaLearner) -> None:
+        attack = getattr(learner, "attack", None)
+        self.generator: torch.Generator | None = getattr(attack, "generator", None)
+        self.states: list[Tensor] = []
+
+    def capture(self) -> None:
+        if self.generator is not None:
+            self.states.append(self.generator.get_state())
+
+    @contextmanager
+    def task(self, index: int) -> Iterator[None]:
+        if self.generator is None:
+            yield
+            return
+        self.generator.set_state(self.states[index])
+        try:
+            yield
+        finally:
+            self.states[index] = self.generator.get_state()
+
+
+class _MetaBatch:
+    """A checked meta-batch and its objectives, task by task or in stacked chunks."""
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        tasks: Iterable[Task],
+        engine: str,
+        steps: int | None,
+        chunk_size: int | None,
+    ) -> None:
+        self.learner, self.engine, self.steps = learner, engine, learner.resolve_steps(steps)
+        self.streams = _AttackStreams(learner)
+        module, classification = learner.functional.module, learner.classification
+        self.tasks: list[Task] = []
+        for index, task in enumerate(tasks):
+            self.streams.capture()
+            self.tasks.append(
+                check_task_metadata(task, classification, module, where=f"task {index}")
+            )
+        if not self.tasks:
+            raise ValueError(EMPTY_BATCH)
+        attack = getattr(learner, "attack", None)
+        data_range = attack.data_range if attack is not None and attack.mean is None else None
+        check_meta_batch(self.tasks, classification, data_range)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size or len(self.tasks)
+        if engine == "vmap":
+            _check_stackable(self.tasks)
+        self.recorded: list[list[Tensor]] = []
+
+    def objectives(self, replay: bool = False) -> Iterator[tuple[Any, float]]:
+        """``(objective, weight)`` per task (sequential) or per chunk (vmap, objective
+        averaged over the chunk); the weights sum to 1. ``replay`` reuses the attacks on
+        theta of the previous pass."""
+        count = len(self.tasks)
+        recorded = self.recorded if replay else []
+        if not replay:
+            self.recorded = recorded
+        with value_checks(False):
+            if self.engine == "sequential":
+                for index, task in enumerate(self.tasks):
+                    ops: TaskOps = SequentialOps(self.learner, recorded[index] if replay else None)
+                    with self.streams.task(index):
+                        objective = self.learner.task_objective(task, self.steps, ops)
+                    if not replay:
+                        recorded.append(ops.recorded)
+                    yield objective, 1 / count
+                return
+            for chunk, start in enumerate(range(0, count, self.chunk_size)):
+                tasks = self.tasks[start : start + self.chunk_size]
+                stacked = Task(*(torch.stack(list(sets)) for sets in zip(*tasks, strict=True)))
+                ops = BatchedOps(
+                    self.learner, self.streams, start, recorded[chunk] if replay else None
+                )
+                with _PrimitiveNormalisation():
+                    objective = self.learner.task_objective(stacked, self.steps, ops)
+                if not replay:
+                    recorded.append(ops.recorded)
+                yield type(objective)(*(v.mean(0) for v in objective)), len(tasks) / count
 
 
 # -- the vmap engine -----------------------------------------------------------------------
-def _batched_objective(adml: ADML, batch: Sequence[AdversarialTask], steps: int) -> ADMLObjective:
-    """Line 7 for the ``2T`` (branch, task) pairs in one vmap, then line 11 in another.
+class BatchedOps(TaskOps):
+    """The operations on a stack of tasks (leading dimension ``T``) with ``torch.func``.
 
-    Pairs ``0..T-1`` are the adversarial branch (D_adv, alpha1), ``T..2T-1`` the clean one.
+    Parameters other than theta carry the task dimension; losses and accuracies come back as
+    ``[T]`` tensors. Sets of equal shapes in one call run in one ``vmap``.
     """
-    functional, count = adml.functional, len(batch)
-    theta = adml.meta_parameters()
-    support = torch.cat(
-        [_stack(t.support_adversarial for t in batch), _stack(t.support_clean for t in batch)]
-    )
-    support_labels = _stack(t.support_labels for t in batch).repeat(2, 1)
-    like = next(iter(theta.values()))
-    step_sizes = torch.tensor(
-        [adml.lr] * count + [adml.clean_lr] * count, dtype=like.dtype, device=like.device
-    )
 
-    def adapt(params: Params, inputs: Tensor, labels: Tensor, step_size: Tensor) -> Params:
-        def support_loss(p: Params) -> Tensor:
-            return functional.loss_fn(functional(p, inputs), labels)
+    batched = True
+    learner: AdversarialMetaLearner
 
-        for _ in range(steps):
-            gradients = grad(support_loss)(params)
-            if adml.first_order:
-                gradients = {name: g.detach() for name, g in gradients.items()}
-            params = {name: p - step_size * gradients[name] for name, p in params.items()}
-        return params
+    def __init__(
+        self,
+        learner: MetaLearner,
+        streams: _AttackStreams,
+        offset: int,
+        replay: Sequence[Tensor] | None = None,
+    ) -> None:
+        super().__init__(learner, replay)
+        self.streams, self.offset = streams, offset
 
-    adapted = vmap(adapt, in_dims=(None, 0, 0, 0))(theta, support, support_labels, step_sizes)
-    query_clean = _stack(t.query_clean for t in batch)
-    query_labels = _stack(t.query_labels for t in batch)
-    given = [t.query_adversarial for t in batch]
-    if all(q is None for q in given):  # attack_target="adapted": D'_adv against theta'_c
-        clean_branch = {name: p[count:] for name, p in adapted.items()}
-        if batches_attack(adml.attack):
-            (query_adversarial,) = _attack_sets(
-                adml, clean_branch, True, [(query_clean, query_labels)]
+    def _in_dim(self, params: Params) -> int | None:
+        return None if params is self.theta else 0
+
+    def adapt(self, params: Params, sets: Sequence[AdaptSet], steps: int) -> list[Params]:
+        functional, first_order = self.learner.functional, self.learner.first_order
+
+        def inner_loop(p: Params, inputs: Tensor, labels: Tensor, step_size: Tensor) -> Params:
+            def support_loss(q: Params) -> Tensor:
+                return functional.loss_fn(functional(q, inputs), labels)
+
+            for _ in range(steps):
+                gradients = grad(support_loss)(p)
+                if first_order:
+                    gradients = {name: g.detach() for name, g in gradients.items()}
+                p = {name: w - step_size * gradients[name] for name, w in p.items()}
+            return p
+
+        if steps == 0:
+            return [params for _ in sets]
+        groups = _groups([(inputs.shape, labels.shape) for inputs, labels, _ in sets])
+        adapted: list[Params] = [{} for _ in sets]
+        for members in groups:
+            inputs = torch.cat([sets[i][0] for i in members])
+            labels = torch.cat([sets[i][1] for i in members])
+            tasks = sets[members[0]][0].shape[0]
+            like = inputs if inputs.is_floating_point() else next(iter(params.values()))
+            step_sizes = torch.cat(
+                [
+                    torch.full((tasks,), sets[i][2], dtype=like.dtype, device=like.device)
+                    for i in members
+                ]
             )
-        else:  # task by task, in the order meta_step's sequential engine attacks them
-            query_adversarial = _stack(
-                adml.perturb({n: p[i] for n, p in clean_branch.items()}, x, y)
-                for i, (x, y) in enumerate(zip(query_clean, query_labels, strict=True))
+            start = params
+            if self._in_dim(params) == 0 and len(members) > 1:
+                start = {n: torch.cat([p] * len(members)) for n, p in params.items()}
+            result = vmap(inner_loop, in_dims=(self._in_dim(params), 0, 0, 0))(
+                start, inputs, labels, step_sizes
             )
-    elif any(q is None for q in given):
-        raise ValueError(
-            "batch mixes tasks with and without query_adversarial; make all of them with "
-            "the same attack_target"
-        )
-    else:
-        query_adversarial = _stack(q for q in given if q is not None)
-    losses, accuracies = vmap(functional.loss)(
-        adapted, torch.cat([query_clean, query_adversarial]), query_labels.repeat(2, 1)
-    )
-    return ADMLObjective(
-        losses[:count].mean(),
-        losses[count:].mean(),
-        accuracies[:count].mean(),
-        accuracies[count:].mean(),
-    )
+            for slot, i in enumerate(members):
+                adapted[i] = {n: p[slot * tasks : (slot + 1) * tasks] for n, p in result.items()}
+        return adapted
+
+    def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
+        loss = self.learner.functional.loss
+        if len(sets) > 1 and all(self._in_dim(p) == 0 for p, _, _ in sets):
+            groups = _groups([(x.shape, y.shape) for _, x, y in sets])
+        else:
+            groups = [[i] for i in range(len(sets))]
+        scored: list[TaskObjective] = [TaskObjective(torch.empty(0), torch.empty(0))] * len(sets)
+        for members in groups:
+            params = sets[members[0]][0]
+            if len(members) > 1:
+                params = {n: torch.cat([sets[i][0][n] for i in members]) for n in params}
+            inputs = torch.cat([sets[i][1] for i in members])
+            labels = torch.cat([sets[i][2] for i in members])
+            losses, accuracies = vmap(loss, in_dims=(self._in_dim(params), 0, 0))(
+                params, inputs, labels
+            )
+            tasks = sets[members[0]][1].shape[0]
+            for slot, i in enumerate(members):
+                part = slice(slot * tasks, (slot + 1) * tasks)
+                scored[i] = TaskObjective(losses[part], accuracies[part])
+        return scored
+
+    def _perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]:
+        learner = self.learner
+        if batches_attack(learner.attack):
+            return _attack_sets(
+                learner, params, self._in_dim(params) == 0, [(x, y) for x, y, _ in sets]
+            )
+        tasks = sets[0][0].shape[0]
+        batched = self._in_dim(params) == 0
+        per_task: list[list[Tensor]] = [[] for _ in sets]
+        for t in range(tasks):
+            at = {n: p[t] for n, p in params.items()} if batched else params
+            with self.streams.task(self.offset + t):
+                for slot, (inputs, labels, query) in enumerate(sets):
+                    attack = learner.perturb_query if query else learner.perturb
+                    per_task[slot].append(attack(at, inputs[t], labels[t]))
+        return [torch.stack(samples) for samples in per_task]
+
+    def append_rows(
+        self, inputs: Tensor, labels: Tensor, adversarial: Tensor, fraction: float
+    ) -> tuple[Tensor, Tensor]:
+        extra_labels = labels
+        if fraction < 1:  # one host read: how many rows each task keeps
+            chosen = per_class_prefix(labels, fraction)
+            counts = chosen.sum(dim=1).tolist()
+            if len(set(counts)) != 1:
+                raise ValueError(
+                    f"engine='vmap': adversarial_fraction={fraction} selects {counts} rows in "
+                    "the tasks of this meta-batch; vmap needs equal counts (balanced classes). "
+                    "Use engine='sequential'."
+                )
+            rows = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, : counts[0]]
+            tasks = torch.arange(labels.shape[0], device=labels.device)[:, None]
+            adversarial, extra_labels = adversarial[tasks, rows], labels.gather(1, rows)
+        return torch.cat([inputs, adversarial], dim=1), torch.cat([labels, extra_labels], dim=1)
+
+
+def _groups(shapes: Sequence[Any]) -> list[list[int]]:
+    """Indices of equal shapes, in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(index)
+    return list(groups.values())
 
 
 def _attack_sets(
-    adml: ADML, params: Params, batched: bool, sets: Sequence[tuple[Tensor, Tensor]]
+    learner: AdversarialMetaLearner,
+    params: Params,
+    batched: bool,
+    sets: Sequence[tuple[Tensor, Tensor]],
 ) -> list[Tensor]:
     """One attack call for some sets of every task: ``sets[j] = (inputs [T, N_j, ...],
     labels [T, N_j])``; returns the adversarial inputs in the same layout.
 
-    The attack sees one flat batch, task by task and, within a task, set by set (the order
-    in which the sequential engine attacks them). The model it attacks evaluates every
-    (task, set) segment on its own, at that task's parameters when ``batched``; its loss is
-    the sum of the segments' losses, so each segment gets the gradient a call of its own
-    would give it.
+    The attack sees one flat batch, task by task and, within a task, set by set. The model
+    it attacks evaluates every (task, set) segment on its own, at that task's parameters when
+    ``batched``; its loss is the sum of the segments' losses, so each segment gets the
+    gradient a call of its own would give it.
     """
     tasks, sizes = sets[0][0].shape[0], [inputs.shape[1] for inputs, _ in sets]
     detached = {name: p.detach() for name, p in params.items()}
-    forward = vmap(adml.functional, in_dims=(0 if batched else None, 0))
-    task_losses = vmap(adml.attack.loss_fn)
+    forward = vmap(learner.functional, in_dims=(0 if batched else None, 0))
+    task_losses = vmap(learner.attack.loss_fn)
 
     def segments(flat: Tensor) -> tuple[Tensor, ...]:
         return flat.unflatten(0, (tasks, -1)).split(sizes, dim=1)
@@ -306,7 +534,7 @@ def _attack_sets(
         pairs = zip(segments(logits), segments(labels), strict=True)
         return torch.stack([task_losses(lg, lb).sum() for lg, lb in pairs]).sum()
 
-    attack = copy.copy(adml.attack)
+    attack = copy.copy(learner.attack)
     attack.loss_fn = segment_losses
     inputs = torch.cat([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
     labels = torch.cat([labels for _, labels in sets], dim=1).flatten(0, 1)
@@ -378,44 +606,13 @@ def _layer_norm(
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _stack(tensors: Iterable[Tensor]) -> Tensor:
-    return torch.stack(list(tensors))
-
-
-def _mean(objectives: Sequence[ADMLObjective]) -> ADMLObjective:
-    return ADMLObjective(
-        *(torch.stack(list(values)).mean() for values in zip(*objectives, strict=True))
-    )
-
-
-def _checked(tasks: Iterable[Any]) -> list[Task]:
-    checked = [Task(*task) for task in tasks]
-    if not checked:
-        raise ValueError(EMPTY_BATCH)
-    for task in checked:
-        check_task(*task)
-    return checked
-
-
-def _shapes(item: Any) -> tuple[tuple[int, ...] | None, ...]:
-    values = (
-        item
-        if isinstance(item, tuple)
-        else [getattr(item, field.name) for field in dataclasses.fields(item)]
-    )
-    return tuple(None if v is None else tuple(v.shape) for v in values)
-
-
-def _stackable(items: Sequence[Task] | Sequence[AdversarialTask], engine: str) -> bool:
-    """Whether the tasks have equal shapes, as vmap needs; ``engine="vmap"`` insists."""
-    shapes = [_shapes(item) for item in items]
-    for index, item_shapes in enumerate(shapes):
-        if item_shapes != shapes[0]:
-            if engine == "auto":
-                return False
+def _check_stackable(tasks: Sequence[Task]) -> None:
+    """vmap stacks the tasks: their shapes must be equal."""
+    shapes = [tuple(tuple(t.shape) for t in task) for task in tasks]
+    for index, task_shapes in enumerate(shapes):
+        if task_shapes != shapes[0]:
             raise ValueError(
                 f"engine='vmap' cannot run this meta-batch: task {index} has tensor shapes "
-                f"{item_shapes} but task 0 has {shapes[0]}; vmap stacks the tasks, so their "
+                f"{task_shapes} but task 0 has {shapes[0]}; vmap stacks the tasks, so their "
                 "shapes must be equal. Use engine='sequential' (or 'auto')."
             )
-    return True

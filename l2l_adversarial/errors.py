@@ -53,6 +53,8 @@ def describe_os_error(error: OSError) -> str:
     >>> describe_os_error(OSError(errno.ENOSPC, "No space left on device", "run/checkpoint.pt"))
     "no space left on device, 'run/checkpoint.pt'; free space there and run again (the files written before are kept; train continues with --resume)"
     """
+    if error.errno is None and str(error):  # raised with a message of its own: it says it all
+        return str(error)
     what = (error.strerror or str(error) or type(error).__name__).lower()
     where = repr(str(error.filename)) if error.filename is not None else "(no path given)"
     if error.filename2 is not None:

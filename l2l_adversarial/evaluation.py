@@ -87,6 +87,7 @@ __all__ = [
     "ScenarioResult",
     "confidence_interval",
     "evaluate",
+    "few_shot_learner",
     "paper_scenarios",
 ]
 
@@ -222,6 +223,14 @@ class MatchingLearner(FewShotLearner):
         return [self.network.query_model(support_inputs, support_labels)]
 
 
+def few_shot_learner(learner: nn.Module, lr: float, steps: int) -> FewShotLearner:
+    """How a meta-trained learner adapts at meta-test: SGD from theta (``lr``, ``steps``), or
+    conditioning on the support set for Matching Networks."""
+    if isinstance(learner, MatchingNetwork):
+        return MatchingLearner(learner)
+    return GradientLearner(learner, lr=lr, steps=steps)
+
+
 def _fraction_label(fraction: float) -> str:
     if fraction == 0:
         return "clean"
@@ -329,6 +338,8 @@ class EvaluationResult:
     attacks: list[str]
     dataset: str | None
     scenarios: list[ScenarioResult]
+    training_seed: int | None = None
+    """The seed the evaluated learner was meta-trained with (``None``: not recorded)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dictionaries, lists and numbers (``json.dumps`` ready)."""

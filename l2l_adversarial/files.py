@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_open", "default_file_mode"]
+__all__ = ["atomic_open", "default_file_mode", "write_atomic"]
 
 
 def default_file_mode() -> int:
@@ -58,3 +58,10 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_open`; returns the path."""
+    with atomic_open(path) as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)

@@ -54,7 +54,17 @@ def stateless(
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of samples whose arg-max logit is the label (a 0-d tensor)."""
+    """Fraction of samples whose arg-max logit is the label (a 0-d tensor); NaN where labels
+    are not class indices (regression targets), for which accuracy means nothing.
+
+    Example:
+        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])).item()
+        0.5
+        >>> accuracy(torch.zeros(2, 1), torch.zeros(2, 1)).isnan().item()
+        True
+    """
+    if labels.is_floating_point() or logits.dim() != labels.dim() + 1:
+        return torch.full((), float("nan"), device=logits.device)
     return (logits.argmax(dim=-1) == labels).float().mean()
 
 

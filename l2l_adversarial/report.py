@@ -13,23 +13,28 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 import io
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
-from l2l_adversarial.files import atomic_open
+from l2l_adversarial.files import write_atomic
+from l2l_adversarial.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -51,6 +56,16 @@ FIGURE_SCENARIOS = (
 """The four panels of Figures 2-5."""
 METRICS = ("accuracy", "loss")
 MISSING = "—"
+METHOD_COLORS = {
+    "MAML": "tab:blue",
+    "MAML-AD": "tab:orange",
+    "ADML": "tab:green",
+    "Matching Nets": "tab:purple",
+    "AQ": "tab:red",
+}
+"""One colour per method in every figure; other methods take the remaining tab10 colours."""
+_SPARE_COLORS = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+EPSILON_LABEL = "ε (8-bit pixel levels: ε/255 on [0, 1] images)"
 
 __all__ = [
     "FIGURE_SCENARIOS",
@@ -58,12 +73,16 @@ __all__ = [
     "ResultsFileError",
     "PAPER_METHODS",
     "TABLE_NUMBERS",
+    "format_compact_table",
     "format_table",
     "load_paper_tables",
+    "method_color",
     "load_results",
     "paper_entries",
     "report_paths",
     "plot_curves",
+    "plot_robustness",
+    "plot_training",
     "refuse_overwrite",
     "save_results",
     "table_json",
@@ -71,6 +90,18 @@ __all__ = [
     "write_atomic",
     "write_report",
 ]
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every figure.
+
+    Example:
+        >>> method_color("ADML"), method_color("ADML") == method_color("MAML")
+        ('tab:green', False)
+    """
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _SPARE_COLORS[sum(map(ord, method)) % len(_SPARE_COLORS)]
 
 
 def load_paper_tables() -> list[dict[str, Any]]:
@@ -123,7 +154,7 @@ def _check_results(
 ) -> list[EvaluationResult]:
     results = list(results)
     key = _dataset_key(dataset)
-    seen = set()
+    seen: set[tuple[str, int | None]] = set()
     for result in results:
         if not isinstance(result, EvaluationResult):
             raise TypeError(f"results must hold EvaluationResult, got {type(result).__name__}")
@@ -135,9 +166,14 @@ def _check_results(
             raise ValueError(
                 f"result of {result.method!r} is on {result.dataset!r}, the table on {dataset!r}"
             )
-        if result.method in seen:
-            raise ValueError(f"two results for method {result.method!r}: give each a unique name")
-        seen.add(result.method)
+        run = (result.method, result.training_seed)
+        if run in seen:
+            raise ValueError(
+                f"two results for method {result.method!r} with training seed "
+                f"{result.training_seed}: give each a unique name, or train with --seeds"
+            )
+        seen.add(run)
+    runs_by_method(results)  # several seeds of a method: evaluated on the same tasks
     return results
 
 
@@ -152,7 +188,10 @@ def _epsilons(results: Sequence[EvaluationResult]) -> list[float]:
 
 def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) -> dict[str, Any]:
     """The table as a JSON-ready dictionary: one entry per (method, support, epsilon, query)
-    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``).
+    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``). A method with runs
+    of several training seeds gets their mean accuracy and mean test-task interval, and
+    ``seed_std`` (across seeds), ``per_seed`` and ``seeds``; ``comparisons`` then holds the
+    paired method differences of :func:`~l2l_adversarial.seeds.compare_all`.
 
     Example:
         >>> table = table_json([], "CIFAR100", shots=5)
@@ -165,8 +204,12 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
     paper = {
         (e["method"], e["support"], float(e["epsilon"]), e["query"]): e for e in reference_entries
     }
-    ours = {result.method: result for result in results}
-    methods = list(PAPER_METHODS) + [m for m in ours if m not in PAPER_METHODS]
+    ours = {(s.method, s.support, s.epsilon, s.query): s for s in summarise(results)}
+    several_seeds = len({(r.method, r.training_seed) for r in results}) > len(
+        {r.method for r in results}
+    )
+    named = dict.fromkeys(r.method for r in results)
+    methods = list(PAPER_METHODS) + [m for m in named if m not in PAPER_METHODS]
     ways_found = {result.ways for result in results} or {e["ways"] for e in paper.values()}
     ways = ways_found.pop() if len(ways_found) == 1 else None
     display = reference_entries[0]["dataset"] if reference_entries else dataset
@@ -176,7 +219,14 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
         for support in _supports(shots):
             for epsilon in epsilons:
                 for query in ("clean", "adversarial"):
-                    found = ours[method].find(support, query, epsilon) if method in ours else None
+                    found = next(
+                        (
+                            v
+                            for (m, s, e, q), v in ours.items()
+                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
+                        ),
+                        None,
+                    )
                     reference = next(
                         (
                             v
@@ -191,9 +241,7 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                             "support": support,
                             "epsilon": epsilon,
                             "query": query,
-                            "ours": None
-                            if found is None
-                            else {"accuracy": found.accuracy, "ci95": found.ci95},
+                            "ours": _ours(found),
                             "paper": None
                             if reference is None
                             else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
@@ -216,15 +264,54 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                 "attacks": r.attacks,
                 "learner": r.learner,
                 "seed": r.seed,
+                "training_seed": r.training_seed,
             }
             for r in results
         ],
         "entries": entries,
+        "comparisons": [dataclasses.asdict(c) for c in compare_all(results)]
+        if several_seeds
+        else [],
     }
 
 
-def _cell(value: dict[str, float] | None) -> str:
-    return MISSING if value is None else f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+def _ours(summary: SeedSummary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    value: dict[str, Any] = {"accuracy": summary.mean, "ci95": summary.task_ci95}
+    if len(summary.per_seed) > 1:
+        value.update(seed_std=summary.std, per_seed=summary.per_seed, seeds=summary.seeds)
+    return value
+
+
+def _cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return MISSING
+    if "seed_std" in value:  # mean ± spread across seeds [test-task interval]
+        return f"{value['accuracy']:.2f} ± {value['seed_std']:.2f} [{value['ci95']:.2f}]"
+    return f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+
+
+def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the paired method differences in :func:`table_json`."""
+    if not comparisons:
+        return []
+    first = comparisons[0]
+    lines = [
+        "",
+        f"Paired differences over {first['seeds']} training seed(s) x {first['tasks']} shared "
+        "test tasks (accuracy points, 95% bootstrap interval over seeds and tasks; "
+        "* = the interval excludes 0):",
+        "",
+    ]
+    for c in comparisons:
+        scenario = f"{c['support'].capitalize()}-{c['query'].capitalize()}"
+        mark = " *" if c["low"] > 0 or c["high"] < 0 else ""
+        lines.append(
+            f"- {c['first']} − {c['second']}, {scenario}, ε = {c['epsilon']:g}: "
+            f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
+        )
+    return lines
 
 
 def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) -> str:
@@ -243,7 +330,13 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         f"### {table['title']}",
         "",
         "Accuracy (%) ± 95% confidence interval: ours \\| paper. Rows: support set at "
-        "meta-test; columns: attack radius (8-bit pixel levels) and query set.",
+        "meta-test; columns: attack radius (8-bit pixel levels) and query set."
+        + (
+            " Ours over several training seeds: mean ± standard deviation across seeds "
+            "[mean 95% interval of the test tasks]."
+            if table["comparisons"]
+            else ""
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -261,8 +354,11 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         for m in table["methods"]:
             lines.append(
                 f"- {m['method']}: tasks {m['num_tasks']}, protocol {m['protocol']!r}, "
-                f"{m['learner']}, seed {m['seed']}, attacks: {'; '.join(m['attacks'])}"
+                f"{m['learner']}, evaluation seed {m['seed']}"
+                + ("" if m["training_seed"] is None else f", training seed {m['training_seed']}")
+                + f", attacks: {'; '.join(m['attacks'])}"
             )
+    lines += format_comparisons(table["comparisons"])
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +371,8 @@ def plot_curves(
     title: str | None = None,
 ) -> Path:
     """Figures 2-5: mean query loss or top-1 accuracy over the adaptation step, one line per
-    method, one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
+    method (with several training seeds: their mean, and a band of ± one sd across seeds),
+    one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
     Adversarial-Adversarial) at ``epsilon``. Writes a PNG to ``path``.
 
     Example:
@@ -288,12 +385,21 @@ def plot_curves(
     axes = figure.subplots(2, 2, sharex=True).ravel()
     plotted = 0
     for axis, scenario in zip(axes, FIGURE_SCENARIOS, strict=True):
-        for result in results:
-            entry = result.find(scenario.support, scenario.query, epsilon)
-            if entry is None:
+        for method, runs in runs_by_method(results).items():
+            entries = [run.find(scenario.support, scenario.query, epsilon) for run in runs]
+            if any(entry is None for entry in entries):
                 continue
-            curve = entry.accuracy_curve if metric == "accuracy" else entry.loss_curve
-            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method)
+            curves = np.array(
+                [e.accuracy_curve if metric == "accuracy" else e.loss_curve for e in entries if e]
+            )
+            mean, steps = curves.mean(axis=0), range(curves.shape[1])
+            label = method if len(runs) == 1 else f"{method} (mean ± sd, {len(runs)} seeds)"
+            axis.plot(steps, mean, marker="o", markersize=3, label=label,
+                      color=method_color(method))  # fmt: skip
+            if len(runs) > 1:  # spread across training seeds
+                spread = curves.std(axis=0, ddof=1)
+                axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2,
+                                  color=method_color(method), linewidth=0)  # fmt: skip
             plotted += 1
         axis.set_title(scenario.name)
         axis.set_xlabel("Gradient update step")
@@ -312,11 +418,205 @@ def plot_curves(
     figure.suptitle(
         title
         or f"{name} over the gradient update step, {first.ways}-way {first.shots}-shot"
-        f"{' ' + first.dataset if first.dataset else ''}, ε = {epsilon:g}"
+        f"{' ' + first.dataset if first.dataset else ''}, ε = {epsilon:g} pixel levels "
+        f"({epsilon:g}/255)"
     )
+    return _save_png(figure, path)
+
+
+def format_compact_table(results: Sequence[EvaluationResult], epsilon: float) -> str:
+    """Only what was measured at ``epsilon``: one row per method and support scenario, the
+    clean and the adversarial query (accuracy % ± 95% CI), no empty rows or columns.
+
+    Example:
+        >>> format_compact_table([], 2.0).splitlines()[0]
+        '| Method | Support | Clean query | Adversarial query (ε = 2/255) |'
+    """
+    lines = [
+        f"| Method | Support | Clean query | Adversarial query (ε = {epsilon:g}/255) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for result in results:
+        for support in _supports(result.shots):
+            cells = [result.find(support, query, epsilon) for query in ("clean", "adversarial")]
+            if all(cell is None for cell in cells):
+                continue
+            values = [MISSING if c is None else f"{c.accuracy:.2f} ± {c.ci95:.2f}" for c in cells]
+            lines.append(f"| {result.method} | {support.capitalize()} | {' | '.join(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_png(figure: Figure, path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return write_atomic(path, buffer.getvalue())
+
+
+def plot_robustness(
+    results: Sequence[EvaluationResult],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    mark: float | None = None,
+) -> Path:
+    """Accuracy against the attack radius, one line per method (95% CI bars; with several
+    training seeds, their mean and sd bars), one panel per scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
+    every scenario is Clean-Clean there). ``mark`` draws a vertical line at one radius (the
+    table's). Writes a PNG to ``path``.
+
+    Example:
+        >>> plot_robustness(results, "robustness_eps.png")  # doctest: +SKIP
+    """
+    if not results:
+        raise ValueError("results is empty: nothing to plot")
+    shots = results[0].shots
+    supports = _supports(shots)
+    figure = Figure(figsize=(4.2 * len(supports), 7.5), layout="constrained")
+    axes = figure.subplots(2, len(supports), sharex=True, sharey=True, squeeze=False)
+    radii: set[float] = {0.0}
+    by_method: dict[str, list[SeedSummary]] = {}
+    for summary in summarise(results):
+        by_method.setdefault(summary.method, []).append(summary)
+
+    def points_bar(summary: SeedSummary) -> float:
+        return summary.task_ci95 if len(summary.per_seed) == 1 else summary.std
+
+    for row, query in enumerate(("clean", "adversarial")):
+        for column, support in enumerate(supports):
+            axis = axes[row][column]
+            for method, summaries in by_method.items():
+                # one run: 95% CI of the test tasks; several: sd across training seeds
+                points = {
+                    s.epsilon: (s.mean, points_bar(s))
+                    for s in summaries
+                    if (s.support, s.query) == (support, query)
+                }
+                clean = next(
+                    (s for s in summaries if (s.support, s.query) == ("clean", "clean")), None
+                )
+                if not points:
+                    continue
+                if 0.0 not in points and clean is not None:
+                    points[0.0] = (clean.mean, points_bar(clean))
+                xs = sorted(points)
+                radii.update(xs)
+                seeds = len(summaries[0].per_seed)
+                axis.errorbar(
+                    xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
+                    marker="o", markersize=4, capsize=3,
+                    label=method if seeds == 1 else f"{method} (mean ± sd, {seeds} seeds)",
+                    color=method_color(method),
+                )  # fmt: skip
+            if mark is not None:
+                axis.axvline(mark, color="black", linestyle=":", linewidth=1)
+            axis.set_title(f"{support.capitalize()} support, {query} query")
+            axis.set_xscale("symlog", base=2, linthresh=1)
+            axis.grid(alpha=0.3)
+            if row == 1:
+                axis.set_xlabel(EPSILON_LABEL)
+            if column == 0:
+                axis.set_ylabel("Top-1 accuracy (%)")
+    ticks = sorted(radii)
+    for axis in axes.ravel():
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    first = results[0]
+    attacks = sorted({a.split("(")[0] for r in results for a in r.attacks})
+    figure.suptitle(
+        title
+        or f"Accuracy against the attack radius, {first.ways}-way {shots}-shot"
+        f"{' ' + first.dataset if first.dataset else ''} ({', '.join(attacks)}, "
+        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)\n"
+        + ("ε = 0 is Clean-Clean (nothing perturbed)"
+           + ("; dotted line: the table's ε" if mark is not None else ""))
+    )  # fmt: skip
+    return _save_png(figure, path)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _trained_epsilon(folder: Path, radii: set[float]) -> float:
+    """The run's ``train.eps`` (the radius its validation score uses) if it logged it."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    trained = float(config["train"]["eps"])
+    return trained if trained in radii else min(radii)
+
+
+def plot_training(
+    runs: Mapping[str, str | os.PathLike[str]],
+    path: str | os.PathLike[str],
+    *,
+    epsilon: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Training curves of several runs on one figure, one colour per method: the meta-loss and
+    the query accuracy of the meta-batches (``metrics.csv``), and the clean and adversarial
+    loss and accuracy of meta-validation (``validation.csv``, at ``epsilon`` when the run
+    logged it, else at its ``train.eps``). ``runs`` maps a method's name to its run folder.
+
+    Example:
+        >>> plot_training({"ADML": "runs/digits-5w5s-adml"}, "training.png")  # doctest: +SKIP
+    """
+    if not runs:
+        raise ValueError("runs is empty: nothing to plot")
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    (train_loss, train_acc), (val_loss, val_acc) = figure.subplots(2, 2, sharex=True)
+    splits: set[str] = set()
+    for method, folder in runs.items():
+        folder = Path(folder)
+        color = method_color(method)
+        metrics = folder / "metrics.csv"
+        if not metrics.exists():
+            raise FileNotFoundError(f"{metrics} not found: is {folder} a run folder?")
+        rows = _read_csv(metrics)
+        iterations = [int(r["iteration"]) for r in rows]
+        train_loss.plot(iterations, [float(r["loss"]) for r in rows], color=color, label=method)
+        train_acc.plot(iterations, [100 * float(r["accuracy"]) for r in rows], color=color,
+                       label=method)  # fmt: skip
+        validation = folder / "validation.csv"
+        if not validation.exists():
+            continue
+        rows = _read_csv(validation)
+        splits.update(r["split"] for r in rows)
+        radii = {float(r["epsilon"]) for r in rows}
+        wanted = epsilon if epsilon in radii else _trained_epsilon(folder, radii)
+        rows = [r for r in rows if float(r["epsilon"]) == wanted]
+        iterations = [int(r["iteration"]) for r in rows]
+        for query, style in (("clean", "-"), ("adversarial", "--")):
+            label = f"{method}, {query} query" + (
+                f" (ε = {wanted:g}/255)" if query != "clean" else ""
+            )
+            val_loss.plot(iterations, [float(r[f"{query}_loss"]) for r in rows], style,
+                          color=color, marker="o", markersize=3, label=label)  # fmt: skip
+            val_acc.plot(iterations, [float(r[f"{query}_accuracy"]) for r in rows], style,
+                         color=color, marker="o", markersize=3, label=label)  # fmt: skip
+    train_loss.set_title("Meta-batches: meta-loss (ADML: sum of its two branches)")
+    train_loss.set_ylabel("Meta-loss")
+    train_acc.set_title("Meta-batches: query accuracy after adaptation")
+    train_acc.set_ylabel("Accuracy (%)")
+    where = f" ({', '.join(sorted(splits))} split)" if splits else ""
+    val_loss.set_title(f"Meta-validation{where}: query loss")
+    val_loss.set_ylabel("Cross-entropy")
+    val_acc.set_title(f"Meta-validation{where}: query accuracy")
+    val_acc.set_ylabel("Accuracy (%)")
+    for axis in (train_loss, train_acc, val_loss, val_acc):
+        axis.grid(alpha=0.3)
+    if train_loss.lines:
+        train_loss.legend(fontsize="small")
+    if val_acc.lines:  # below the panels, where it hides no curve
+        handles, labels = val_acc.get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4),
+                      fontsize="small")  # fmt: skip
+    for axis in (val_loss, val_acc):
+        axis.set_xlabel("Meta-iteration")
+    figure.suptitle(
+        title or "Meta-training and meta-validation (after adaptation, against the iteration)"
+    )
+    return _save_png(figure, path)
 
 
 class ResultsFileError(UserError, ValueError):
@@ -335,16 +635,6 @@ def refuse_overwrite(paths: Sequence[str | os.PathLike[str]], overwrite: bool) -
             f"results already exist, {', '.join(map(repr, existing))}; pass --overwrite to replace "
             "them, or choose another output"
         )
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: all or nothing.
-
-    Creates the parent directory. Returns the path.
-    """
-    with atomic_open(path) as file:
-        file.write(data.encode("utf-8") if isinstance(data, str) else data)
-    return Path(path)
 
 
 def save_results(
@@ -384,14 +674,22 @@ def load_results(path: str | os.PathLike[str]) -> list[EvaluationResult]:
 
 
 def report_paths(
-    results: Sequence[EvaluationResult], directory: str | os.PathLike[str], dataset: str, shots: int
+    results: Sequence[EvaluationResult],
+    directory: str | os.PathLike[str],
+    dataset: str,
+    shots: int,
+    training: bool = False,
 ) -> list[Path]:
     """The files :func:`write_report` writes: ``table{N}`` for the paper's tables, else
-    ``{dataset}_{shots}shot``, as ``.md``, ``.json`` and (with results) two ``.png``."""
+    ``{dataset}_{shots}shot``, as ``.md``, ``.json``, (with results) the loss, accuracy and
+    robustness ``.png`` and (with ``training``) the training curves' ``.png``."""
     number = table_number(dataset, shots)
     stem = f"table{number}" if number is not None else f"{_dataset_key(dataset)}_{shots}shot"
     folder = Path(directory)
-    figures = [folder / f"{stem}_{metric}.png" for metric in METRICS] if results else []
+    names = [f"{stem}_{metric}.png" for metric in METRICS] + [f"{stem}_robustness_eps.png"]
+    figures = [folder / name for name in names] if results else []
+    if training:
+        figures.append(folder / f"{stem}_training.png")
     return [folder / f"{stem}.md", folder / f"{stem}.json", *figures]
 
 
@@ -402,16 +700,23 @@ def write_report(
     shots: int,
     *,
     epsilon: float = 2.0,
+    training_runs: Mapping[str, str | os.PathLike[str]] | None = None,
     overwrite: bool = True,
 ) -> list[Path]:
-    """Write the table (``.md``, ``.json``) and the loss and accuracy figures (``.png``) to
-    :func:`report_paths`; with ``overwrite=False`` refuse (:class:`ResultsExistError`)
-    before writing anything if one exists."""
-    paths = report_paths(results, directory, dataset, shots)
+    """Write the table (``.md``, ``.json``), the loss and accuracy figures at ``epsilon``, the
+    robustness curves (``_robustness_eps.png``) and, given the methods' run folders
+    (``training_runs``), the training curves (``_training.png``) to :func:`report_paths`; with
+    ``overwrite=False`` refuse (:class:`ResultsExistError`) before writing anything if one
+    exists."""
+    paths = report_paths(results, directory, dataset, shots, training=bool(training_runs))
     refuse_overwrite(paths, overwrite)
     table = table_json(results, dataset, shots)
     write_atomic(paths[0], format_table(results, dataset, shots))
     write_atomic(paths[1], json.dumps(table, indent=1, ensure_ascii=False))
-    for metric, path in zip(METRICS, paths[2:], strict=False):
-        plot_curves(results, path, metric, epsilon=epsilon)
+    if results:
+        for metric, path in zip(METRICS, paths[2:4], strict=True):
+            plot_curves(results, path, metric, epsilon=epsilon)
+        plot_robustness(results, paths[4], mark=epsilon)
+    if training_runs:
+        plot_training(training_runs, paths[-1], epsilon=epsilon)
     return paths

@@ -21,17 +21,15 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.checkpoint import (
     CheckpointError,
     check_finite_weights,
@@ -40,17 +38,19 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import METHODS, config_changes, dump_config
+from l2l_adversarial.config import config_changes, dump_config
+from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
-    cuda_device,
     mean_over_ranks,
     on_rank0,
     world,
 )
-from l2l_adversarial.errors import DeviceError, TrainingDivergedError
-from l2l_adversarial.models import CNN4
-from l2l_adversarial.report import write_atomic
+from l2l_adversarial.engines import meta_step, resolve_engine
+from l2l_adversarial.errors import TrainingDivergedError
+from l2l_adversarial.factory import build_learner, resolve_device
+from l2l_adversarial.files import write_atomic
+from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
     has_results,
@@ -59,23 +59,36 @@ from l2l_adversarial.run_folder import (
     restore_aside,
     writer_lock,
 )
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import derive_seed
 
 __all__ = [
     "RunFolderError",
     "TaskSource",
-    "build_attack",
     "build_learner",
     "resolve_device",
     "train",
 ]
 
 CHECKPOINT = "checkpoint.pt"
-METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds")
+METRIC_FIELDS = ("iteration", "loss", "accuracy", "seconds", "data_seconds", "engine")
+"""``seconds``: since the start (or resume); ``data_seconds``: waited for tasks since the last
+row; ``engine``: the engine that ran (:mod:`l2l_adversarial.engines`)."""
 ATTACK_STREAM = 2
 """Key of a training task's attack seed: ``derive_seed(seed, task_index, ATTACK_STREAM)``."""
+
+
+class TrainingMonitor(Protocol):
+    """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
+    after every iteration, ``close`` at the end (see
+    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+
+    def start(self, trainer: Trainer) -> None: ...
+
+    def step(self, trainer: Trainer, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TaskSource(Protocol):
@@ -83,86 +96,6 @@ class TaskSource(Protocol):
     (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
 
     def __getitem__(self, index: int) -> Task: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
-
-    ``"auto"`` and ``"cuda"`` mean this process's GPU: ``cuda:LOCAL_RANK`` under torchrun.
-    """
-    if name == "auto":
-        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            f"device {name!r} is not available, CUDA is missing on this machine (config key "
-            "device); use device=auto or device=cpu"
-        )
-    return cuda_device() if device.type == "cuda" and device.index is None else device
-
-
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
-
-    Its per-call value checks are off (``check_values=False``): the data was validated when
-    loaded, and training's divergence guard stops a non-finite loss once per iteration with
-    the setting to change, where a diverged inner loop would make the attack raise instead.
-    """
-    eps = eps_255 / 255
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    if name == "fgsm":
-        return FGSM(eps=eps, check_values=False)
-    if name == "ffgsm":
-        return FFGSM(eps=eps, generator=generator, check_values=False)
-    if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
-    raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
-
-
-def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
-    """The configured meta-learner around the paper's 4-layer CNN (its embedding for
-    Matching Networks), for ``in_channels`` x ``image_size`` x ``image_size`` images."""
-    method, train, ways, hidden = (
-        config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
-    )  # fmt: skip
-    if method == "matching-nets":
-        return MatchingNetwork(
-            ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
-            fce=config["model"]["fce"],
-        )  # fmt: skip
-    model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
-    channels_last = train["channels_last"]
-    if channels_last is None:  # on when training on the CPU ("cuda" must not need a GPU here)
-        device = config["device"]
-        channels_last = device == "cpu" or (
-            device == "auto" and resolve_device(device).type == "cpu"
-        )
-    common = {
-        "lr": train["inner_lr"],
-        "first_order": train["first_order"],
-        "adaptation_steps": train["adaptation_steps"],
-        "channels_last": channels_last,
-    }
-    if method == "maml":
-        return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
-    if method == "adml":
-        return ADML(
-            model,
-            **common,
-            attack=attack,
-            clean_lr=train["clean_inner_lr"],
-            attack_target=train["attack_target"] or "initial",
-        )
-    if method == "maml-ad":
-        return MAMLAD(
-            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
-        )
-    if method == "aq":
-        return AdversarialQuerying(
-            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
-        )
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
 class _AllReduceOptimizer:
@@ -209,7 +142,18 @@ class Trainer:
         if self.sequential:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
+        self.engine = resolve_engine(learner, train["engine"])
+        """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
         self.iteration = 0
+        workers, prefetch = default_loading(tasks, device)
+        #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
+        self.loading: tuple[int, int] = (
+            workers if train["workers"] is None else train["workers"],
+            prefetch if train["prefetch"] is None else train["prefetch"],
+        )
+        self.data_seconds = 0.0  # waited for meta-batches since the last logged row
+        self._batches: Generator[MetaBatch, None, None] | None = None
+        self._next_batch = -1
 
     # -- state ---------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -287,7 +231,7 @@ class Trainer:
     def _metrics_path(self) -> Path:
         return self.run_dir / "metrics.csv"
 
-    def _log(self, row: dict[str, float]) -> None:
+    def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
         new = not path.exists()
         with path.open("a", newline="") as file:
@@ -297,11 +241,33 @@ class Trainer:
             writer.writerow(row)
 
     # -- the loop ------------------------------------------------------------------------
-    def _meta_batch(self, iteration: int) -> list[tuple[int, Task]]:
-        """This rank's share of the meta-batch: (global task index, task on the device)."""
+    def _task_indices(self, iteration: int) -> range:
+        """This rank's share of the global task indices of ``iteration``'s meta-batch."""
         size = self.config["train"]["meta_batch_size"]
-        indices = range(iteration * size + self.rank, (iteration + 1) * size, self.world_size)
-        return [(i, Task(*(t.to(self.device) for t in self.tasks[i]))) for i in indices]
+        return range(iteration * size + self.rank, (iteration + 1) * size, self.world_size)
+
+    def _meta_batch(self, iteration: int) -> MetaBatch:
+        """This rank's share of the meta-batch: (global task index, task on the device), built
+        ahead by :class:`MetaBatches`; the time spent waiting for it adds to ``data_seconds``."""
+        waiting = time.perf_counter()
+        if self._batches is None or iteration != self._next_batch:
+            self.close_batches()
+            workers, prefetch = self.loading
+            stop = max(self.config["train"]["iterations"], iteration + 1)
+            self._batches = MetaBatches(
+                self.tasks, self._task_indices, iteration, stop, device=self.device,
+                workers=workers, prefetch=prefetch,
+            ).__iter__()  # fmt: skip
+        batch = next(self._batches)
+        self._next_batch = iteration + 1
+        self.data_seconds += time.perf_counter() - waiting
+        return batch
+
+    def close_batches(self) -> None:
+        """Stop building meta-batches ahead (the thread or the worker processes)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def _seeded(self, batch: list[tuple[int, Task]]) -> Iterator[Task]:
         """The tasks of ``batch``, the attack's random start seeded from the global task index
@@ -317,33 +283,21 @@ class Trainer:
             return self.optimizers
         return [_AllReduceOptimizer(o) for o in self.optimizers]
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration; returns the meta-loss and query accuracy, means over the whole
-        meta-batch (all ranks)."""
-        batch = self._meta_batch(self.iteration)
-        optimizers = self._optimizers()
-        if self.sequential:
-            assert isinstance(self.learner, ADML)
-            objective = self.learner.meta_step(self._seeded(batch), optimizers[0], optimizers[1])
-            loss, accuracy = objective.total.item(), objective.accuracy.item()
-        else:
-            optimizer = optimizers[0]
-            optimizer.zero_grad()
-            losses, accuracies = [], []
-            for task in self._seeded(batch):
-                task_loss, task_accuracy = self.learner.loss_and_accuracy(*task)  # type: ignore[operator]
-                (task_loss / len(batch)).backward()
-                losses.append(task_loss.detach())
-                accuracies.append(task_accuracy.detach())
-            optimizer.step()
-            loss = torch.stack(losses).mean().item()
-            accuracy = torch.stack(accuracies).float().mean().item()
-        loss, accuracy = mean_over_ranks([loss, accuracy])
-        return loss, accuracy
+    def step(self) -> tuple[Tensor, Tensor]:
+        """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
+        objective = meta_step(
+            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
+            engine=self.engine,
+        )  # fmt: skip
+        return objective.total, objective.accuracy
 
     def run(
-        self, progress: bool = True, on_iteration: Callable[[int], None] | None = None
-    ) -> dict[str, float]:
+        self,
+        progress: bool = True,
+        on_iteration: Callable[[int], None] | None = None,
+        monitor: TrainingMonitor | None = None,
+    ) -> dict[str, float | str]:
         train = self.config["train"]
         total = train["iterations"]
         bar = tqdm(
@@ -353,8 +307,10 @@ class Trainer:
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float] = {}
+        last: dict[str, float | str] = {}
         started = time.perf_counter()
+        if monitor is not None:
+            monitor.start(self)
         stepping = False  # inside an iteration: its state is half updated
         with deferred_signals() as stop:  # a signal stops the loop between iterations
             try:
@@ -364,23 +320,38 @@ class Trainer:
                     if on_iteration is not None:
                         on_iteration(self.iteration)
                     stepping = True
-                    loss, accuracy = self.step()
-                    self._guard_divergence(loss)
+                    loss_tensor, accuracy_tensor = self.step()
+                    logged = (self.iteration + 1) % train["log_every"] == 0
+                    saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+                    if logged or saved or self.iteration + 1 == total:
+                        # losses are read (a host-device sync) only when logged or checkpointed
+                        loss, accuracy = mean_over_ranks(
+                            torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
+                        )
+                        self._guard_divergence(loss)  # before any checkpoint
+                        last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
+                                "seconds": round(time.perf_counter() - started, 3),
+                                "data_seconds": round(self.data_seconds, 4),
+                                "engine": self.engine}  # fmt: skip
+                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
                     self.iteration += 1
                     bar.update(1)
-                    last = {"iteration": self.iteration, "loss": loss, "accuracy": accuracy,
-                            "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                    if self.rank == 0 and (
-                        self.iteration % train["log_every"] == 0 or self.iteration == total
-                    ):
-                        self._log(last)
-                    if self.iteration % train["checkpoint_every"] == 0 or self.iteration == total:
+                    if logged or self.iteration == total:
+                        if self.rank == 0:
+                            self._log(last)
+                        self.data_seconds = 0.0
+                    if monitor is not None:
+                        monitor.step(self, last)
+                    if saved or self.iteration == total:
                         self.save()
                     stepping = False
             except KeyboardInterrupt as interrupt:
                 bar.close()
                 raise self._interrupted(interrupt, saved=not stepping) from None
+            finally:
+                self.close_batches()
+                if monitor is not None:
+                    monitor.close()
         bar.close()
         return last
 
@@ -499,6 +470,7 @@ def train(
     accept_changes: Collection[str] = (),
     progress: bool = True,
     on_iteration: Callable[[int], None] | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> nn.Module:
     """Meta-train the configured method on ``tasks``; return the trained learner.
 
@@ -507,11 +479,13 @@ def train(
     the checkpoint to resume and its settings) is checked before any file is touched;
     replaced results are moved aside and deleted once the new run's first checkpoint is
     written, or put back if it fails before. SIGTERM and SIGUSR1 stop it like Ctrl-C:
-    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised.
+    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised. ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()
     device = resolve_device(config["device"])
+    apply_deterministic_settings(device, config["train"]["deterministic"])
     torch.manual_seed(config["seed"])
     sample = tasks[0]
     shape = sample.support_inputs.shape
@@ -542,7 +516,7 @@ def train(
 
             trainer.after_save = drop_old_results
         try:
-            summary = trainer.run(progress=progress, on_iteration=on_iteration)
+            summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
         except BaseException:
             if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
                 restore_aside(run_dir, aside)

@@ -35,14 +35,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial.algorithms.maml_ad import per_class_prefix
 from l2l_adversarial.attacks import Attack
 from l2l_adversarial.functional import FunctionalModel, stateless
-from l2l_adversarial.task import Task
+from l2l_adversarial.seeding import derive_seed
+from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import check_labels, check_task
 
 Model = Callable[[Tensor], Tensor]
@@ -67,20 +66,6 @@ __all__ = [
     "perturb",
     "seeded",
 ]
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed hashed from non-negative integer keys (numpy's ``SeedSequence``).
-
-    Example:
-        >>> derive_seed(0, 3) == derive_seed(0, 3) != derive_seed(0, 4)
-        True
-    """
-    for key in keys:
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
-            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
-    return int(state[0])
 
 
 def seeded(attack: Attack, seed: int | None) -> Attack:

@@ -1,38 +1,119 @@
-"""Input checks shared by the attacks and the algorithms: fail early, name the fix."""
+"""Input checks shared by the attacks, the algorithms and the engines: fail early, name the fix.
+
+Two kinds of checks:
+
+* **metadata** (types, dtypes, shapes, devices): free, always on;
+* **values** (label range, finiteness, an attack's data range): they read tensors on the
+  host, which stalls a GPU. A single task checked through a learner's ``meta_loss`` reads them
+  as before; :func:`l2l_adversarial.engines.meta_step` checks a whole meta-batch with one
+  host read (:func:`check_meta_batch`) and runs the meta-iteration with value checks off.
+  ``with value_checks(False):`` turns them off everywhere (hot loops on data that was
+  checked where it was built).
+
+Example:
+    >>> import torch
+    >>> with value_checks(False):
+    ...     check_finite("x", torch.tensor([float("nan")]))  # not read: no error
+    >>> value_checks_enabled()
+    True
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
-__all__ = ["check_finite", "check_labels", "check_task", "check_choice"]
+import torch
+from torch import Tensor, nn
+
+from l2l_adversarial.task import Task
+
+__all__ = [
+    "check_choice",
+    "check_finite",
+    "check_labels",
+    "check_meta_batch",
+    "check_task",
+    "check_task_metadata",
+    "is_classification_loss",
+    "value_checks",
+    "value_checks_enabled",
+]
+
+_value_checks = [True]
+CLASSIFICATION_LOSSES: tuple[Callable[..., Tensor], ...] = (
+    nn.functional.cross_entropy,
+    nn.functional.nll_loss,
+)
+
+
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor values on the host run (see :func:`value_checks`)."""
+    return _value_checks[-1]
+
+
+@contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value checks on or off inside the block (metadata checks always run)."""
+    _value_checks.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks.pop()
+
+
+def is_classification_loss(loss_fn: Callable[..., Tensor]) -> bool:
+    """Whether ``loss_fn`` takes class indices (cross-entropy, NLL): class-label checks apply.
+
+    Example:
+        >>> is_classification_loss(torch.nn.functional.cross_entropy)
+        True
+        >>> is_classification_loss(torch.nn.functional.mse_loss)
+        False
+    """
+    return loss_fn in CLASSIFICATION_LOSSES or isinstance(
+        loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)
+    )
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise ``ValueError`` if ``tensor`` holds NaN or infinity."""
+    """Raise ``ValueError`` if ``tensor`` holds NaN or infinity (a value check)."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not value_checks_enabled() or not tensor.is_floating_point():
+        return
+    if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(
             f"{name} holds {bad} non-finite value(s) (NaN or inf); clean or re-load the data"
         )
 
 
-def check_labels(name: str, labels: Tensor, ways: int) -> None:
-    """Raise unless ``labels`` is a 1-D integer tensor with values in ``[0, ways)``."""
+def _check_label_dtype(name: str, labels: Tensor) -> None:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"{name} must hold integer class indices (torch.long), got {labels.dtype}")
+        raise TypeError(
+            f"{name} must hold integer class indices (torch.long; other integer types are "
+            f"converted), got {labels.dtype}; for regression targets pass a regression "
+            "loss_fn (e.g. torch.nn.functional.mse_loss)"
+        )
     if labels.dim() != 1:
         raise ValueError(
             f"{name} must be 1-D (one class index per sample), got shape {tuple(labels.shape)}"
         )
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= ways):
+
+
+def check_labels(name: str, labels: Tensor, ways: int) -> None:
+    """Raise unless ``labels`` is a 1-D integer tensor with values in ``[0, ways)``."""
+    _check_label_dtype(name, labels)
+    if not value_checks_enabled() or not labels.numel():
+        return
+    low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+    if low < 0 or high >= ways:
         raise ValueError(
             f"{name} must lie in [0, {ways}) for a {ways}-way task, got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]; relabel each task's classes 0..ways-1 "
+            f"[{low}, {high}]; relabel each task's classes 0..ways-1 "
             "(learn2learn's RemapLabels transform does this)"
         )
 
@@ -43,39 +124,176 @@ def check_choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
 
 
+def check_task_metadata(
+    task: Sequence[Tensor],
+    classification: bool = True,
+    model: nn.Module | None = None,
+    where: str = "task",
+) -> Task:
+    """Check a task from tensor metadata only (no host read); integer labels become long.
+
+    With ``model``, the inputs must match its parameters' dtype and device and, where its
+    first layer is a convolution or a linear layer, its input channels or features.
+    """
+    if len(task) != 4:
+        raise ValueError(
+            f"{where} must be (support_inputs, support_labels, query_inputs, query_labels), "
+            f"got {len(task)} items"
+        )
+    checked = []
+    for name, inputs, labels in (
+        ("support", task[0], task[1]),
+        ("query", task[2], task[3]),
+    ):
+        for suffix, tensor in (("inputs", inputs), ("labels", labels)):
+            if not isinstance(tensor, Tensor):
+                raise TypeError(
+                    f"{where}: {name}_{suffix} must be a torch.Tensor, got {type(tensor).__name__}"
+                )
+        if classification:
+            _check_label_dtype(f"{where}: {name}_labels", labels)
+            if labels.dtype != torch.long:
+                labels = labels.long()
+        if inputs.dim() < 1 or labels.dim() < 1 or inputs.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{where}: {name}_inputs has shape {tuple(inputs.shape)} and {name}_labels shape "
+                f"{tuple(labels.shape)}: expected (N, ...) inputs with N labels"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError(
+                f"{where}: {name} set is empty: a task needs at least one {name} sample"
+            )
+        checked += [inputs, labels]
+    support_inputs, _, query_inputs, _ = checked
+    if support_inputs.shape[1:] != query_inputs.shape[1:]:
+        raise ValueError(
+            f"{where}: support samples have shape {tuple(support_inputs.shape[1:])} but query "
+            f"samples {tuple(query_inputs.shape[1:])}: both sets must come from the same data"
+        )
+    if model is not None:
+        _check_inputs_fit(model, support_inputs, where)
+    return Task(*checked)
+
+
+def _check_inputs_fit(model: nn.Module, inputs: Tensor, where: str) -> None:
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is not None and inputs.is_floating_point():
+        if inputs.dtype != parameter.dtype:
+            raise TypeError(
+                f"{where}: inputs are {inputs.dtype} but {type(model).__name__}'s parameters "
+                f"are {parameter.dtype}; convert one of them (e.g. inputs.to({parameter.dtype}) "
+                "or model.to(inputs.dtype))"
+            )
+        if inputs.device != parameter.device:
+            raise ValueError(
+                f"{where}: inputs are on {inputs.device} but {type(model).__name__}'s "
+                f"parameters on {parameter.device}; move the task with .to({parameter.device})"
+            )
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d) and inputs.dim() == 4 and inputs.shape[1] != first.in_channels:
+        raise ValueError(
+            f"{where}: inputs have {inputs.shape[1]} channels (shape {tuple(inputs.shape)}) but "
+            f"the model's first convolution takes {first.in_channels}; build the model with "
+            f"in_channels={inputs.shape[1]}"
+        )
+    if (
+        isinstance(first, nn.Linear)
+        and next(iter(model.modules())) is first
+        and inputs.shape[-1] != first.in_features
+    ):
+        raise ValueError(
+            f"{where}: inputs have {inputs.shape[-1]} features but the model takes "
+            f"{first.in_features}"
+        )
+
+
 def check_task(
     support_inputs: Tensor,
     support_labels: Tensor,
     query_inputs: Tensor,
     query_labels: Tensor,
     ways: int | None = None,
+    classification: bool = True,
 ) -> int:
-    """Validate one few-shot task and return its number of ways.
+    """Validate one few-shot task and return its number of ways (0 for regression).
 
     ``ways`` defaults to the number of distinct support labels; every label (support and
-    query) must lie in ``[0, ways)``.
+    query) must lie in ``[0, ways)``. Reads values on the host unless
+    :func:`value_checks` are off.
     """
-    for name, inputs, labels in (
-        ("support", support_inputs, support_labels),
-        ("query", query_inputs, query_labels),
-    ):
-        check_finite(f"{name}_inputs", inputs)
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"{name}_labels must be a torch.Tensor, got {type(labels).__name__}")
-        if inputs.dim() < 1 or labels.dim() != 1 or inputs.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{name}_inputs has shape {tuple(inputs.shape)} and {name}_labels shape "
-                f"{tuple(labels.shape)}: expected (N, ...) inputs with N labels"
-            )
-        if inputs.shape[0] == 0:
-            raise ValueError(f"{name} set is empty: a task needs at least one {name} sample")
-    if support_inputs.shape[1:] != query_inputs.shape[1:]:
-        raise ValueError(
-            f"support samples have shape {tuple(support_inputs.shape[1:])} but query samples "
-            f"{tuple(query_inputs.shape[1:])}: both sets must come from the same data"
-        )
+    task = check_task_metadata(
+        (support_inputs, support_labels, query_inputs, query_labels), classification
+    )
+    check_finite("support_inputs", task.support_inputs)
+    check_finite("query_inputs", task.query_inputs)
+    if not classification:
+        check_finite("support_labels", task.support_labels)
+        check_finite("query_labels", task.query_labels)
+        return 0
     if ways is None:
-        ways = int(torch.unique(support_labels).numel())
-    check_labels("support_labels", support_labels, ways)
-    check_labels("query_labels", query_labels, ways)
+        if not value_checks_enabled():
+            return 0
+        ways = int(torch.unique(task.support_labels).numel())
+    check_labels("support_labels", task.support_labels, ways)
+    check_labels("query_labels", task.query_labels, ways)
     return ways
+
+
+def check_meta_batch(
+    tasks: Sequence[Task],
+    classification: bool = True,
+    data_range: tuple[float, float] | None = None,
+) -> None:
+    """The value checks of :func:`check_task` (and inputs inside ``data_range``) for every
+    task, with one host read for the whole meta-batch; on a failure, the failing task's own
+    check names the problem. Does nothing while :func:`value_checks` are off.
+    """
+    if not value_checks_enabled() or not tasks:
+        return
+    flags = torch.stack(
+        [torch.stack(_task_flags(task, classification, data_range)).all() for task in tasks]
+    )
+    if bool(flags.all()):  # the one host read
+        return
+    for index, (task, ok) in enumerate(zip(tasks, flags.tolist(), strict=True)):
+        if not ok:
+            try:
+                check_task(*task, classification=classification)
+                if data_range is not None:
+                    _check_range(task, data_range)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"task {index} of the meta-batch: {error}") from None
+            raise ValueError(f"task {index} of the meta-batch failed a value check")
+
+
+def _task_flags(
+    task: Task, classification: bool, data_range: tuple[float, float] | None
+) -> list[Tensor]:
+    """0-d boolean tensors, all true for a good task (computed on its device, not read)."""
+    inputs = (task.support_inputs, task.query_inputs)
+    flags = [torch.isfinite(x).all() for x in inputs if x.is_floating_point()]
+    if data_range is not None:
+        lower, upper = data_range
+        slack = 1e-4 * (upper - lower)
+        flags += [(x >= lower - slack).all() & (x <= upper + slack).all() for x in inputs]
+    if not classification:
+        labels = (task.support_labels, task.query_labels)
+        return flags + [torch.isfinite(y).all() for y in labels if y.is_floating_point()]
+    ordered = task.support_labels.sort().values  # ways = number of distinct support labels
+    ways = 1 + (ordered[1:] != ordered[:-1]).sum()
+    for classes in (task.support_labels, task.query_labels):
+        flags += [(classes >= 0).all(), (classes < ways).all()]
+    return flags
+
+
+def _check_range(task: Task, data_range: tuple[float, float]) -> None:
+    lower, upper = data_range
+    slack = 1e-4 * (upper - lower)
+    for name, inputs in (("support", task.support_inputs), ("query", task.query_inputs)):
+        low, high = (float(v) for v in torch.stack([inputs.min(), inputs.max()]).tolist())
+        if low < lower - slack or high > upper + slack:
+            raise ValueError(
+                f"{name}_inputs lie in [{low:.4g}, {high:.4g}], outside the attack's "
+                f"data_range={data_range}; scale the images (0-255 images: divide by 255) or "
+                "pass the attack data_range= in the inputs' units"
+            )

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial import ADML, CNN4, FGSM, MAML, MAMLAD, MLP, AdversarialQuerying, Task
+from l2l_adversarial import ADML, CNN4, FGSM, MAML, MAMLAD, MLP, AdversarialQuerying, Task, engines
+from l2l_adversarial.algorithms import SequentialOps
 from l2l_adversarial.algorithms.base import NameOnlySwapWarning
-from l2l_adversarial.algorithms.maml_ad import per_class_prefix
+from l2l_adversarial.task import per_class_prefix
 
 WAYS, DIM = 3, 5
 ALPHA1, ALPHA2 = 0.4, 0.25  # large, distinct inner step sizes make every term visible
@@ -113,24 +114,31 @@ def assert_weights_close(actual: Weights, expected: Weights, atol: float = 1e-9)
 
 
 # -- ADML ----------------------------------------------------------------------------------
+def attacked(adml: ADML, task: Task) -> tuple[Tensor, Tensor | None]:
+    """The support and query sets ADML attacked against theta: ``(D_adv, D'_adv or None)``."""
+    ops = SequentialOps(adml)
+    adml.task_objective(task, ops=ops)
+    if adml.attack_target == "initial":
+        query, support = ops.recorded
+        return support, query
+    (support,) = ops.recorded
+    return support, None
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 def test_adml_meta_gradient_matches_eq1_by_autograd_and_finite_differences(steps: int) -> None:
     linear, task = make_linear(), make_task()
     adml = ADML(linear, lr=ALPHA1, clean_lr=ALPHA2, attack=FGSM(eps=EPS), adaptation_steps=steps)
-    adversarial = adml.adversarial_task(*task)
+    s_adv, q_adv = attacked(adml, task)
     w = weights_of(linear)
     # Lines 6 and 9: adversarial samples generated against theta (closed-form FGSM).
-    assert torch.equal(
-        adversarial.support_adversarial, fgsm(w, task.support_inputs, task.support_labels, EPS)
-    )
-    assert torch.equal(
-        adversarial.query_adversarial, fgsm(w, task.query_inputs, task.query_labels, EPS)
-    )
-    s_adv, q_adv = adversarial.support_adversarial, adversarial.query_adversarial
+    assert torch.equal(s_adv, fgsm(w, task.support_inputs, task.support_labels, EPS))
+    assert q_adv is not None
+    assert torch.equal(q_adv, fgsm(w, task.query_inputs, task.query_labels, EPS))
 
-    ours = library_gradient(adml, adml.objective(adversarial).total)
+    ours = library_gradient(adml, adml.meta_loss(*task))
     reference = eq1(w, task, s_adv, q_adv, steps)
-    assert adml.objective(adversarial).total.item() == pytest.approx(reference.item(), abs=1e-12)
+    assert adml.meta_loss(*task).item() == pytest.approx(reference.item(), abs=1e-12)
     by_autograd = torch.autograd.grad(reference, w)
     assert_weights_close(ours, (by_autograd[0], by_autograd[1]))
     by_finite_differences = finite_difference_gradient(
@@ -149,31 +157,33 @@ def test_adml_first_order_matches_the_first_order_formula() -> None:
         attack=FGSM(eps=EPS),
         adaptation_steps=2,
     )
-    adversarial = adml.adversarial_task(*task)
-    ours = library_gradient(adml, adml.objective(adversarial).total)
+    s_adv, q_adv = attacked(adml, task)
+    assert q_adv is not None
+    ours = library_gradient(adml, adml.meta_loss(*task))
     w = weights_of(linear)
-    theta_adv = inner_loop(w, adversarial.support_adversarial, task.support_labels, ALPHA1, 2)
+    theta_adv = inner_loop(w, s_adv, task.support_labels, ALPHA1, 2)
     theta_c = inner_loop(w, task.support_inputs, task.support_labels, ALPHA2, 2)
     g_adv = ce_grad(theta_adv, task.query_inputs, task.query_labels)
-    g_c = ce_grad(theta_c, adversarial.query_adversarial, task.query_labels)
+    g_c = ce_grad(theta_c, q_adv, task.query_labels)
     assert_weights_close(ours, (g_adv[0] + g_c[0], g_adv[1] + g_c[1]))
 
 
 def test_adml_attack_against_adapted_parameters() -> None:
     linear, task = make_linear(), make_task()
     adml = ADML(linear, lr=ALPHA1, clean_lr=ALPHA2, attack=FGSM(eps=EPS), attack_target="adapted")
-    adversarial = adml.adversarial_task(*task)
-    assert adversarial.query_adversarial is None
+    s_adv, no_query = attacked(adml, task)
+    assert no_query is None
     w = weights_of(linear)
     theta_c = inner_loop(w, task.support_inputs, task.support_labels, ALPHA2, 1)
     q_adv = fgsm(theta_c, task.query_inputs, task.query_labels, EPS)
-    ours = library_gradient(adml, adml.objective(adversarial).total)
-    expected = torch.autograd.grad(eq1(w, task, adversarial.support_adversarial, q_adv, 1), w)
+    ours = library_gradient(adml, adml.meta_loss(*task))
+    expected = torch.autograd.grad(eq1(w, task, s_adv, q_adv, 1), w)
     assert_weights_close(ours, (expected[0], expected[1]))
 
 
 @pytest.mark.parametrize("sequential", [False, True])
-def test_adml_meta_step_joint_and_sequential_updates(sequential: bool) -> None:
+@pytest.mark.parametrize("engine", ["sequential", "vmap"])
+def test_adml_meta_step_joint_and_sequential_updates(sequential: bool, engine: str) -> None:
     """Line 11 with SGD: the sequential second step is taken at the updated theta."""
     linear, tasks = make_linear(), [make_task(seed=1), make_task(seed=2)]
     adml = ADML(linear, lr=ALPHA1, clean_lr=ALPHA2, attack=FGSM(eps=EPS))
@@ -206,13 +216,14 @@ def test_adml_meta_step_joint_and_sequential_updates(sequential: bool) -> None:
 
     optimizer = torch.optim.SGD(adml.parameters(), lr=beta1)
     if sequential:
-        adml.meta_step(tasks, optimizer, torch.optim.SGD(adml.parameters(), lr=beta2))
+        clean_optimizer = torch.optim.SGD(adml.parameters(), lr=beta2)
+        engines.meta_step(adml, tasks, optimizer, clean_optimizer, engine=engine)
         g1 = torch.autograd.grad(branch(w, 0), w)
         w1 = (w[0] - beta1 * g1[0], w[1] - beta1 * g1[1])
         g2 = torch.autograd.grad(branch(w1, 1), w1)  # recomputed at the updated theta
         expected = (w1[0] - beta2 * g2[0], w1[1] - beta2 * g2[1])
     else:
-        adml.meta_step(tasks, optimizer)
+        engines.meta_step(adml, tasks, optimizer, engine=engine)
         g = torch.autograd.grad(branch(w, 0) + branch(w, 1), w)
         expected = (w[0] - beta1 * g[0], w[1] - beta1 * g[1])
     assert_weights_close(
@@ -325,9 +336,14 @@ def test_adml_on_cnn4_with_batchnorm_matches_directional_finite_difference() -> 
     torch.manual_seed(1)
     model = CNN4(ways=3, in_channels=1, hidden=4, image_size=16).double()
     adml = ADML(model, lr=0.1, attack=FGSM(eps=EPS), adaptation_steps=2)
-    adversarial = adml.adversarial_task(*task)
+    recorded = SequentialOps(adml)
+    adml.task_objective(task, ops=recorded)  # the adversarial samples stay fixed below
+
+    def objective() -> Tensor:
+        return adml.task_objective(task, ops=SequentialOps(adml, replay=recorded.recorded)).total
+
     adml.zero_grad()
-    adml.objective(adversarial).total.backward()
+    objective().backward()
     params = list(model.parameters())
     direction = [torch.randn_like(p) for p in params]
     analytic = sum((p.grad * d).sum() for p, d in zip(params, direction, strict=True))
@@ -336,7 +352,7 @@ def test_adml_on_cnn4_with_batchnorm_matches_directional_finite_difference() -> 
         with torch.no_grad():
             for p, d in zip(params, direction, strict=True):
                 p.add_(sign * h * d)
-        values.append(adml.objective(adversarial).total.item())
+        values.append(objective().item())
         with torch.no_grad():
             for p, d in zip(params, direction, strict=True):
                 p.sub_(sign * h * d)

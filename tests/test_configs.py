@@ -52,12 +52,13 @@ def test_unknown_name_names_the_closest() -> None:
 def test_train_by_name_uses_the_bundled_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_mini_imagenet_cache(
-        tmp_path / "data", "train", num_classes=6, images_per_class=4, image_size=16
-    )
+    for mode in ("train", "validation"):  # training validates on the validation split
+        write_mini_imagenet_cache(
+            tmp_path / "data", mode, num_classes=6, images_per_class=4, image_size=16
+        )
     overrides = [f"dataset.root={tmp_path / 'data'}", "dataset.strict=false", "train.iterations=1",
                  "model.hidden=8", "task.query_shots=2", "train.adaptation_steps=1",
-                 "train.meta_batch_size=1"]  # fmt: skip
+                 "train.meta_batch_size=1", "train.validate_every=null"]  # fmt: skip
     run = tmp_path / "run"
     flags = [flag for override in overrides for flag in ("-o", override)]
     assert main(["train", NAME, "--run-dir", str(run), "--quiet", *flags]) == 0

@@ -1,9 +1,11 @@
-"""ADML's shared support pass and the meta-batch engines against the sequential reference.
+"""The engines against the sequential reference, for every learner.
 
-The reference is ADML's public per-task path, ``objective(adversarial_task(*task))``: attack,
-then adapt, task after task (checked against closed forms in test_algorithms.py). The shared
-pass must reproduce it exactly, and every engine must give its mean over the meta-batch, its
-meta-gradient and its training curve to floating-point tolerance.
+The reference is each learner's per-task objective on one task (``task_objective`` without
+ops: attack, then adapt, checked against closed forms in test_algorithms.py), averaged over
+the meta-batch by hand. ADML's shared support pass must reproduce the generic path exactly,
+and every engine must give the reference's mean, meta-gradient and training curve to
+floating-point tolerance, with no host-device synchronisation beyond the optimizer's own and
+the meta-batch's one value check.
 """
 
 from __future__ import annotations
@@ -15,14 +17,43 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial import ADML, CNN4, FFGSM, FGSM, MLP, PGD, Task, engines
-from l2l_adversarial.algorithms.adml import ADMLObjective
+from benchmarks.op_counter import OpCounter
+from l2l_adversarial import (
+    ADML,
+    CNN4,
+    FFGSM,
+    FGSM,
+    MAML,
+    MAMLAD,
+    MLP,
+    PGD,
+    AdversarialQuerying,
+    Task,
+    engines,
+)
+from l2l_adversarial.algorithms import MetaLearner, SequentialOps
+from l2l_adversarial.validation import value_checks
 
 EPS = 8 / 255
 WAYS = 3
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "cnn4": lambda: CNN4(ways=WAYS, in_channels=1, hidden=4, image_size=16),
     "mlp": lambda: MLP(in_features=256, ways=WAYS, hidden=(8,)),
+}
+LEARNERS: dict[str, Callable[..., MetaLearner]] = {
+    "maml": lambda model, **kw: MAML(model, lr=0.3, **kw),
+    "adml": lambda model, **kw: ADML(model, lr=0.3, clean_lr=0.2, attack=FGSM(eps=EPS), **kw),
+    "adml-adapted": lambda model, **kw: ADML(
+        model, lr=0.3, clean_lr=0.2, attack=FGSM(eps=EPS), attack_target="adapted", **kw
+    ),
+    "maml-ad": lambda model, **kw: MAMLAD(model, lr=0.3, attack=FGSM(eps=EPS), **kw),
+    "maml-ad-half": lambda model, **kw: MAMLAD(
+        model, lr=0.3, attack=FGSM(eps=EPS), adversarial_fraction=0.5, **kw
+    ),
+    "aq": lambda model, **kw: AdversarialQuerying(model, lr=0.3, attack=FGSM(eps=EPS), **kw),
+    "aq-initial": lambda model, **kw: AdversarialQuerying(
+        model, lr=0.3, attack=FGSM(eps=EPS), attack_target="initial", **kw
+    ),
 }
 
 
@@ -49,10 +80,9 @@ def meta_gradient(model: nn.Module, loss: Tensor) -> list[Tensor]:
     return list(torch.autograd.grad(loss, list(model.parameters())))
 
 
-def reference_loss(adml: ADML, tasks: list[Task]) -> Tensor:
-    """Mean of Eq. (1) by the public per-task path: attack, then adapt."""
-    losses = [adml.objective(adml.adversarial_task(*task)).total for task in tasks]
-    return torch.stack(losses).mean()
+def reference_loss(learner: MetaLearner, tasks: list[Task]) -> Tensor:
+    """The mean of the per-task objectives, one task at a time, by hand."""
+    return torch.stack([learner.task_objective(task).total for task in tasks]).mean()
 
 
 def assert_gradients_close(actual: list[Tensor], expected: list[Tensor]) -> None:
@@ -85,11 +115,13 @@ def test_shared_support_pass_reproduces_attack_then_adapt(
     # PGD with one step of size eps from the clean input is FGSM, through the generic path.
     generic = learner(PGD(eps=EPS, steps=1, step_size=EPS, random_start=False))
     assert shared.shares_support_pass and not generic.shares_support_pass
-    reference = generic.adversarial_task(*task)
+    generic_ops = SequentialOps(generic)
+    expected = generic.task_objective(task, ops=generic_ops)
+    _, support_adversarial = generic_ops.recorded
 
     theta = shared.meta_parameters()
     adversarial, clean_step = shared._fgsm_and_clean_step(theta, *task[:2])
-    assert torch.equal(adversarial, reference.support_adversarial)
+    assert torch.equal(adversarial, support_adversarial)
     expected_step = generic.adapt_functional(theta, *task[:2], lr=0.2, steps=1)
     assert all(torch.equal(clean_step[n], expected_step[n]) for n in theta)
 
@@ -98,7 +130,7 @@ def test_shared_support_pass_reproduces_attack_then_adapt(
     monkeypatch.setattr(
         ADML, "_fgsm_and_clean_step", lambda self, *a: calls.append(1) or original(self, *a)
     )
-    ours, expected = shared.task_objective(task), generic.objective(reference)
+    ours = shared.task_objective(task)
     assert calls == [1]
     for a, e in zip(ours, expected, strict=True):
         assert torch.equal(a, e)  # bit for bit
@@ -129,34 +161,17 @@ def test_shared_support_pass_is_used_only_where_it_is_exact() -> None:
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("learner_name", list(LEARNERS))
 @pytest.mark.parametrize("engine", ["sequential", "vmap"])
 def test_engine_meta_gradient_matches_the_sequential_reference(
-    engine: str, model_name: str, steps: int, first_order: bool
+    engine: str, learner_name: str, model_name: str, steps: int, first_order: bool
 ) -> None:
     model, tasks = make_model(model_name), make_tasks(3)
-    adml = ADML(
-        model,
-        lr=0.3,
-        clean_lr=0.2,
-        first_order=first_order,
-        adaptation_steps=steps,
-        attack=FGSM(eps=EPS),
-    )
-    expected = reference_loss(adml, tasks)
-    loss = adml.meta_batch_loss(tasks, engine=engine)
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-    assert_gradients_close(meta_gradient(model, loss), meta_gradient(model, expected))
-
-
-def test_vmap_engine_with_attacks_against_the_adapted_model() -> None:
-    model, tasks = make_model("cnn4"), make_tasks(3)
-    adml = ADML(model, lr=0.3, adaptation_steps=2, attack=FGSM(eps=EPS), attack_target="adapted")
-    objective = engines.meta_batch_objective(adml, tasks, engine="vmap")
-    expected = [adml.objective(adml.adversarial_task(*task)) for task in tasks]
-    for value, values in zip(objective, zip(*expected, strict=True), strict=True):
-        torch.testing.assert_close(value, torch.stack(values).mean(), rtol=1e-12, atol=1e-12)
-    reference = torch.stack([o.total for o in expected]).mean()
-    assert_gradients_close(meta_gradient(model, objective.total), meta_gradient(model, reference))
+    learner = LEARNERS[learner_name](model, first_order=first_order, adaptation_steps=steps)
+    expected = reference_loss(learner, tasks)
+    objective = engines.meta_batch_objective(learner, tasks, engine=engine, chunk_size=2)
+    torch.testing.assert_close(objective.total, expected, rtol=1e-12, atol=0)
+    assert_gradients_close(meta_gradient(model, objective.total), meta_gradient(model, expected))
 
 
 def seeded(tasks: list[Task], generator: torch.Generator) -> Iterator[Task]:
@@ -166,39 +181,31 @@ def seeded(tasks: list[Task], generator: torch.Generator) -> Iterator[Task]:
         yield task
 
 
-@pytest.mark.parametrize("target", ["initial", "adapted"])
+@pytest.mark.parametrize("learner_name", ["adml", "adml-adapted", "maml-ad", "aq"])
 @pytest.mark.parametrize(
-    "attack",
-    [
-        PGD(eps=EPS, steps=2, generator=torch.Generator()),
-        FFGSM(eps=EPS, generator=torch.Generator()),
-    ],
+    "attack_class", [lambda: PGD(eps=EPS, steps=2, generator=torch.Generator()),
+                     lambda: FFGSM(eps=EPS, generator=torch.Generator())],
     ids=["pgd", "ffgsm"],
-)
-def test_vmap_engine_runs_random_start_attacks_task_by_task(
-    attack: PGD | FFGSM, target: str
+)  # fmt: skip
+def test_random_start_attacks_give_the_same_meta_gradient_in_both_engines(
+    learner_name: str, attack_class: Callable[[], PGD | FFGSM]
 ) -> None:
-    """A task iterator that seeds the attack before each task gets the same samples."""
+    """Each task's attacks draw from the generator state it had when it left the iterator."""
+    attack = attack_class()
     assert attack.generator is not None and not engines.batches_attack(attack)
     model, tasks = make_model("cnn4"), make_tasks(3)
-    adml = ADML(model, lr=0.3, attack=attack, attack_target=target)
-    expected = [adml.adversarial_task(*task) for task in seeded(tasks, attack.generator)]
-    ours = engines.adversarial_tasks(adml, seeded(tasks, attack.generator), engine="vmap")
-    for a, e in zip(ours, expected, strict=True):
-        assert torch.equal(a.support_adversarial, e.support_adversarial)
-        assert (
-            (a.query_adversarial is None) == (e.query_adversarial is None) == (target != "initial")
-        )
-        if a.query_adversarial is not None and e.query_adversarial is not None:
-            assert torch.equal(a.query_adversarial, e.query_adversarial)
-    attack.generator.manual_seed(5)  # for the query sets attacked against theta'_c
-    objective = engines.mean_objective(adml, ours, engine="vmap")
-    attack.generator.manual_seed(5)
-    expected_objectives = [adml.objective(task) for task in expected]
-    for value, values in zip(objective, zip(*expected_objectives, strict=True), strict=True):
-        torch.testing.assert_close(value, torch.stack(values).mean(), rtol=1e-12, atol=1e-12)
-    reference = torch.stack([o.total for o in expected_objectives]).mean()
-    assert_gradients_close(meta_gradient(model, objective.total), meta_gradient(model, reference))
+    learner = LEARNERS[learner_name](model, adaptation_steps=2)
+    learner.attack = attack  # type: ignore[union-attr]
+    references = []
+    for index, task in enumerate(tasks):
+        attack.generator.manual_seed(100 + index)
+        references.append(learner.task_objective(task).total)
+    reference = torch.stack(references).mean()
+    reference_gradient = meta_gradient(model, reference)
+    for engine in ("sequential", "vmap"):
+        ours = engines.meta_batch_objective(learner, seeded(tasks, attack.generator), engine=engine)
+        torch.testing.assert_close(ours.total, reference, rtol=1e-12, atol=0)
+        assert_gradients_close(meta_gradient(model, ours.total), reference_gradient)
 
 
 def test_vmap_engine_differentiates_layer_norm_twice() -> None:
@@ -210,7 +217,7 @@ def test_vmap_engine_differentiates_layer_norm_twice() -> None:
     ).double()
     tasks = make_tasks(2)
     adml = ADML(model, lr=0.5, adaptation_steps=2, attack=FGSM(eps=EPS))
-    loss = adml.meta_batch_loss(tasks, engine="vmap")
+    loss = engines.meta_batch_objective(adml, tasks, engine="vmap").total
     assert_gradients_close(
         meta_gradient(model, loss), meta_gradient(model, reference_loss(adml, tasks))
     )
@@ -227,7 +234,7 @@ def test_vmap_engine_with_batchnorm_running_statistics_in_eval_mode() -> None:
     with pytest.warns(UserWarning, match="track running statistics"):
         adml = ADML(model, lr=0.3, adaptation_steps=2, attack=FGSM(eps=EPS))
     tasks = make_tasks(2)
-    loss = adml.meta_batch_loss(tasks, engine="vmap")
+    loss = engines.meta_batch_objective(adml, tasks, engine="vmap").total
     assert_gradients_close(
         meta_gradient(model, loss), meta_gradient(model, reference_loss(adml, tasks))
     )
@@ -235,26 +242,33 @@ def test_vmap_engine_with_batchnorm_running_statistics_in_eval_mode() -> None:
 
 # -- engines: training curves --------------------------------------------------------------
 def train(
-    engine: str, clean_step: bool, iterations: int = 3
-) -> tuple[list[Tensor], list[ADMLObjective]]:
+    learner_name: str, engine: str, clean_step: bool, iterations: int = 3
+) -> tuple[list[Tensor], list[object]]:
     model = make_model("cnn4", seed=3)
-    adml = ADML(model, lr=0.3, clean_lr=0.2, adaptation_steps=2, attack=FGSM(eps=EPS))
+    learner = LEARNERS[learner_name](model, adaptation_steps=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     clean_optimizer = torch.optim.SGD(model.parameters(), lr=0.05) if clean_step else None
     objectives = [
-        adml.meta_step(make_tasks(2, seed=it), optimizer, clean_optimizer, engine=engine)
+        engines.meta_step(
+            learner, make_tasks(2, seed=it), optimizer, clean_optimizer, engine=engine
+        )
         for it in range(iterations)
     ]
     return [p.detach() for p in model.parameters()], objectives
 
 
-@pytest.mark.parametrize("clean_step", [False, True], ids=["joint", "two-optimizers"])
-def test_engines_follow_the_same_training_curve(clean_step: bool) -> None:
-    parameters, objectives = train("vmap", clean_step)
-    expected_parameters, expected_objectives = train("sequential", clean_step)
+@pytest.mark.parametrize(
+    ("learner_name", "clean_step"),
+    [("maml", False), ("adml", False), ("adml", True), ("adml-adapted", True), ("maml-ad", False),
+     ("aq", False)],
+)  # fmt: skip
+def test_engines_follow_the_same_training_curve(learner_name: str, clean_step: bool) -> None:
+    parameters, objectives = train(learner_name, "vmap", clean_step)
+    expected_parameters, expected_objectives = train(learner_name, "sequential", clean_step)
     for ours, theirs in zip(objectives, expected_objectives, strict=True):
-        assert not ours.total.requires_grad
-        for value, expected in zip(ours, theirs, strict=True):
+        assert type(ours) is type(theirs)
+        for value, expected in zip(ours, theirs, strict=True):  # type: ignore[call-overload]
+            assert not value.requires_grad
             torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12)
     # Adam turns the rounding noise of conv biases before BatchNorm (zero gradient) into
     # steps of ~1e-9; the other parameters move by ~1e-2.
@@ -264,26 +278,39 @@ def test_engines_follow_the_same_training_curve(clean_step: bool) -> None:
     assert any(not torch.allclose(p, q) for p, q in zip(parameters, initial, strict=True))
 
 
+# -- host-device synchronisation -------------------------------------------------------------
+@pytest.mark.parametrize("learner_name", ["maml", "adml", "adml-adapted", "maml-ad", "aq"])
+@pytest.mark.parametrize("engine", ["sequential", "vmap"])
+def test_a_meta_iteration_reads_the_device_once(learner_name: str, engine: str) -> None:
+    """One host read (the meta-batch's value check) beyond the optimizer's own; none with
+    value checks off."""
+    model = make_model("cnn4")
+    learner = LEARNERS[learner_name](model, adaptation_steps=2)
+    tasks = make_tasks(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)  # SGD reads nothing
+    engines.meta_step(learner, tasks, optimizer, engine=engine)
+    with OpCounter() as counted:
+        engines.meta_step(learner, tasks, optimizer, engine=engine)
+    assert counted.syncs == 1, counted.sync_names
+    with value_checks(False), OpCounter() as unchecked:
+        engines.meta_step(learner, tasks, optimizer, engine=engine)
+    assert unchecked.syncs == 0, unchecked.sync_names
+
+
 # -- choosing an engine --------------------------------------------------------------------
-def test_auto_picks_vmap_on_cuda_and_the_loop_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert engines.preferred_engine(torch.device("cuda", 0)) == "vmap"
-    assert engines.preferred_engine(torch.device("cpu")) == "sequential"
+def test_auto_is_the_sequential_engine_and_vmap_needs_equal_shapes() -> None:
     model, tasks = make_model("cnn4"), make_tasks(2)
     adml = ADML(model, lr=0.3, attack=FGSM(eps=EPS))
     assert engines.resolve_engine(adml) == "sequential"
     assert engines.resolve_engine(adml, "vmap") == "vmap"
-    monkeypatch.setattr(engines, "preferred_engine", lambda device: "vmap")  # as on CUDA
-    assert engines.resolve_engine(adml) == "vmap"
-    # Tasks of different shapes: "auto" falls back to the loop, "vmap" refuses.
     uneven = [tasks[0], make_tasks(1, shots=1)[0]]
-    loss = adml.meta_batch_loss(uneven)
+    loss = engines.meta_batch_objective(adml, uneven).total
     torch.testing.assert_close(loss, reference_loss(adml, uneven), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="shapes must be equal"):
-        adml.meta_batch_loss(uneven, engine="vmap")
+        engines.meta_batch_objective(adml, uneven, engine="vmap")
 
 
-def test_vmap_obstacles_are_named_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engines, "preferred_engine", lambda device: "vmap")  # as on CUDA
+def test_vmap_obstacles_are_named() -> None:
     assert engines.vmap_obstacle(CNN4(ways=3)) is None and engines.vmap_obstacle(MLP(4, 3)) is None
     cases = {
         "track_running_stats=False": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
@@ -306,12 +333,71 @@ def test_bad_engine_arguments_are_rejected_with_clear_messages() -> None:
     adml = ADML(make_model("mlp"), lr=0.1)
     optimizer = torch.optim.SGD(adml.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="engine must be one of 'auto', 'sequential', 'vmap'"):
-        adml.meta_batch_loss(make_tasks(1), engine="gpu")
+        engines.meta_step(adml, make_tasks(1), optimizer, engine="gpu")
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        engines.meta_step(adml, make_tasks(1), optimizer, chunk_size=0)
+    with pytest.raises(TypeError, match="two-step update of Algorithm 1 is ADML's"):
+        engines.meta_step(MAML(make_model("mlp"), lr=0.1), make_tasks(1), optimizer, optimizer)
     for engine in engines.ENGINES:
         with pytest.raises(ValueError, match="tasks is empty"):
-            adml.meta_batch_loss([], engine=engine)
-        with pytest.raises(ValueError, match="tasks is empty"):
-            adml.meta_step(iter([]), optimizer, engine=engine)
+            engines.meta_step(adml, iter([]), optimizer, engine=engine)
     sx, sy, qx, qy = make_tasks(1)[0]
-    with pytest.raises(ValueError, match=r"query_labels must lie in \[0, 3\)"):
-        adml.meta_batch_loss([Task(sx, sy, qx, qy + 3)] * 2, engine="vmap")
+    with pytest.raises(ValueError, match=r"task 1 of the meta-batch: query_labels must lie in"):
+        engines.meta_step(adml, [Task(sx, sy, qx, qy), Task(sx, sy, qx, qy + 3)], optimizer)
+
+
+def test_library_inputs_are_checked_from_metadata_with_named_arguments() -> None:
+    adml = ADML(make_model("cnn4"), lr=0.1)
+    optimizer = torch.optim.SGD(adml.parameters(), lr=0.1)
+    sx, sy, qx, qy = make_tasks(1)[0]
+    # int32 labels are converted; the result equals long labels'
+    converted = engines.meta_batch_objective(adml, [Task(sx, sy.int(), qx, qy.int())]).total
+    torch.testing.assert_close(
+        converted, engines.meta_batch_objective(adml, [Task(sx, sy, qx, qy)]).total
+    )
+    cases = {
+        "task 0: inputs are torch.float32 but CNN4's parameters are torch.float64": Task(
+            sx.float(), sy, qx.float(), qy
+        ),
+        "inputs have 3 channels .* first convolution takes 1": Task(
+            sx.repeat(1, 3, 1, 1), sy, qx.repeat(1, 3, 1, 1), qy
+        ),
+        r"support_inputs has shape \(4, 1, 16, 16\) and support_labels shape \(5,\)": Task(
+            sx[:4], sy[:5], qx, qy
+        ),
+        "support set is empty": Task(sx[:0], sy[:0], qx, qy),
+        "support_labels must hold integer class indices": Task(sx, sy.double(), qx, qy),
+    }
+    for message, task in cases.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            engines.meta_step(adml, [task], optimizer)
+
+
+def test_regression_with_mse_meta_trains_without_class_checks() -> None:
+    """Any differentiable loss and float targets of any shape; accuracy is NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1))
+    attack = FGSM(eps=0.1, data_range=(-5.0, 5.0), loss_fn=nn.functional.mse_loss)
+    adml = ADML(model, lr=0.01, attack=attack, loss_fn=nn.functional.mse_loss, adaptation_steps=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def sine(seed: int) -> Task:
+        g = torch.Generator().manual_seed(seed)
+        amplitude, phase = (
+            0.1 + 4.9 * torch.rand(1, generator=g),
+            torch.pi * torch.rand(1, generator=g),
+        )
+        x = 10 * torch.rand(20, 1, generator=g) - 5
+        y = amplitude * torch.sin(x - phase)
+        return Task(x[:10], y[:10], x[10:], y[10:])
+
+    held_out = [sine(10_000 + k) for k in range(8)]
+
+    def held_out_loss() -> float:
+        return float(engines.meta_batch_objective(adml, held_out).total.detach())
+
+    before = held_out_loss()
+    for it in range(60):
+        objective = engines.meta_step(adml, [sine(4 * it + k) for k in range(4)], optimizer)
+    assert objective.accuracy.isnan()
+    assert held_out_loss() < 0.95 * before  # 8.85 -> 8.10 in 60 iterations

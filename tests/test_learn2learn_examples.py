@@ -148,11 +148,6 @@ def test_readme_swap_applies_to_and_runs_learn2learns_miniimagenet_example(tmp_p
         assert value == value and value >= 0  # a finite, non-NaN number
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the learners to accept MSE and float targets of shape (N, 1) "
-    "(helper 'engine': validation.check_task and algorithms/); remove this mark once merged",
-)
 def test_sine_diff_applies_to_and_meta_trains_learn2learns_sine_example(tmp_path):
     if importlib.util.find_spec("torchmeta") is None:
         pytest.skip("torchmeta is not installed: bash scripts/install_torchmeta.sh")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.axes import Axes
 
 from l2l_adversarial import MLP, Task
 from l2l_adversarial import report as report_module
@@ -19,10 +20,14 @@ from l2l_adversarial.evaluation import (
     paper_scenarios,
 )
 from l2l_adversarial.report import (
+    format_compact_table,
     format_table,
     load_paper_tables,
     load_results,
+    method_color,
     plot_curves,
+    plot_robustness,
+    plot_training,
     save_results,
     table_json,
     table_number,
@@ -154,6 +159,7 @@ def test_table_json_round_trips_and_matches_markdown(tmp_path):
         "table1.json",
         "table1_accuracy.png",
         "table1_loss.png",
+        "table1_robustness_eps.png",
     ]
     assert json.loads((tmp_path / "out" / "table1.json").read_text(encoding="utf-8")) == table
     assert (tmp_path / "out" / "table1.md").read_text(encoding="utf-8") == format_table(
@@ -220,3 +226,72 @@ def test_report_of_a_real_evaluation(tmp_path):
     clean = result.find("clean", "clean", 2.0)
     assert clean is not None
     assert rows["ADML", "Clean"][0] == f"{clean.accuracy:.2f} ± {clean.ci95:.2f} \\| 55.70 ± 2.00"
+
+
+def test_compact_table_has_only_the_measured_rows_and_columns():
+    results = [fake_result("MAML", 5, base=40.0), fake_result("ADML", 5, base=50.0)]
+    lines = format_compact_table(results, 2.0).splitlines()
+    assert lines[0] == "| Method | Support | Clean query | Adversarial query (ε = 2/255) |"
+    body = [line.split(" | ") for line in lines[2:]]
+    assert [(row[0].strip("| "), row[1]) for row in body] == [
+        (m, s) for m in ("MAML", "ADML") for s in ("Clean", "40%", "Adversarial")
+    ]  # no MAML-AD or Matching Nets rows of dashes
+    adml_40_adversarial = results[1].find("40%", "adversarial", 2.0)
+    assert adml_40_adversarial is not None
+    assert body[4][3].rstrip(" |") == f"{adml_40_adversarial.accuracy:.2f} ± 1.03"
+    assert len(format_compact_table(results, 8.0).splitlines()) == 2  # nothing measured at 8
+
+
+def test_robustness_figure_and_method_colours(tmp_path, monkeypatch):
+    drawn: list[tuple[str, str, list[float]]] = []
+    original = Axes.errorbar
+
+    def record(self, x, y, *args, **kwargs):
+        drawn.append((kwargs["label"], kwargs["color"], list(x)))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", record)
+    results = [fake_result("MAML", 1, base=40.0), fake_result("ADML", 1, base=50.0)]
+    path = plot_robustness(results, tmp_path / "robustness_eps.png", mark=2.0)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert len(drawn) == 2 * 4  # two methods x four 1-shot scenarios
+    assert {(label, color) for label, color, _ in drawn} == {
+        ("MAML", method_color("MAML")),
+        ("ADML", method_color("ADML")),
+    }
+    assert all(x == [0.0, 0.2, 2.0] for _, _, x in drawn)  # eps 0 drawn from Clean-Clean
+    assert len({method_color(m) for m in ("MAML", "MAML-AD", "ADML", "Matching Nets")}) == 4
+
+
+def test_training_figure_reads_metrics_and_validation_logs(tmp_path):
+    for method, offset in (("maml", 0.0), ("adml", 0.1)):
+        run = tmp_path / method
+        run.mkdir()
+        (run / "config.yaml").write_text("train:\n  eps: 4.0\n")
+        (run / "metrics.csv").write_text(
+            "iteration,loss,accuracy,seconds\n"
+            + "".join(f"{i},{1.5 - 0.1 * i + offset},{0.2 + 0.05 * i},{i}\n" for i in range(1, 9))
+        )
+        (run / "validation.csv").write_text(
+            "iteration,split,epsilon,clean_accuracy,clean_ci95,clean_loss,adversarial_accuracy,"
+            "adversarial_ci95,adversarial_loss,score\n"
+            + "".join(f"{i},train,{e},{60 + i},1,1.0,{50 + i - e},1,1.2,{55 + i}\n"
+                      for i in (4, 8) for e in (4.0, 16.0))
+        )  # fmt: skip
+    path = plot_training({"MAML": tmp_path / "maml", "ADML": tmp_path / "adml"},
+                         tmp_path / "training.png", epsilon=16.0)  # fmt: skip
+    assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 20000
+    with pytest.raises(FileNotFoundError, match="metrics.csv"):
+        plot_training({"MAML": tmp_path / "missing"}, tmp_path / "x.png")
+
+
+def test_report_writes_robustness_and_training_figures_for_run_folders(tmp_path):
+    results = [fake_result("ADML", 1, base=50.0, dataset="CIFAR100")]
+    run = tmp_path / "adml"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "iteration,loss,accuracy,seconds\n1,1.0,0.5,0.1\n2,0.9,0.6,0.2\n"
+    )
+    paths = write_report(results, tmp_path / "report", "CIFAR100", 1, training_runs={"ADML": run})
+    names = {p.name for p in paths}
+    assert {"table3_robustness_eps.png", "table3_training.png"} <= names

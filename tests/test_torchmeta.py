@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, PGD, Task
+from l2l_adversarial import ADML, FGSM, PGD, Task, engines
 from l2l_adversarial.torchmeta_compat import (
     AdversarialBatches,
     batch_from_tasks,
@@ -300,7 +300,7 @@ def test_batch_meta_dataloader_feeds_adml(torchmeta):
                     source = round(image.mean().item() * CLASSES - 0.03)
                     assert classes.setdefault(label, source) == source
             assert len(set(classes.values())) == WAYS
-        objective = adml.meta_step(tasks, optimizer)
+        objective = engines.meta_step(adml, tasks, optimizer)
         assert torch.isfinite(objective.total)
         if step == 1:
             break

@@ -8,22 +8,27 @@ By default the queries are attacked against the adapted parameters theta', as in
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
+from typing_extensions import Unpack
 
-from l2l_adversarial.algorithms.base import ATTACK_TARGETS, AdversarialMetaLearner
-from l2l_adversarial.attacks import Attack
-from l2l_adversarial.functional import LossFn
-from l2l_adversarial.validation import check_choice, check_task
+from l2l_adversarial.algorithms.base import (
+    ATTACK_TARGETS,
+    AdversarialMetaLearner,
+    AdversarialOptions,
+)
+from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
+from l2l_adversarial.task import Task
+from l2l_adversarial.validation import check_choice
 
 
 class AdversarialQuerying(AdversarialMetaLearner):
     """Meta-learning with adversarial queries: a drop-in for ``learn2learn.algorithms.MAML``.
 
     Args:
-        model, lr, first_order, attack, adaptation_steps, loss_fn, channels_last: as for
-            :class:`ADML`
-            (Goldblum et al. used PGD; pass ``attack=PGD(...)`` to match them).
+        model, lr, first_order: as for :class:`ADML`.
         attack_target: ``"adapted"`` (default) or ``"initial"``.
+        **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions` (Goldblum et
+            al. used PGD; pass ``attack=PGD(...)`` to match them).
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -38,42 +43,21 @@ class AdversarialQuerying(AdversarialMetaLearner):
         lr: float,
         first_order: bool = False,
         *,
-        attack: Attack | None = None,
-        adaptation_steps: int = 1,
         attack_target: str = "adapted",
-        loss_fn: LossFn | None = None,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        channels_last: bool = False,
+        **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(
-            model,
-            lr,
-            first_order,
-            attack=attack,
-            adaptation_steps=adaptation_steps,
-            loss_fn=loss_fn,
-            allow_unused=allow_unused,
-            allow_nograd=allow_nograd,
-            channels_last=channels_last,
-        )
+        super().__init__(model, lr, first_order, **options)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 
-    def loss_and_accuracy(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def task_objective(
+        self, task: Task, steps: int | None = None, ops: TaskOps | None = None
+    ) -> TaskObjective:
         """``L(theta', D'_adv)`` for one task, theta' adapted on the clean support set."""
-        check_task(support_inputs, support_labels, query_inputs, query_labels)
-        theta = self.meta_parameters()
-        adapted = self.adapt_functional(
-            theta, support_inputs, support_labels, self.lr, self.resolve_steps(steps)
-        )
+        task, steps, ops = self._prepare(task, steps, ops)
+        theta = ops.theta
+        (adapted,) = ops.adapt(theta, [(task.support_inputs, task.support_labels, self.lr)], steps)
         attacked = adapted if self.attack_target == "adapted" else theta
-        query_adversarial = self.perturb_query(attacked, query_inputs, query_labels)
-        return self.functional.query_loss(adapted, query_adversarial, query_labels)
+        (query_adversarial,) = ops.perturb(attacked, [(task.query_inputs, task.query_labels, True)])
+        (objective,) = ops.score([(adapted, query_adversarial, task.query_labels)])
+        return objective

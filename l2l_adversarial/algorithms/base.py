@@ -1,22 +1,52 @@
-"""What ADML, MAML-AD and Adversarial Querying share: a learn2learn ``MAML`` wrapper with an
-attack and a functional inner loop."""
+"""What MAML, ADML, MAML-AD and Adversarial Querying share: a learn2learn ``MAML`` wrapper with
+a functional inner loop and one per-task objective, and the options they all take."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
+from typing_extensions import TypedDict, Unpack
 
+from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOps
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
+from l2l_adversarial.task import Task
+from l2l_adversarial.validation import check_task, is_classification_loss
 
 DEFAULT_TRAINING_EPS = 2 / 255
 """The paper's meta-training FGSM radius, eps = 2 on 8-bit images scaled to [0, 1]."""
 
 ATTACK_TARGETS = ("initial", "adapted")
+
+
+class LearnerOptions(TypedDict, total=False):
+    """Keywords every gradient-based learner takes.
+
+    Attributes:
+        adaptation_steps: inner gradient steps per task (the paper: 5 in meta-training).
+        loss_fn: task loss ``loss_fn(outputs, targets)``; cross-entropy by default. Any
+            differentiable loss works (e.g. ``mse_loss`` with float targets of any shape);
+            class-label checks and accuracy apply to classification losses only.
+        channels_last: evaluate (and attack) query sets in channels-last memory format, as
+            :class:`~l2l_adversarial.functional.FunctionalModel` describes: same results,
+            faster on the CPU; the model must not ``.view()`` its activations.
+    """
+
+    adaptation_steps: int
+    loss_fn: LossFn | None
+    channels_last: bool
+
+
+class AdversarialOptions(LearnerOptions, total=False):
+    """:class:`LearnerOptions` plus ``attack``: an :class:`~l2l_adversarial.attacks.Attack`
+    (default ``FGSM(eps=2/255)``)."""
+
+    attack: Attack | None
 
 
 def check_step_size(name: str, value: float) -> float:
@@ -35,21 +65,19 @@ def check_steps(name: str, value: int) -> int:
 
 
 class MetaLearner(MAML):
-    """A ``learn2learn.algorithms.MAML`` with a functional inner loop and ``meta_loss``.
+    """A ``learn2learn.algorithms.MAML`` with a functional inner loop and one per-task objective.
 
     ``clone()`` and ``adapt()`` behave exactly as in learn2learn, so an unchanged MAML loop
-    still runs; subclasses add ``meta_loss(support_inputs, support_labels, query_inputs,
-    query_labels, steps=None)``, the meta-objective of one task, differentiable in theta.
+    still runs. Subclasses define :meth:`task_objective`, the meta-objective of one task in
+    terms of :class:`~l2l_adversarial.algorithms.task_ops.TaskOps`; ``meta_loss`` and
+    ``loss_and_accuracy`` call it, and :func:`l2l_adversarial.engines.meta_step` runs it over
+    a meta-batch, task by task or batched.
 
     Args:
         model: the network; any ``nn.Module`` with trainable parameters.
         lr: inner-loop step size (alpha).
         first_order: drop second-order terms of the meta-gradient (FOMAML).
-        adaptation_steps: inner gradient steps per task (the paper: 5 in meta-training).
-        loss_fn: task loss ``loss_fn(logits, labels)``; cross-entropy by default.
-        channels_last: evaluate (and attack) query sets in channels-last memory format, as
-            :class:`~l2l_adversarial.functional.FunctionalModel` describes: same results,
-            faster on the CPU; the model must not ``.view()`` its activations.
+        **options: :class:`LearnerOptions`.
     """
 
     def __init__(
@@ -57,27 +85,50 @@ class MetaLearner(MAML):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
-        *,
-        adaptation_steps: int = 1,
-        loss_fn: LossFn | None = None,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        channels_last: bool = False,
+        **options: Unpack[LearnerOptions],
     ) -> None:
-        functional = FunctionalModel(model, loss_fn, channels_last)
-        super().__init__(
-            model,
-            lr=check_step_size("lr", lr),
-            first_order=bool(first_order),
-            allow_unused=allow_unused,
-            allow_nograd=allow_nograd,
+        for name in options:
+            if name not in LearnerOptions.__optional_keys__:
+                accepted = ", ".join(sorted(AdversarialOptions.__optional_keys__))
+                raise TypeError(
+                    f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
+                    f"the learners take {accepted} (attack for the adversarial ones)"
+                )
+        functional = FunctionalModel(
+            model, options.get("loss_fn"), options.get("channels_last", False)
         )
-        self.adaptation_steps = check_steps("adaptation_steps", adaptation_steps)
+        super().__init__(model, lr=check_step_size("lr", lr), first_order=bool(first_order))
+        self.adaptation_steps = check_steps("adaptation_steps", options.get("adaptation_steps", 1))
         self.functional = functional
+
+    @property
+    def classification(self) -> bool:
+        """Whether the task loss takes class indices (then labels are checked as classes)."""
+        return is_classification_loss(self.functional.loss_fn)
 
     def meta_parameters(self) -> Params:
         """theta: the wrapped model's trainable parameters, by name."""
         return self.functional.parameters()
+
+    def task_objective(
+        self, task: Task, steps: int | None = None, ops: TaskOps | None = None
+    ) -> Objective:
+        """The meta-objective of one task (differentiable in theta) and its query accuracy.
+
+        Called without ``ops`` it checks ``task`` and runs on it alone (:class:`SequentialOps`);
+        the engines pass their own ops, on one task or a stack of tasks.
+        """
+        raise NotImplementedError
+
+    def _prepare(
+        self, task: Task, steps: int | None, ops: TaskOps | None
+    ) -> tuple[Task, int, TaskOps]:
+        """The task (checked when called directly), the step count and the ops to run on."""
+        if ops is None:
+            task = Task(*task)
+            check_task(*task, classification=self.classification)
+            ops = SequentialOps(self)
+        return task, self.resolve_steps(steps), ops
 
     def loss_and_accuracy(
         self,
@@ -87,9 +138,10 @@ class MetaLearner(MAML):
         query_labels: Tensor,
         steps: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The meta-objective of one task (differentiable in theta) and the adapted model's
-        query accuracy (detached)."""
-        raise NotImplementedError
+        """:meth:`task_objective`'s total and accuracy for one task."""
+        task = Task(support_inputs, support_labels, query_inputs, query_labels)
+        objective = self.task_objective(task, steps)
+        return objective.total, objective.accuracy
 
     def meta_loss(
         self,
@@ -100,10 +152,8 @@ class MetaLearner(MAML):
         steps: int | None = None,
     ) -> Tensor:
         """The meta-objective of one task, differentiable in theta."""
-        loss, _ = self.loss_and_accuracy(
-            support_inputs, support_labels, query_inputs, query_labels, steps
-        )
-        return loss
+        task = Task(support_inputs, support_labels, query_inputs, query_labels)
+        return self.task_objective(task, steps).total
 
     def resolve_steps(self, steps: int | None) -> int:
         return self.adaptation_steps if steps is None else check_steps("steps", steps)
@@ -120,9 +170,8 @@ class AdversarialMetaLearner(MetaLearner):
     """A :class:`MetaLearner` that also knows an attack.
 
     Args:
-        model, lr, first_order, adaptation_steps, loss_fn, channels_last: as for
-            :class:`MetaLearner`.
-        attack: an :class:`~l2l_adversarial.attacks.Attack`; default ``FGSM(eps=2/255)``.
+        model, lr, first_order: as for :class:`MetaLearner`.
+        **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``).
     """
 
     def __init__(
@@ -130,24 +179,10 @@ class AdversarialMetaLearner(MetaLearner):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
-        *,
-        attack: Attack | None = None,
-        adaptation_steps: int = 1,
-        loss_fn: LossFn | None = None,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        channels_last: bool = False,
+        **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(
-            model,
-            lr,
-            first_order,
-            adaptation_steps=adaptation_steps,
-            loss_fn=loss_fn,
-            allow_unused=allow_unused,
-            allow_nograd=allow_nograd,
-            channels_last=channels_last,
-        )
+        attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
+        super().__init__(model, lr, first_order, **cast(LearnerOptions, options))
         if attack is None:
             attack = FGSM(eps=DEFAULT_TRAINING_EPS)
         if not isinstance(attack, Attack):

@@ -1,12 +1,11 @@
-"""MAML (Finn et al., 2017) with the same ``meta_loss`` interface as the adversarial learners,
-so the paper's clean baseline trains and evaluates through the same code."""
+"""MAML (Finn et al., 2017) with the same per-task objective as the adversarial learners, so
+the paper's clean baseline trains and evaluates through the same code."""
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from l2l_adversarial.algorithms.base import MetaLearner
-from l2l_adversarial.validation import check_task
+from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
+from l2l_adversarial.task import Task
 
 
 class MAML(MetaLearner):
@@ -19,21 +18,13 @@ class MAML(MetaLearner):
         >>> maml.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def loss_and_accuracy(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def task_objective(
+        self, task: Task, steps: int | None = None, ops: TaskOps | None = None
+    ) -> TaskObjective:
         """The MAML objective of one task, differentiable in theta."""
-        check_task(support_inputs, support_labels, query_inputs, query_labels)
-        adapted = self.adapt_functional(
-            self.meta_parameters(),
-            support_inputs,
-            support_labels,
-            self.lr,
-            self.resolve_steps(steps),
+        task, steps, ops = self._prepare(task, steps, ops)
+        (adapted,) = ops.adapt(
+            ops.theta, [(task.support_inputs, task.support_labels, self.lr)], steps
         )
-        return self.functional.query_loss(adapted, query_inputs, query_labels)
+        (objective,) = ops.score([(adapted, task.query_inputs, task.query_labels)])
+        return objective

@@ -8,38 +8,23 @@ sample is joined by its adversarial copy: the same K + K samples ADML's inner lo
 
 from __future__ import annotations
 
-import math
+from torch import nn
+from typing_extensions import Unpack
 
-import torch
-from torch import Tensor, nn
-
-from l2l_adversarial.algorithms.base import AdversarialMetaLearner
-from l2l_adversarial.attacks import Attack
-from l2l_adversarial.functional import LossFn, Params
-from l2l_adversarial.validation import check_task
-
-
-def per_class_prefix(labels: Tensor, fraction: float) -> Tensor:
-    """Boolean mask selecting, for every class, its first ``round(fraction * count)`` samples.
-
-    Deterministic and balanced: e.g. ``fraction=0.4`` of 5 shots selects 2 per class.
-    """
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    for label in torch.unique(labels):
-        (positions,) = torch.nonzero(labels == label, as_tuple=True)
-        count = int(math.floor(fraction * positions.numel() + 0.5))
-        mask[positions[:count]] = True
-    return mask
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner, AdversarialOptions
+from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
+from l2l_adversarial.task import Task
 
 
 class MAMLAD(AdversarialMetaLearner):
     """MAML with adversarial training mixed into both the inner loop and the meta-update.
 
     Args:
-        model, lr, first_order, attack, adaptation_steps, loss_fn, channels_last: as for
-            :class:`ADML`.
+        model, lr, first_order: as for :class:`ADML`.
         adversarial_fraction: fraction of each class's clean samples whose adversarial copy
-            is added to the set, in ``[0, 1]``; default 1.
+            is added to the set, in ``[0, 1]``; default 1. A fraction strictly between 0 and 1
+            selects rows by label: one host read per set.
+        **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions`.
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -54,25 +39,10 @@ class MAMLAD(AdversarialMetaLearner):
         lr: float,
         first_order: bool = False,
         *,
-        attack: Attack | None = None,
         adversarial_fraction: float = 1.0,
-        adaptation_steps: int = 1,
-        loss_fn: LossFn | None = None,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        channels_last: bool = False,
+        **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(
-            model,
-            lr,
-            first_order,
-            attack=attack,
-            adaptation_steps=adaptation_steps,
-            loss_fn=loss_fn,
-            allow_unused=allow_unused,
-            allow_nograd=allow_nograd,
-            channels_last=channels_last,
-        )
+        super().__init__(model, lr, first_order, **options)
         if isinstance(adversarial_fraction, bool) or not (
             isinstance(adversarial_fraction, (int, float)) and 0.0 <= adversarial_fraction <= 1.0
         ):
@@ -81,34 +51,24 @@ class MAMLAD(AdversarialMetaLearner):
             )
         self.adversarial_fraction = float(adversarial_fraction)
 
-    def mixed(
-        self, params: Params, inputs: Tensor, labels: Tensor, query: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """The clean samples followed by adversarial copies (against ``params``) of a fraction;
-        a ``query`` set comes back in the query passes' memory format."""
-        if query:
-            inputs = self.functional.query_layout(inputs)
-        chosen = per_class_prefix(labels, self.adversarial_fraction)
-        if not bool(chosen.any()):
-            return inputs, labels
-        # Attack the whole set, keep the chosen rows: a sample's adversarial copy is then the
-        # same whatever the fraction (and equals the evaluation transform's).
-        perturb = self.perturb_query if query else self.perturb
-        adversarial = perturb(params, inputs, labels)[chosen]
-        return torch.cat([inputs, adversarial]), torch.cat([labels, labels[chosen]])
+    def task_objective(
+        self, task: Task, steps: int | None = None, ops: TaskOps | None = None
+    ) -> TaskObjective:
+        """Eq. (3)'s term for one task: ``L(theta'_i, D'_i)`` with ``theta'_i`` from Eq. (2).
 
-    def loss_and_accuracy(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Eq. (3)'s term for one task: ``L(theta'_i, D'_i)`` with ``theta'_i`` from Eq. (2)."""
-        check_task(support_inputs, support_labels, query_inputs, query_labels)
-        theta = self.meta_parameters()
-        support = self.mixed(theta, support_inputs, support_labels)
-        query = self.mixed(theta, query_inputs, query_labels, query=True)
-        adapted = self.adapt_functional(theta, *support, self.lr, self.resolve_steps(steps))
-        return self.functional.query_loss(adapted, *query)
+        The whole set is attacked and the chosen rows kept: a sample's adversarial copy is
+        then the same whatever the fraction (and equals the evaluation transform's).
+        """
+        task, steps, ops = self._prepare(task, steps, ops)
+        theta, fraction = ops.theta, self.adversarial_fraction
+        support = task.support_inputs, task.support_labels
+        query = task.query_inputs, task.query_labels
+        if fraction > 0:
+            support_adversarial, query_adversarial = ops.perturb(
+                theta, [(*support, False), (*query, True)]
+            )
+            support = ops.append_rows(*support, support_adversarial, fraction)
+            query = ops.append_rows(*query, query_adversarial, fraction)
+        (adapted,) = ops.adapt(theta, [(*support, self.lr)], steps)
+        (objective,) = ops.score([(adapted, *query)])
+        return objective

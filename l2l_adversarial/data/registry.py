@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -72,9 +73,13 @@ def make_tasks(
     *,
     download: bool = False,
     transform: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str | None = None,
     **options: Any,
 ) -> FewShotTasks:
     """Few-shot tasks from one split of a named dataset (see :func:`load_dataset`).
+
+    ``device`` keeps the split's images on that device and builds the tasks there
+    (see :class:`FewShotTasks`).
 
     Example::
 
@@ -82,4 +87,6 @@ def make_tasks(
         test_tasks = make_tasks("mini-imagenet", "~/data", "test", 5, 1, 15, seed=1, num_tasks=600)
     """
     dataset = load_dataset(name, root, mode, download=download, transform=transform, **options)
-    return FewShotTasks(dataset, ways, shots, query_shots, num_tasks=num_tasks, seed=seed)
+    return FewShotTasks(
+        dataset, ways, shots, query_shots, num_tasks=num_tasks, seed=seed, device=device
+    )

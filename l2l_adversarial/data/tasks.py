@@ -1,32 +1,34 @@
 """N-way K-shot tasks with a separate query set, reproducible from a seed.
 
-Tasks are drawn by learn2learn's ``Taskset`` (formerly ``TaskDataset``) with the task transforms ``NWays``,
-``KShots``, ``LoadData`` and ``RemapLabels``. learn2learn draws from Python's global
-``random``; here task ``i`` is drawn with the global generators (``random``, numpy's and
-torch's CPU generator) seeded from ``(seed, i)`` and restored afterwards, so task ``i`` is
-the same whatever else consumed random numbers, and sampling leaves the caller's random
-state untouched (not thread-safe: do not sample from several threads at once).
-
-learn2learn 0.2.0's ``NWays`` calls ``random.sample`` on a set when it is not the first
-transform, which Python >= 3.11 rejects (``TypeError: Population must be a sequence``);
-``NWays`` is therefore always the first transform here.
+Tasks are drawn exactly as learn2learn's ``Taskset`` with the task transforms ``NWays``,
+``KShots``, ``LoadData`` and ``RemapLabels`` draws them from Python's global ``random``
+seeded from ``(seed, i)`` (the tests compare the two task by task), but with the same calls
+on a private ``random.Random``: choosing task ``i`` touches no global generator, is
+thread-safe and costs microseconds. The images are then gathered by row index from an
+:class:`~l2l_adversarial.data.device.ImageTable` when the dataset's layout is known (one
+``index_select`` and one float conversion per task, on the host or, with ``device=``, on
+the accelerator), or loaded per sample otherwise. A dataset with a per-sample ``transform``
+is loaded per sample with Python's, numpy's and torch's global generators seeded from
+``(seed, i)`` and restored afterwards, as learn2learn would, so random transforms are
+reproducible too (that path is not thread-safe: do not sample it from several threads).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from learn2learn.data import MetaDataset, Taskset
-from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
+from learn2learn.data import MetaDataset
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from l2l_adversarial.data.device import image_table
+from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
 
 __all__ = ["FewShotTasks", "as_meta_dataset", "fixed_tasks"]
@@ -108,6 +110,14 @@ def _global_random_state(seed: int) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+class _Sampler(Protocol):
+    """What task sampling needs of a generator: ``random.Random`` or the ``random`` module."""
+
+    def sample(self, population: Sequence[Any], k: int) -> list[Any]: ...
+
+    def shuffle(self, x: list[Any]) -> None: ...
+
+
 class FewShotTasks:
     """Few-shot tasks from any labelled dataset; task ``i`` is a pure function of (seed, i).
 
@@ -122,6 +132,10 @@ class FewShotTasks:
     picks a pool task at random (from the seed). ``seed=None`` draws a seed, kept in
     ``.seed``. Per-sample random transforms that use Python's, numpy's or torch's global
     generators are reproducible too.
+
+    ``device`` (e.g. ``"cuda"``) keeps the whole split on that device as stored (uint8 for
+    the image datasets) and builds every task there, bit-identical to the host's tasks;
+    it needs a dataset whose layout :func:`~l2l_adversarial.data.device.image_table` knows.
 
     Example::
 
@@ -139,6 +153,8 @@ class FewShotTasks:
         query_shots: int,
         num_tasks: int = -1,
         seed: int | None = None,
+        *,
+        device: torch.device | str | None = None,
     ) -> None:
         _check_count("ways", ways, 1)
         _check_count("shots", shots, 1)
@@ -164,20 +180,27 @@ class FewShotTasks:
             )
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.num_tasks, self.seed = num_tasks, seed
-        meta = self.meta_dataset
-        #: learn2learn's Taskset that draws the tasks; NWays must stay first (see module doc).
-        self.taskset = Taskset(
-            meta,
-            task_transforms=[
-                NWays(meta, ways),
-                KShots(meta, per_class),
-                LoadData(meta),
-                RemapLabels(meta),
-            ],
-            num_tasks=-1,
-        )
+        #: the split as one tensor to gather tasks from, or None: loaded per sample.
+        self.table = image_table(self.meta_dataset, "cpu" if device is None else device)
+        if device is not None and self.table is None:
+            raise ValueError(
+                f"device={str(device)!r} keeps the images on the device, which needs a "
+                "MiniImageNet, CIFAR100Meta, Digits (without transform) or TensorDataset; "
+                f"got {type(self.meta_dataset.dataset).__name__}: pass device=None"
+            )
         self._next_index = 0
         self._pool_choice = random.Random(seed)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the tasks are made (the CPU unless ``device=`` kept the images elsewhere)."""
+        return torch.device("cpu") if self.table is None else self.table.device
+
+    @property
+    def thread_safe(self) -> bool:
+        """Whether tasks may be built from several threads at once (no global generators:
+        true unless the dataset is loaded per sample, see the module doc)."""
+        return self.table is not None
 
     def __len__(self) -> int:
         if self.num_tasks == -1:
@@ -205,20 +228,43 @@ class FewShotTasks:
         index, self._next_index = self._next_index, self._next_index + 1
         return self._task(index)
 
-    def _task(self, index: int) -> Task:
-        task_seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0])
-        with _global_random_state(task_seed):
-            inputs, labels = self.taskset.get_task(self.taskset.sample_task_description())
-        order = torch.sort(labels, stable=True).indices
+    def _draw(self, rng: _Sampler) -> tuple[list[int], list[int], list[int]]:
+        """learn2learn's draws for one task: (rows in its load order, the positions in that
+        list of the support samples grouped by label, of the query samples likewise).
+
+        The same calls, in the same order, as ``NWays`` (first: a sample of the classes),
+        ``KShots`` (a sample of each class's rows) and ``RemapLabels`` (a shuffle of the
+        set of the task's classes; label ``j`` is the ``j``-th class after it).
+        """
         per_class = self.shots + self.query_shots
-        inputs = inputs.index_select(0, order).reshape(self.ways, per_class, *inputs.shape[1:])
-        labels = labels.index_select(0, order).long().reshape(self.ways, per_class)
-        sample_shape = inputs.shape[2:]
+        meta = self.meta_dataset
+        classes = rng.sample(meta.labels, k=self.ways)
+        chosen = [rng.sample(meta.labels_to_indices[label], k=per_class) for label in classes]
+        remapped = list(set(label for label in classes for _ in range(per_class)))  # as RemapLabels
+        rng.shuffle(remapped)
+        starts = [classes.index(label) * per_class for label in remapped]
+        support = [start + shot for start in starts for shot in range(self.shots)]
+        query = [start + shot for start in starts for shot in range(self.shots, per_class)]
+        return [row for rows in chosen for row in rows], support, query
+
+    def _task(self, index: int) -> Task:
+        task_seed = derive_seed(self.seed, index)
+        if self.table is None:
+            with _global_random_state(task_seed):
+                rows, support, query = self._draw(random)
+                loaded = torch.stack([self.meta_dataset[row][0] for row in rows])
+            support_inputs = loaded.index_select(0, torch.tensor(support))
+            query_inputs = loaded.index_select(0, torch.tensor(query))
+        else:
+            rows, support, query = self._draw(random.Random(task_seed))
+            support_inputs = self.table.gather(torch.tensor([rows[at] for at in support]))
+            query_inputs = self.table.gather(torch.tensor([rows[at] for at in query]))
+        labels = torch.arange(self.ways, device=support_inputs.device)
         return Task(
-            support_inputs=inputs[:, : self.shots].reshape(-1, *sample_shape),
-            support_labels=labels[:, : self.shots].reshape(-1),
-            query_inputs=inputs[:, self.shots :].reshape(-1, *sample_shape),
-            query_labels=labels[:, self.shots :].reshape(-1),
+            support_inputs=support_inputs,
+            support_labels=labels.repeat_interleave(self.shots),
+            query_inputs=query_inputs,
+            query_labels=labels.repeat_interleave(self.query_shots),
         )
 
     def __repr__(self) -> str:
@@ -230,7 +276,14 @@ class FewShotTasks:
 
 
 def fixed_tasks(
-    dataset: Any, ways: int, shots: int, query_shots: int, num_tasks: int, seed: int
+    dataset: Any,
+    ways: int,
+    shots: int,
+    query_shots: int,
+    num_tasks: int,
+    seed: int,
+    *,
+    device: torch.device | str | None = None,
 ) -> FewShotTasks:
     """A fixed pool of ``num_tasks`` evaluation tasks: the same for every method given ``seed``.
 
@@ -242,4 +295,6 @@ def fixed_tasks(
         for task in fixed_tasks(Digits("test"), 5, 5, 15, num_tasks=600, seed=1):
             ...
     """
-    return FewShotTasks(dataset, ways, shots, query_shots, num_tasks=num_tasks, seed=seed)
+    return FewShotTasks(
+        dataset, ways, shots, query_shots, num_tasks=num_tasks, seed=seed, device=device
+    )

@@ -1,0 +1,166 @@
+"""One factory from a validated config to the objects a run needs: the device, the learner and
+its training attack, the evaluation attack, the task source, and the display names of methods
+and datasets. ``train`` and ``evaluate`` build through it alike.
+
+Example:
+    >>> from l2l_adversarial.config import validate_config
+    >>> config = validate_config({"method": "adml", "dataset": {"name": "digits"}})
+    >>> type(build_learner(config, in_channels=1, image_size=16)).__name__
+    'ADML'
+    >>> evaluation_attack(config["evaluate"])(eps=2 / 255)
+    FGSM(eps=0.00784314, data_range=(0.0, 1.0))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.autoattack import AutoAttack
+from l2l_adversarial.config import BUNDLED_DATASETS, METHODS
+from l2l_adversarial.data import make_tasks
+from l2l_adversarial.distributed import cuda_device
+from l2l_adversarial.errors import DeviceError
+from l2l_adversarial.models import CNN4
+
+__all__ = [
+    "DATASET_TITLES",
+    "METHOD_NAMES",
+    "build_attack",
+    "build_learner",
+    "evaluation_attack",
+    "resolve_device",
+    "task_source",
+]
+
+DATASET_TITLES = {
+    "mini-imagenet": "MiniImageNet",
+    "cifar100": "CIFAR100",
+    "cifar-fs": "CIFAR-FS",
+    "digits": "Digits",
+}
+METHOD_NAMES = {
+    "maml": "MAML",
+    "maml-ad": "MAML-AD",
+    "adml": "ADML",
+    "aq": "AQ",
+    "matching-nets": "Matching Nets",
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
+
+    ``"auto"`` and ``"cuda"`` mean this process's GPU: ``cuda:LOCAL_RANK`` under torchrun.
+    """
+    if name == "auto":
+        return cuda_device() if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device {name!r} is not available, CUDA is missing on this machine (config key "
+            "device); use device=auto or device=cpu"
+        )
+    return cuda_device() if device.type == "cuda" and device.index is None else device
+
+
+def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
+    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+
+    Its per-call value checks are off (``check_values=False``): the data was validated when
+    loaded, and training's divergence guard stops a non-finite loss with the setting to
+    change, where a diverged inner loop would make the attack raise instead.
+    """
+    eps = eps_255 / 255
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    if name == "fgsm":
+        return FGSM(eps=eps, check_values=False)
+    if name == "ffgsm":
+        return FFGSM(eps=eps, generator=generator, check_values=False)
+    if name == "pgd":
+        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
+    raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
+
+
+def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
+    """The configured meta-learner around the paper's 4-layer CNN (its embedding for
+    Matching Networks), for ``in_channels`` x ``image_size`` x ``image_size`` images."""
+    method, train, ways, hidden = (
+        config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
+    )  # fmt: skip
+    if method == "matching-nets":
+        return MatchingNetwork(
+            ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,
+            fce=config["model"]["fce"],
+        )  # fmt: skip
+    model = CNN4(ways=ways, in_channels=in_channels, hidden=hidden, image_size=image_size)
+    channels_last = train["channels_last"]
+    if channels_last is None:  # on when training on the CPU ("cuda" must not need a GPU here)
+        device = config["device"]
+        channels_last = device == "cpu" or (
+            device == "auto" and resolve_device(device).type == "cpu"
+        )
+    common = {
+        "lr": train["inner_lr"],
+        "first_order": train["first_order"],
+        "adaptation_steps": train["adaptation_steps"],
+        "channels_last": channels_last,
+    }
+    if method == "maml":
+        return MAML(model, **common)
+    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
+    if method == "adml":
+        return ADML(
+            model,
+            **common,
+            attack=attack,
+            clean_lr=train["clean_inner_lr"],
+            attack_target=train["attack_target"] or "initial",
+        )
+    if method == "maml-ad":
+        return MAMLAD(
+            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
+        )
+    if method == "aq":
+        return AdversarialQuerying(
+            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
+        )
+    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
+    """``evaluate.attack`` as a function of the radius: FGSM, PGD (``pgd_steps``, step
+    ``pgd_step_size`` pixel levels) or the AutoAttack ensemble."""
+    if settings["attack"] == "pgd":
+        step = settings["pgd_step_size"]
+        return functools.partial(
+            PGD, steps=settings["pgd_steps"], step_size=None if step is None else step / 255
+        )
+    return AutoAttack if settings["attack"] == "autoattack" else FGSM
+
+
+def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
+    """The configured dataset's seeded tasks of split ``mode`` (``num_tasks=-1``: a stream)."""
+    dataset, task = config["dataset"], config["task"]
+    options: dict[str, Any] = {"strict": dataset["strict"]}
+    if dataset["name"] in BUNDLED_DATASETS:
+        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
+    return make_tasks(
+        dataset["name"],
+        dataset["root"],
+        mode,
+        task["ways"],
+        task["shots"],
+        task["query_shots"],
+        seed=seed,
+        num_tasks=num_tasks,
+        download=dataset["download"],
+        device=resolve_device(config["device"]) if dataset["device_resident"] else None,
+        **options,
+    )
