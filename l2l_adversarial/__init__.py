@@ -9,6 +9,7 @@ from l2l_adversarial.algorithms import (
     MatchingNetwork,
 )
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.errors import UserError
 from l2l_adversarial.models import CNN4, MLP
 from l2l_adversarial.task import Task
 
@@ -27,5 +28,6 @@ __all__ = [
     "Task",
     "AdversarialQuerying",
     "Attack",
+    "UserError",
     "__version__",
 ]

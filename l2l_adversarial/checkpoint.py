@@ -12,6 +12,8 @@ Example:
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "last.pt"
     >>> digest = save_checkpoint(path, {"iteration": 3, "model": {"w": torch.zeros(2)}}, kind="train")
+    >>> load_checkpoint(path, kind="train")["digest"] == digest
+    True
     >>> load_checkpoint(path, kind="train")["iteration"]
     3
 """
@@ -33,6 +35,7 @@ from l2l_adversarial.files import atomic_open
 
 __all__ = [
     "CheckpointError",
+    "check_finite_weights",
     "content_digest",
     "load_checkpoint",
     "rng_state",
@@ -143,6 +146,20 @@ def load_checkpoint(
             "train again:\n  " + "\n  ".join(mismatched)
         )
     return state
+
+
+def check_finite_weights(path: str | Path, weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose floating-point weights hold NaN or inf."""
+    broken = [
+        name
+        for name, value in weights.items()
+        if value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds non-finite weights ({', '.join(broken[:3])}); "
+            "train the run again with a lower train.meta_lr"
+        )
 
 
 def rng_state() -> dict[str, Any]:

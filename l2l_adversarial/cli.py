@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
+from l2l_adversarial.checkpoint import CheckpointError, check_finite_weights, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
 from l2l_adversarial.data import DatasetFileError
@@ -132,16 +132,7 @@ def load_trained_learner(
             f"and overrides; evaluate with the run's own settings (drop -o of "
             f"{', '.join(changes)}):\n  {listed}"
         )
-    broken = [
-        name
-        for name, value in state["learner"].items()
-        if value.is_floating_point() and not bool(value.isfinite().all())
-    ]
-    if broken:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds non-finite weights ({', '.join(broken[:3])}); "
-            "train the run again with a lower train.meta_lr"
-        )
+    check_finite_weights(path, state["learner"])
     shape = tasks[0].support_inputs.shape
     learner = build_learner(config, shape[1], shape[-1])
     learner.load_state_dict(state["learner"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,17 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot be used, with every problem listed."""
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""``1e-3``: a number to a user, a string to YAML 1.1 (which wants ``1.0e-3``)."""
+
+
 def _finite_float(value: Any) -> Any:
-    """Coerce to float; refuse booleans and NaN or infinite values (cerberus reports why)."""
+    """Coerce to float (``1e-3`` included); refuse booleans and NaN or infinite values
+    (cerberus reports why)."""
     if isinstance(value, bool):
         raise TypeError(f"{value} is a boolean, not a number")
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
     if isinstance(value, int | float):
         number = float(value)
         if not math.isfinite(number):

@@ -71,15 +71,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255)."""
+    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+
+    Its per-call value checks are off (``check_values=False``): the data was validated when
+    loaded, and training's divergence guard stops a non-finite loss with the setting to
+    change, where a diverged inner loop would make the attack raise instead.
+    """
     eps = eps_255 / 255
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     if name == "fgsm":
-        return FGSM(eps=eps)
+        return FGSM(eps=eps, check_values=False)
     if name == "ffgsm":
-        return FFGSM(eps=eps, generator=generator)
+        return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator)
+        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 

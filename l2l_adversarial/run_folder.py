@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 RESULT_FILES = ("checkpoint.pt", "metrics.csv", "config.yaml", "summary.json", "evaluation.json",
-                "best.pt", "validation.csv", "evaluation_best.json")  # fmt: skip
+                "best.pt", "validation.csv", "evaluation_best.json", "tensorboard")  # fmt: skip
 """What a run writes into its folder (other files there are the user's and left alone)."""
 LOCK = ".lock"
 ASIDE_PREFIX = ".replaced-"
@@ -133,7 +133,11 @@ def move_aside(run_dir: Path) -> Path | None:
 def restore_aside(run_dir: Path, aside: Path) -> None:
     """Undo :func:`move_aside`: the new run's files are dropped, the old ones put back."""
     for name in RESULT_FILES:
-        (run_dir / name).unlink(missing_ok=True)
+        path = run_dir / name
+        if path.is_dir():  # the TensorBoard folder
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     for path in aside.iterdir():
         path.rename(run_dir / path.name)
     aside.rmdir()

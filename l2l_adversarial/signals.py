@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["SIGNALS", "Interrupted", "interrupt_on_signals"]
+__all__ = ["SIGNALS", "DeferredSignals", "Interrupted", "deferred_signals", "interrupt_on_signals"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -55,6 +55,42 @@ def interrupt_on_signals() -> Iterator[None]:
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in SIGNALS}
     try:
         yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class DeferredSignals:
+    """The first signal received inside :func:`deferred_signals` (``None``: none yet)."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def deferred_signals() -> Iterator[DeferredSignals]:
+    """Within the block, the first SIGINT, SIGTERM or SIGUSR1 is only noted (in the
+    yielded object's ``signum``), so a loop can stop at a consistent point; a second one
+    raises :class:`Interrupted` at once (main thread only; elsewhere nothing is deferred).
+
+    >>> import os, signal
+    >>> with deferred_signals() as stop:
+    ...     os.kill(os.getpid(), signal.SIGTERM)
+    ...     print("still running, stop asked by", signal.Signals(stop.signum).name)
+    still running, stop asked by SIGTERM
+    """
+    state = DeferredSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        if state.signum is not None:
+            raise Interrupted(signum=signum)
+        state.signum = signum
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, *SIGNALS)}
+    try:
+        yield state
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

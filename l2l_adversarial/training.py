@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from l2l_adversarial import __version__
 from l2l_adversarial.checkpoint import (
     CheckpointError,
+    check_finite_weights,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -58,7 +60,7 @@ from l2l_adversarial.run_folder import (
     writer_lock,
 )
 from l2l_adversarial.seeding import derive_seed
-from l2l_adversarial.signals import Interrupted, interrupt_on_signals
+from l2l_adversarial.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.task import Task
 
 __all__ = [
@@ -187,6 +189,7 @@ class Trainer:
         """
         path = self.run_dir / CHECKPOINT
         state = load_checkpoint(path, kind="train", expected=self.fingerprint())
+        check_finite_weights(path, state["learner"])
         changes = config_changes(state["config"], self.config)
         if state["package_version"] != __version__:
             changes["package_version"] = (state["package_version"], __version__)
@@ -308,50 +311,68 @@ class Trainer:
         started = time.perf_counter()
         if monitor is not None:
             monitor.start(self)
-        try:
-            while self.iteration < total:
-                if on_iteration is not None:
-                    on_iteration(self.iteration)
-                loss_tensor, accuracy_tensor = self.step()
-                logged = (self.iteration + 1) % train["log_every"] == 0
-                saved = (self.iteration + 1) % train["checkpoint_every"] == 0
-                if logged or saved or self.iteration + 1 == total:
-                    # losses are read (a host-device sync) only when logged or checkpointed
-                    loss, accuracy = mean_over_ranks(
-                        torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
-                    )
-                    self._guard_divergence(loss)
-                    last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
-                            "seconds": round(time.perf_counter() - started, 3),
-                            "data_seconds": round(self.data_seconds, 4),
-                            "engine": self.engine}  # fmt: skip
-                    bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                self.iteration += 1
-                bar.update(1)
-                if logged or self.iteration == total:
-                    if self.rank == 0:
-                        self._log(last)
-                    self.data_seconds = 0.0
+        stepping = False  # inside an iteration: its state is half updated
+        with deferred_signals() as stop:  # a signal stops the loop between iterations
+            try:
+                while self.iteration < total:
+                    if stop.signum is not None:
+                        raise Interrupted(signum=stop.signum)
+                    if on_iteration is not None:
+                        on_iteration(self.iteration)
+                    stepping = True
+                    loss_tensor, accuracy_tensor = self.step()
+                    logged = (self.iteration + 1) % train["log_every"] == 0
+                    saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+                    if logged or saved or self.iteration + 1 == total:
+                        # losses are read (a host-device sync) only when logged or checkpointed
+                        loss, accuracy = mean_over_ranks(
+                            torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
+                        )
+                        self._guard_divergence(loss)  # before any checkpoint
+                        last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
+                                "seconds": round(time.perf_counter() - started, 3),
+                                "data_seconds": round(self.data_seconds, 4),
+                                "engine": self.engine}  # fmt: skip
+                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
+                    self.iteration += 1
+                    bar.update(1)
+                    if logged or self.iteration == total:
+                        if self.rank == 0:
+                            self._log(last)
+                        self.data_seconds = 0.0
+                    if monitor is not None:
+                        monitor.step(self, last)
+                    if saved or self.iteration == total:
+                        self.save()
+                    stepping = False
+            except KeyboardInterrupt as interrupt:
+                bar.close()
+                raise self._interrupted(interrupt, saved=not stepping) from None
+            finally:
+                self.close_batches()
                 if monitor is not None:
-                    monitor.step(self, last)
-                if saved or self.iteration == total:
-                    self.save()
-        except KeyboardInterrupt as interrupt:
-            self.save()
-            bar.close()
-            signum = getattr(interrupt, "signum", Interrupted().signum)
-            raise Interrupted(
-                f"interrupted ({Interrupted(signum=signum).name}) after iteration "
-                f"{self.iteration}, checkpoint saved in {str(self.run_dir / CHECKPOINT)!r}; "
-                "continue with --resume",
-                signum,
-            ) from None
-        finally:
-            self.close_batches()
-            if monitor is not None:
-                monitor.close()
+                    monitor.close()
         bar.close()
         return last
+
+    def _interrupted(self, interrupt: KeyboardInterrupt, saved: bool) -> Interrupted:
+        """Save a checkpoint between iterations (not inside one, where a second signal
+        lands); say where the run can continue from."""
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        if saved:
+            self.save()
+            where = f"after iteration {self.iteration}, checkpoint saved in"
+        else:
+            where = (
+                f"during iteration {self.iteration + 1}, the checkpoint of iteration "
+                f"{self.saved_iteration} is kept in"
+            )
+        return Interrupted(
+            f"interrupted ({name}) {where} {str(self.run_dir / CHECKPOINT)!r}; continue with "
+            "--resume",
+            signum,
+        )
 
     def _guard_divergence(self, loss: float) -> None:
         """Stop before a non-finite or exploding step can reach a checkpoint."""
