@@ -53,21 +53,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks package and this checkout's l2l_adversarial
 
-from benchmarks.op_counter import OpCounter  # noqa: E402
-
 from benchmarks.conftest import SIZES, Size, Workload  # noqa: E402
+from benchmarks.op_counter import OpCounter  # noqa: E402
 from benchmarks.test_data_pipeline import write_generated_cache  # noqa: E402
 from benchmarks.test_meta_iteration import maml_reference  # noqa: E402
 from l2l_adversarial import engines  # noqa: E402
 from l2l_adversarial.checkpoint import load_checkpoint  # noqa: E402
 from l2l_adversarial.cli import main as cli  # noqa: E402
 from l2l_adversarial.config import load_config  # noqa: E402
+from l2l_adversarial.configs import CONFIG_FOLDER as CONFIGS  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
 from l2l_adversarial.training import build_learner  # noqa: E402
 
-CONFIGS = ROOT / "examples" / "configs"
 TABLES = {  # table: (config dataset, shots, image side)
     "Table 1": ("mini-imagenet", 1, 84),
     "Table 2": ("mini-imagenet", 5, 84),
