@@ -17,3 +17,11 @@ bench:
 # Every benchmark once at a tiny size, untimed: checks that they run (CI).
 bench-smoke:
 	$(PYTHON) -m pytest benchmarks --bench-sizes=tiny --bench-rounds=1 --benchmark-disable -q
+
+# On one GPU, <= 5 minutes: every method x engine timed at paper size, the CUDA checks and the
+# wall-time estimate of each reproduce.py table (scripts/gpu_check.py; results in gpu-check/).
+# Without CUDA it says so and exits 0. E.g. make gpu-check GPU_CHECK_ARGS="--iterations 10".
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)

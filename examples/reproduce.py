@@ -10,6 +10,14 @@ Each method trains with the bundled config ``<dataset>-5w<shots>s-<method>`` (``
 configs`` lists them); ``-o key=value`` overrides apply to all of them (e.g.
 ``-o train.iterations=1000`` for a short run). A run that is interrupted continues where it
 stopped when the same command is run again.
+
+``--seeds 0 1 2`` meta-trains every method once per training seed (run folders
+``<method>/seed-<seed>``); the report then shows the mean over seeds, the spread across seeds
+and paired comparisons of the methods. ``--only-seed S`` runs one of those seeds alone, so the
+seeds of one table can be spread over processes or GPUs (then run once more without it, or
+with every seed done, to write the report):
+
+    python examples/reproduce.py --dataset cifar100 --shots 1 --root ~/data --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -31,25 +39,38 @@ def reproduce(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS),
                         choices=("maml", "maml-ad", "adml", "aq", "matching-nets"))  # fmt: skip
     parser.add_argument("--output", default="runs/reproduce", help="folder for runs and report")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="meta-train every method once per training seed")  # fmt: skip
+    parser.add_argument("--only-seed", type=int, metavar="SEED",
+                        help="train and evaluate this one of --seeds, skip the report")  # fmt: skip
     parser.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.only_seed is not None and args.only_seed not in (args.seeds or []):
+        parser.error(f"--only-seed {args.only_seed} must be one of --seeds")
 
     output = Path(args.output) / f"{args.dataset}-5w{args.shots}s"
     overrides = [f"dataset.root={args.root}", *args.set]
     flags = [flag for override in overrides for flag in ("-o", override)]
     results = []
+    seeds: list[int | None] = list(args.seeds or [None])
     for method in args.methods:
         config = f"{args.dataset}-5w{args.shots}s-{method}"
-        run_dir = output / method
-        resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-        status = cli(["train", config, "--run-dir", str(run_dir), *resume, *flags])
-        if status:
-            return status
-        evaluation = run_dir / "evaluation.json"
-        status = cli(["evaluate", str(run_dir), "--overwrite", *flags])
-        if status:
-            return status
-        results.append(str(evaluation))
+        for seed in seeds:
+            run_dir = output / method if seed is None else output / method / f"seed-{seed}"
+            if args.only_seed is not None and seed != args.only_seed:
+                results.append(str(run_dir / "evaluation.json"))
+                continue
+            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
+            status = cli(["train", config, "--run-dir", str(run_dir), *resume, *flags,
+                          *([] if seed is None else ["-o", f"seed={seed}"])])  # fmt: skip
+            if status:
+                return status
+            status = cli(["evaluate", str(run_dir), "--overwrite", *flags])
+            if status:
+                return status
+            results.append(str(run_dir / "evaluation.json"))
+    if args.only_seed is not None:
+        return 0
     return cli(["report", *results, "--output", str(output / "report"), "--overwrite"])
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint
 from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
     init_from_environment,
     is_distributed,
@@ -64,6 +65,7 @@ from l2l_adversarial.report import (
     write_report,
 )
 from l2l_adversarial.run_folder import RunFolderError, reader_lock
+from l2l_adversarial.seeds import seed_run_dirs, seed_runs
 from l2l_adversarial.signals import interrupt_on_signals
 from l2l_adversarial.training import CHECKPOINT, train
 
@@ -92,9 +94,15 @@ def validation_monitor(
     if train["validate_every"] is None and not train["tensorboard"]:
         return None
     split = "train" if config["dataset"]["name"] in BUNDLED_DATASETS else "validation"
-    tasks = task_source(
-        config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
-    )
+    try:
+        tasks = task_source(
+            config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
+        )
+    except (DatasetFileError, FileNotFoundError) as error:  # a missing split file
+        raise DatasetFileError(
+            f"{error}\nmeta-validation (train.validate_every) reads the {split} split: add its "
+            "file, or train without it: -o train.validate_every=null"
+        ) from error
     return MetaValidator(config, tasks, split=split, epsilons=epsilons)
 
 
@@ -193,7 +201,7 @@ def evaluate_run(
             f"evaluating {str(run_dir)!r} gave non-finite accuracies; check its checkpoint "
             "and evaluate.inner_lr (lower it)"
         )
-    return result, evaluated
+    return dataclasses.replace(result, training_seed=config["seed"]), evaluated
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -204,40 +212,52 @@ def command_train(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config) if args.config else None, args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     resolve_device(config["device"])
-    tasks = task_source(config, "train", seed=config["seed"])
-    train(
-        config,
-        run_dir,
-        tasks,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        accept_changes=args.accept_changes,
-        progress=not args.quiet,
-        monitor=validation_monitor(config),
-    )
-    if world()[0] == 0:
-        print(f"trained {config['method']}: {run_dir}")
+    for seed_config, seed_dir in seed_runs(config, run_dir, args.seeds):
+        tasks = task_source(seed_config, "train", seed=seed_config["seed"])
+        train(
+            seed_config,
+            seed_dir,
+            tasks,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            accept_changes=args.accept_changes,
+            progress=not args.quiet,
+            monitor=validation_monitor(seed_config),
+        )
+        if world()[0] == 0:
+            print(f"trained {config['method']} (seed {seed_config['seed']}): {seed_dir}")
     return 0
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run folder, or every ``seed-<seed>`` run of a ``train --seeds`` folder
+    (each into its own evaluation.json, or all into ``--output``)."""
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    runs = [run_dir] if (run_dir / "config.yaml").is_file() else seed_run_dirs(run_dir)
+    if not runs:
         raise RunFolderError(
-            f"not a run folder, {str(run_dir)!r} has no config.yaml; give the --run-dir of a "
-            "train command, or train first"
+            f"not a run folder, {str(run_dir)!r} has no config.yaml (nor seed-<seed> runs); "
+            "give the --run-dir of a train command, or train first"
         )
-    config = load_config(run_dir / "config.yaml", args.set)
+    configs = [load_config(run / "config.yaml", args.set) for run in runs]
     default = "evaluation.json" if args.checkpoint == "last" else "evaluation_best.json"
-    output = Path(args.output) if args.output else run_dir / default
-    refuse_overwrite([output], args.overwrite)
-    result, checkpoint = evaluate_run(
-        run_dir, config, progress=not args.quiet, checkpoint=args.checkpoint
-    )
+    outputs = [Path(args.output)] if args.output else [run / default for run in runs]
+    refuse_overwrite(outputs, args.overwrite)
+    results, checkpoints = [], []
+    for run, config in zip(runs, configs, strict=True):
+        result, checkpoint = evaluate_run(
+            run, config, progress=not args.quiet, checkpoint=args.checkpoint
+        )
+        results.append(result)
+        checkpoints.append(checkpoint)
+        if world()[0] == 0 and not args.output:
+            save_results([result], run / default, [checkpoint])
     if world()[0] == 0:
-        save_results([result], output, [checkpoint])
-        print(format_table([result], result.dataset or config["dataset"]["name"], result.shots))
-        print(f"results: {output}")
+        if args.output:
+            save_results(results, outputs[0], checkpoints)
+        first = results[0]
+        print(format_table(results, first.dataset or configs[0]["dataset"]["name"], first.shots))
+        print(f"results: {', '.join(map(str, outputs))}")
     return 0
 
 
@@ -341,10 +361,13 @@ def command_quickstart(args: argparse.Namespace) -> int:
     started, cpu_started = time.perf_counter(), time.process_time()
 
     def quickstart_config(method: str, epsilon: float | None) -> dict[str, Any]:
+        """MAML trains without a radius; all three are evaluated at ``epsilon``."""
         overrides = [*QUICKSTART, f"method={method}", f"train.iterations={args.iterations}",
                      f"evaluate.tasks={args.tasks}", f"seed={args.seed}"]  # fmt: skip
         if epsilon is not None:
-            overrides += [f"train.eps={epsilon}", f"evaluate.eps=[{epsilon}]"]
+            overrides.append(f"evaluate.eps=[{epsilon}]")
+            if method != "maml":
+                overrides.append(f"train.eps={epsilon}")
         config = load_config(None, [*overrides, *args.set])
         resolve_device(config["device"])
         return config
@@ -353,7 +376,6 @@ def command_quickstart(args: argparse.Namespace) -> int:
         quickstart_config(method, QUICKSTART_RADII[0])
     epsilon: float | None = None
     rule: dict[str, Any] = {}
-    results, checkpoints, runs = [], [], {}
     for method in QUICKSTART_METHODS:
         config = quickstart_config(method, epsilon)
         run_dir = output / method
@@ -364,6 +386,9 @@ def command_quickstart(args: argparse.Namespace) -> int:
               monitor=validation_monitor(config, radii))  # fmt: skip
         if method == "maml":
             epsilon, rule = choose_epsilon(run_dir / "validation.csv")
+    results, checkpoints, runs = [], [], {}
+    for method in QUICKSTART_METHODS:
+        config, run_dir = quickstart_config(method, epsilon), output / method
         runs[METHOD_NAMES[method]] = run_dir
         result, checkpoint = evaluate_run(run_dir, config, progress=not args.quiet)
         # the robustness curve: the other radii, clean support only (one adaptation per task)
@@ -434,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", help="run folder (default: runs/<dataset>-<ways>w<shots>s-<method>)"
     )
     sub.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+    sub.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                     help="train one run per training seed, in RUN_DIR/seed-<seed> (or the "
+                     "config's seeds: [...]); one process per seed spreads them")  # fmt: skip
     sub.add_argument("--accept-changes", type=_key_list, default=[], metavar="KEY[,KEY]",
                      help="with --resume: continue although these config keys changed "
                      "(e.g. train.meta_lr); config.yaml records the change")  # fmt: skip

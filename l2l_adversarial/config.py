@@ -80,6 +80,14 @@ def _section(schema: dict[str, Any]) -> dict[str, Any]:
 SCHEMA: dict[str, Any] = {
     "method": {"type": "string", "allowed": list(METHODS), "default": "adml"},
     "seed": _integer(min=0, default=0),
+    # several training seeds: train runs one run folder per seed (run_dir/seed-<seed>)
+    "seeds": {
+        "type": "list",
+        "minlength": 1,
+        "schema": _integer(min=0),
+        "nullable": True,
+        "default": None,
+    },
     "device": {"type": "string", "regex": r"auto|cpu|cuda(:\d+)?", "default": "auto"},
     "run_dir": {"type": "string", "nullable": True, "default": None},
     "dataset": _section(

@@ -338,6 +338,8 @@ class EvaluationResult:
     attacks: list[str]
     dataset: str | None
     scenarios: list[ScenarioResult]
+    training_seed: int | None = None
+    """The seed the evaluated learner was meta-trained with (``None``: not recorded)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dictionaries, lists and numbers (``json.dumps`` ready)."""

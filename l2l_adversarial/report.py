@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -25,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -32,6 +34,7 @@ from matplotlib.ticker import MaxNLocator
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
 from l2l_adversarial.files import write_atomic
+from l2l_adversarial.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -151,7 +154,7 @@ def _check_results(
 ) -> list[EvaluationResult]:
     results = list(results)
     key = _dataset_key(dataset)
-    seen = set()
+    seen: set[tuple[str, int | None]] = set()
     for result in results:
         if not isinstance(result, EvaluationResult):
             raise TypeError(f"results must hold EvaluationResult, got {type(result).__name__}")
@@ -163,9 +166,14 @@ def _check_results(
             raise ValueError(
                 f"result of {result.method!r} is on {result.dataset!r}, the table on {dataset!r}"
             )
-        if result.method in seen:
-            raise ValueError(f"two results for method {result.method!r}: give each a unique name")
-        seen.add(result.method)
+        run = (result.method, result.training_seed)
+        if run in seen:
+            raise ValueError(
+                f"two results for method {result.method!r} with training seed "
+                f"{result.training_seed}: give each a unique name, or train with --seeds"
+            )
+        seen.add(run)
+    runs_by_method(results)  # several seeds of a method: evaluated on the same tasks
     return results
 
 
@@ -180,7 +188,10 @@ def _epsilons(results: Sequence[EvaluationResult]) -> list[float]:
 
 def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) -> dict[str, Any]:
     """The table as a JSON-ready dictionary: one entry per (method, support, epsilon, query)
-    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``).
+    with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``). A method with runs
+    of several training seeds gets their mean accuracy and mean test-task interval, and
+    ``seed_std`` (across seeds), ``per_seed`` and ``seeds``; ``comparisons`` then holds the
+    paired method differences of :func:`~l2l_adversarial.seeds.compare_all`.
 
     Example:
         >>> table = table_json([], "CIFAR100", shots=5)
@@ -193,8 +204,12 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
     paper = {
         (e["method"], e["support"], float(e["epsilon"]), e["query"]): e for e in reference_entries
     }
-    ours = {result.method: result for result in results}
-    methods = list(PAPER_METHODS) + [m for m in ours if m not in PAPER_METHODS]
+    ours = {(s.method, s.support, s.epsilon, s.query): s for s in summarise(results)}
+    several_seeds = len({(r.method, r.training_seed) for r in results}) > len(
+        {r.method for r in results}
+    )
+    named = dict.fromkeys(r.method for r in results)
+    methods = list(PAPER_METHODS) + [m for m in named if m not in PAPER_METHODS]
     ways_found = {result.ways for result in results} or {e["ways"] for e in paper.values()}
     ways = ways_found.pop() if len(ways_found) == 1 else None
     display = reference_entries[0]["dataset"] if reference_entries else dataset
@@ -204,7 +219,14 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
         for support in _supports(shots):
             for epsilon in epsilons:
                 for query in ("clean", "adversarial"):
-                    found = ours[method].find(support, query, epsilon) if method in ours else None
+                    found = next(
+                        (
+                            v
+                            for (m, s, e, q), v in ours.items()
+                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
+                        ),
+                        None,
+                    )
                     reference = next(
                         (
                             v
@@ -219,9 +241,7 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                             "support": support,
                             "epsilon": epsilon,
                             "query": query,
-                            "ours": None
-                            if found is None
-                            else {"accuracy": found.accuracy, "ci95": found.ci95},
+                            "ours": _ours(found),
                             "paper": None
                             if reference is None
                             else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
@@ -244,15 +264,54 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
                 "attacks": r.attacks,
                 "learner": r.learner,
                 "seed": r.seed,
+                "training_seed": r.training_seed,
             }
             for r in results
         ],
         "entries": entries,
+        "comparisons": [dataclasses.asdict(c) for c in compare_all(results)]
+        if several_seeds
+        else [],
     }
 
 
-def _cell(value: dict[str, float] | None) -> str:
-    return MISSING if value is None else f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+def _ours(summary: SeedSummary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    value: dict[str, Any] = {"accuracy": summary.mean, "ci95": summary.task_ci95}
+    if len(summary.per_seed) > 1:
+        value.update(seed_std=summary.std, per_seed=summary.per_seed, seeds=summary.seeds)
+    return value
+
+
+def _cell(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return MISSING
+    if "seed_std" in value:  # mean ± spread across seeds [test-task interval]
+        return f"{value['accuracy']:.2f} ± {value['seed_std']:.2f} [{value['ci95']:.2f}]"
+    return f"{value['accuracy']:.2f} ± {value['ci95']:.2f}"
+
+
+def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the paired method differences in :func:`table_json`."""
+    if not comparisons:
+        return []
+    first = comparisons[0]
+    lines = [
+        "",
+        f"Paired differences over {first['seeds']} training seed(s) x {first['tasks']} shared "
+        "test tasks (accuracy points, 95% bootstrap interval over seeds and tasks; "
+        "* = the interval excludes 0):",
+        "",
+    ]
+    for c in comparisons:
+        scenario = f"{c['support'].capitalize()}-{c['query'].capitalize()}"
+        mark = " *" if c["low"] > 0 or c["high"] < 0 else ""
+        lines.append(
+            f"- {c['first']} − {c['second']}, {scenario}, ε = {c['epsilon']:g}: "
+            f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]{mark}"
+        )
+    return lines
 
 
 def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) -> str:
@@ -271,7 +330,13 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         f"### {table['title']}",
         "",
         "Accuracy (%) ± 95% confidence interval: ours \\| paper. Rows: support set at "
-        "meta-test; columns: attack radius (8-bit pixel levels) and query set.",
+        "meta-test; columns: attack radius (8-bit pixel levels) and query set."
+        + (
+            " Ours over several training seeds: mean ± standard deviation across seeds "
+            "[mean 95% interval of the test tasks]."
+            if table["comparisons"]
+            else ""
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -289,8 +354,11 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
         for m in table["methods"]:
             lines.append(
                 f"- {m['method']}: tasks {m['num_tasks']}, protocol {m['protocol']!r}, "
-                f"{m['learner']}, seed {m['seed']}, attacks: {'; '.join(m['attacks'])}"
+                f"{m['learner']}, evaluation seed {m['seed']}"
+                + ("" if m["training_seed"] is None else f", training seed {m['training_seed']}")
+                + f", attacks: {'; '.join(m['attacks'])}"
             )
+    lines += format_comparisons(table["comparisons"])
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +371,8 @@ def plot_curves(
     title: str | None = None,
 ) -> Path:
     """Figures 2-5: mean query loss or top-1 accuracy over the adaptation step, one line per
-    method, one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
+    method (with several training seeds: their mean, and a band of ± one sd across seeds),
+    one panel per scenario (Clean-Clean, Clean-Adversarial, Adversarial-Clean,
     Adversarial-Adversarial) at ``epsilon``. Writes a PNG to ``path``.
 
     Example:
@@ -316,13 +385,21 @@ def plot_curves(
     axes = figure.subplots(2, 2, sharex=True).ravel()
     plotted = 0
     for axis, scenario in zip(axes, FIGURE_SCENARIOS, strict=True):
-        for result in results:
-            entry = result.find(scenario.support, scenario.query, epsilon)
-            if entry is None:
+        for method, runs in runs_by_method(results).items():
+            entries = [run.find(scenario.support, scenario.query, epsilon) for run in runs]
+            if any(entry is None for entry in entries):
                 continue
-            curve = entry.accuracy_curve if metric == "accuracy" else entry.loss_curve
-            axis.plot(range(len(curve)), curve, marker="o", markersize=3, label=result.method,
-                      color=method_color(result.method))  # fmt: skip
+            curves = np.array(
+                [e.accuracy_curve if metric == "accuracy" else e.loss_curve for e in entries if e]
+            )
+            mean, steps = curves.mean(axis=0), range(curves.shape[1])
+            label = method if len(runs) == 1 else f"{method} (mean ± sd, {len(runs)} seeds)"
+            axis.plot(steps, mean, marker="o", markersize=3, label=label,
+                      color=method_color(method))  # fmt: skip
+            if len(runs) > 1:  # spread across training seeds
+                spread = curves.std(axis=0, ddof=1)
+                axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2,
+                                  color=method_color(method), linewidth=0)  # fmt: skip
             plotted += 1
         axis.set_title(scenario.name)
         axis.set_xlabel("Gradient update step")
@@ -382,8 +459,8 @@ def plot_robustness(
     title: str | None = None,
     mark: float | None = None,
 ) -> Path:
-    """Accuracy against the attack radius, one line per method (95% CI bars), one panel per
-    scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
+    """Accuracy against the attack radius, one line per method (95% CI bars; with several
+    training seeds, their mean and sd bars), one panel per scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
     every scenario is Clean-Clean there). ``mark`` draws a vertical line at one radius (the
     table's). Writes a PNG to ``path``.
 
@@ -397,29 +474,38 @@ def plot_robustness(
     figure = Figure(figsize=(4.2 * len(supports), 7.5), layout="constrained")
     axes = figure.subplots(2, len(supports), sharex=True, sharey=True, squeeze=False)
     radii: set[float] = {0.0}
+    by_method: dict[str, list[SeedSummary]] = {}
+    for summary in summarise(results):
+        by_method.setdefault(summary.method, []).append(summary)
+
+    def points_bar(summary: SeedSummary) -> float:
+        return summary.task_ci95 if len(summary.per_seed) == 1 else summary.std
+
     for row, query in enumerate(("clean", "adversarial")):
         for column, support in enumerate(supports):
             axis = axes[row][column]
-            for result in results:
+            for method, summaries in by_method.items():
+                # one run: 95% CI of the test tasks; several: sd across training seeds
                 points = {
-                    e.epsilon: (e.accuracy, e.ci95)
-                    for e in result.scenarios
-                    if (e.support, e.query) == (support, query)
+                    s.epsilon: (s.mean, points_bar(s))
+                    for s in summaries
+                    if (s.support, s.query) == (support, query)
                 }
                 clean = next(
-                    (e for e in result.scenarios if (e.support, e.query) == ("clean", "clean")),
-                    None,
+                    (s for s in summaries if (s.support, s.query) == ("clean", "clean")), None
                 )
                 if not points:
                     continue
                 if 0.0 not in points and clean is not None:
-                    points[0.0] = (clean.accuracy, clean.ci95)
+                    points[0.0] = (clean.mean, points_bar(clean))
                 xs = sorted(points)
                 radii.update(xs)
+                seeds = len(summaries[0].per_seed)
                 axis.errorbar(
                     xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
-                    marker="o", markersize=4, capsize=3, label=result.method,
-                    color=method_color(result.method),
+                    marker="o", markersize=4, capsize=3,
+                    label=method if seeds == 1 else f"{method} (mean ± sd, {seeds} seeds)",
+                    color=method_color(method),
                 )  # fmt: skip
             if mark is not None:
                 axis.axvline(mark, color="black", linestyle=":", linewidth=1)
@@ -441,8 +527,10 @@ def plot_robustness(
         title
         or f"Accuracy against the attack radius, {first.ways}-way {shots}-shot"
         f"{' ' + first.dataset if first.dataset else ''} ({', '.join(attacks)}, "
-        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)"
-    )
+        f"protocol {first.protocol!r}, {first.num_tasks} test tasks)\n"
+        + ("ε = 0 is Clean-Clean (nothing perturbed)"
+           + ("; dotted line: the table's ε" if mark is not None else ""))
+    )  # fmt: skip
     return _save_png(figure, path)
 
 

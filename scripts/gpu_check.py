@@ -24,7 +24,7 @@ tiny images and model):
    (``l2l_adversarial.reproducibility``) end with identical parameters;
 3. an estimate of each table's wall time (Tables 1-4: MAML, MAML-AD, ADML and Matching Nets
    trained for their configured iterations, then 600 test tasks at both eps), from short
-   ``l2l-adversarial train`` and ``evaluate`` runs of the shipped configs on generated data
+   ``l2l-adversarial train`` and ``evaluate`` runs of the bundled configs on generated data
    (CIFAR-100's 32 x 32 images are stood in for by a generated cache of that size).
 
 Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table ready for the README).
@@ -61,7 +61,7 @@ from l2l_adversarial import engines  # noqa: E402
 from l2l_adversarial.checkpoint import load_checkpoint  # noqa: E402
 from l2l_adversarial.cli import main as cli  # noqa: E402
 from l2l_adversarial.config import load_config  # noqa: E402
-from l2l_adversarial.configs import CONFIG_FOLDER as CONFIGS  # noqa: E402
+from l2l_adversarial.configs import config_path  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
@@ -93,6 +93,8 @@ class Plan:
     warmup: int
     iterations: int
     eval_tasks: int
+    shots: tuple[int, ...] = (1, 5)
+    tables: tuple[str, ...] = tuple(TABLES)
 
     def size(self, shots: int) -> Size:
         if self.quick:
@@ -101,6 +103,11 @@ class Plan:
 
     def image(self, side: int) -> int:
         return 16 if self.quick else side
+
+
+def say(message: str) -> None:
+    """Progress on stderr (the results go to stdout and the files)."""
+    print(f"gpu-check: {message}", file=sys.stderr, flush=True)
 
 
 def synchronise(device: torch.device) -> None:
@@ -136,7 +143,7 @@ def timed(
 def row_config(method: str, shots: int, overrides: list[str], plan: Plan, root: Path) -> dict:
     dataset = "mini-imagenet"
     return load_config(
-        CONFIGS / f"{dataset}-5w{shots}s-{method}.yaml",
+        config_path(f"{dataset}-5w{shots}s-{method}"),
         [f"dataset.root={root}", "dataset.strict=false", "dataset.device_resident=true",
          f"device={plan.device}", *overrides, *(QUICK if plan.quick else [])],
     )  # fmt: skip
@@ -146,7 +153,7 @@ def meta_iteration_rows(plan: Plan, root: Path) -> list[dict[str, Any]]:
     """Item 1 of the module doc, for both shot settings."""
     rows: list[dict[str, Any]] = []
     dataset = MiniImageNet(root, "train", strict=False)
-    for shots in (1, 5):
+    for shots in plan.shots:
         size = plan.size(shots)
         workload = Workload(dataclasses.replace(size, channels=3), plan.device)
         reference = maml_reference(workload)
@@ -155,6 +162,7 @@ def meta_iteration_rows(plan: Plan, root: Path) -> list[dict[str, Any]]:
             reference()
             return 0.0
 
+        say(f"{shots}-shot: learn2learn's MAML loop")
         median, _, peak, counts = timed(plan, reference_iteration)
         reference_seconds = median
         rows.append(_row(size, "learn2learn MAML loop", "-", median, 1.0, peak, 0.0, counts))
@@ -166,6 +174,7 @@ def meta_iteration_rows(plan: Plan, root: Path) -> list[dict[str, Any]]:
             for engine in ("sequential", "vmap"):
                 if method == "matching-nets" and engine == "vmap":
                     continue
+                say(f"{shots}-shot: {label}, {engine}")
                 torch.manual_seed(0)
                 learner = build_learner(config, 3, plan.image(84)).to(plan.device)
                 train = config["train"]
@@ -259,7 +268,7 @@ def cli_flags(config: Path, plan: Plan, root: Path, extra: list[str]) -> list[st
 def check_determinism(plan: Plan, root: Path, work: Path) -> dict[str, bool]:
     """Two same-seed ``train`` runs per engine end with identical parameters."""
     identical = {}
-    config = CONFIGS / "mini-imagenet-5w1s-adml.yaml"
+    config = config_path("mini-imagenet-5w1s-adml")
     for engine in ("sequential", "vmap"):
         states = []
         for run in ("a", "b"):
@@ -277,10 +286,11 @@ def estimate_tables(plan: Plan, roots: dict[int, Path], work: Path) -> list[dict
     measured s/task, summed over the paper's methods."""
     estimates = []
     steps = plan.warmup + plan.iterations
-    for table, (dataset, shots, side) in TABLES.items():
+    for table in plan.tables:
+        dataset, shots, side = TABLES[table]
         total, parts = 0.0, {}
         for method in PAPER_METHODS:
-            path = CONFIGS / f"{dataset}-5w{shots}s-{method}.yaml"
+            path = config_path(f"{dataset}-5w{shots}s-{method}")
             configured = load_config(path, [f"dataset.root={roots[side]}"])
             run_dir = work / f"{table.replace(' ', '')}-{method}"
             flags = cli_flags(path, plan, roots[side], [f"train.iterations={steps}",
@@ -336,18 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations")
     parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations")
     parser.add_argument("--eval-tasks", type=int, default=6, help="test tasks per estimate")
+    parser.add_argument("--shots", default="1,5", help="shot settings to time (default 1,5)")
+    parser.add_argument("--tables", default=",".join(t.split()[1] for t in TABLES),
+                        help="tables to estimate, by number (default 1,2,3,4)")  # fmt: skip
     parser.add_argument("--output", default="gpu-check", help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
-    if args.device not in ("cuda", "cpu") or min(args.warmup, args.iterations, args.eval_tasks) < 1:
-        print("error: --device must be cuda or cpu and --warmup, --iterations, --eval-tasks "
-              ">= 1; e.g. --device cuda --iterations 5", file=sys.stderr)  # fmt: skip
+    shots = tuple(int(s) for s in args.shots.split(",") if s.strip().isdigit())
+    tables = tuple(f"Table {t.strip()}" for t in args.tables.split(",") if t.strip())
+    if (
+        args.device not in ("cuda", "cpu")
+        or min(args.warmup, args.iterations, args.eval_tasks) < 1
+        or not shots
+        or not set(shots) <= {1, 5}
+        or not set(tables) <= set(TABLES)
+    ):
+        print("error: gpu_check arguments: --device is cuda or cpu, --warmup, --iterations and "
+              "--eval-tasks are >= 1, --shots lists 1 and/or 5, --tables lists 1-4 (e.g. "
+              "--device cuda --shots 1,5 --tables 1,2,3,4)", file=sys.stderr)  # fmt: skip
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False): "
               "nothing measured. Run `make gpu-check` where a GPU is, or --device cpu --quick.")  # fmt: skip
         return 0
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    plan = Plan(device, args.quick, args.warmup, args.iterations, args.eval_tasks)
+    plan = Plan(device, args.quick, args.warmup, args.iterations, args.eval_tasks, shots, tables)
     settings = apply_deterministic_settings(device, True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as temporary:
@@ -355,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         roots = {}
         for side in (84, 32):
             roots[side] = work / f"data-{side}"
-            for mode, classes in (("train", 64), ("test", 20)):
+            for mode, classes in (("train", 64), ("validation", 16), ("test", 20)):
                 write_generated_cache(roots[side], mode, plan.image(side), classes, 40)
         result: dict[str, Any] = {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -365,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": plan.warmup, "timed_iterations": plan.iterations,
         }  # fmt: skip
         result["meta_iterations"] = meta_iteration_rows(plan, roots[84])
+        say("checks: gradients, device-resident tasks, same-seed runs")
         result["checks"] = {
             "vmap_minus_sequential_gradient": check_gradients(plan, roots[84]),
             "device_tasks_identical": check_device_tasks(plan, roots[84]),
             "same_seed_same_parameters": check_determinism(plan, roots[84], work),
         }
+        say("table estimates: short train and evaluate runs of the shipped configs")
         result["table_estimates"] = estimate_tables(plan, roots, work)
     result["seconds"] = time.perf_counter() - started
     output = Path(args.output)

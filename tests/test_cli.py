@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from data_factories import write_mini_imagenet_cache
 
 from l2l_adversarial.cli import main
@@ -122,3 +123,57 @@ def test_module_entry_point_prints_help() -> None:
         [sys.executable, "-m", "l2l_adversarial", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+def test_train_and_evaluate_several_training_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "maml"
+    common = ["-o", "dataset.name=digits", "-o", "method=maml", *SMALL]
+    assert main(["train", "--seeds", "3", "1", "-o", "train.iterations=2",
+                 "--run-dir", str(run), *common]) == 0  # fmt: skip
+    assert sorted(p.name for p in run.iterdir()) == ["seed-1", "seed-3"]
+    assert "seed: 3" in (run / "seed-3" / "config.yaml").read_text()
+    weights = [torch.load(run / f"seed-{s}" / "checkpoint.pt")["learner"] for s in (1, 3)]
+    assert any(
+        not torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values(), strict=True)
+    )
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *common]) == 0
+    out = capsys.readouterr().out
+    saved = [json.loads((run / f"seed-{s}" / "evaluation.json").read_text()) for s in (1, 3)]
+    assert [r[0]["training_seed"] for r in saved] == [1, 3]
+    clean = [r[0]["scenarios"][0]["accuracy"] for r in saved]
+    mean = f"{sum(clean) / 2:.2f} ± "
+    assert f"| MAML | Clean | {mean}" in out and "[" in out  # mean ± spread [task interval]
+
+
+def test_reproduction_script_with_seeds_reports_spread_and_paired_comparisons(
+    tmp_path: Path,
+) -> None:
+    for mode, classes in (("train", 6), ("validation", 5), ("test", 5)):
+        write_mini_imagenet_cache(
+            tmp_path / "data", mode, num_classes=classes, images_per_class=6, image_size=16
+        )
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    overrides = ["dataset.strict=false", "train.iterations=1", "model.hidden=4", "task.query_shots=1",
+                 "train.adaptation_steps=1", "train.meta_batch_size=1", "evaluate.tasks=2",
+                 "evaluate.adaptation_steps=1", "evaluate.eps=[2]"]  # fmt: skip
+    argv = ["--dataset", "mini-imagenet", "--shots", "1", "--root", str(tmp_path / "data"),
+            "--output", str(tmp_path / "out"), "--methods", "maml", "adml", "--seeds", "0", "1"]  # fmt: skip
+    argv += [flag for override in overrides for flag in ("-o", override)]
+    assert reproduce.reproduce([*argv, "--only-seed", "1"]) == 0  # one seed in its own process
+    out = tmp_path / "out" / "mini-imagenet-5w1s"
+    assert (out / "adml" / "seed-1" / "evaluation.json").exists()
+    assert not (out / "adml" / "seed-0").exists() and not (out / "report").exists()
+    assert reproduce.reproduce(argv) == 0
+    table = (out / "report" / "table1.md").read_text()
+    assert "Paired differences over 2 training seed(s) x 2 shared test tasks" in table
+    assert "- MAML − ADML, Clean-Adversarial, ε = 2: " in table
+    assert "training seed 0" in table and "training seed 1" in table
+    entries = json.loads((out / "report" / "table1.json").read_text())["entries"]
+    ours = next(e["ours"] for e in entries if e["method"] == "ADML" and e["ours"])
+    assert len(ours["per_seed"]) == 2 and ours["seeds"] == [0, 1]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factories import SyntheticTasks
+from data_factories import SyntheticTasks, write_mini_imagenet_cache
 from test_training import Killed, config, final_parameters, stop_at
 
 from l2l_adversarial.checkpoint import load_checkpoint
-from l2l_adversarial.cli import evaluate_run, load_trained_learner
+from l2l_adversarial.cli import evaluate_run, load_trained_learner, main
 from l2l_adversarial.config import ConfigError
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
 from l2l_adversarial.meta_validation import BEST_CHECKPOINT, VALIDATION_LOG, MetaValidator
@@ -122,3 +122,17 @@ def test_tensorboard_without_the_package_is_refused_before_training(
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match="pip install"):
         MetaValidator(config("maml", tensorboard=True), VALIDATION, split="validation")
+
+
+def test_a_missing_validation_split_names_the_way_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_mini_imagenet_cache(
+        tmp_path / "data", "train", num_classes=6, images_per_class=4, image_size=16
+    )
+    argv = ["train", "--run-dir", str(tmp_path / "run"), "--quiet", "-o", "dataset.strict=false",
+            "-o", f"dataset.root={tmp_path / 'data'}", "-o", "train.iterations=1",
+            "-o", "task.query_shots=2"]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "mini-imagenet-cache-validation.pkl" in error and "train.validate_every=null" in error
