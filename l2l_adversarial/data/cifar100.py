@@ -249,7 +249,7 @@ def _read_cifar100(root: Path, strict: bool) -> tuple[np.ndarray, np.ndarray, li
     counts = np.bincount(fine_labels, minlength=100)
     if strict and (counts != CIFAR100Meta.IMAGES_PER_CLASS).any():
         raise DatasetFileError(
-            f"{folder}: classes hold {counts.min()} to {counts.max()} images, CIFAR-100 has 600 "
+            f"{folder}: classes hold {np.min(counts)} to {np.max(counts)} images, CIFAR-100 has 600 "
             f"each (pass strict=False to accept other files). {hint}"
         )
     return np.concatenate(images), fine_labels, names

@@ -177,8 +177,8 @@ def _read_cache(path: Path, mode: str, strict: bool) -> tuple[np.ndarray, np.nda
         if len(classes) != expected or (counts != MiniImageNet.IMAGES_PER_CLASS).any():
             raise bad(
                 f"expected {expected} classes of {MiniImageNet.IMAGES_PER_CLASS} images for "
-                f"mode {mode!r}, found {len(classes)} classes with {counts.min()} to "
-                f"{counts.max()} images (pass strict=False to accept a non-standard cache)"
+                f"mode {mode!r}, found {len(classes)} classes with {np.min(counts)} to "
+                f"{np.max(counts)} images (pass strict=False to accept a non-standard cache)"
             )
     images.setflags(write=False)
     targets.setflags(write=False)
