@@ -21,7 +21,7 @@ if ! "$PY" -c 'import learn2learn' 2>/dev/null; then
 fi
 
 "$PY" -m pip install -q --no-deps torchattacks==3.5.1  # test reference; its metadata pins an old requests
-"$PY" -m pip install -q -e '.[dev]'
+"$PY" -m pip install -q -e '.[dev,tensorboard]'  # tensorboard: the train.tensorboard test
 # gym (a learn2learn dependency) prints a deprecation banner from gym-notices on every import;
 # gym imports fine without it.
 "$PY" -m pip uninstall -q -y gym-notices
