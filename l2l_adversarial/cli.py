@@ -31,7 +31,13 @@ from torch import nn
 from tqdm import tqdm
 
 from l2l_adversarial.checkpoint import CheckpointError, check_finite_weights, load_checkpoint
-from l2l_adversarial.config import BUNDLED_DATASETS, ConfigError, config_changes, load_config
+from l2l_adversarial.config import (
+    BUNDLED_DATASETS,
+    ConfigError,
+    config_changes,
+    describe_changes,
+    load_config,
+)
 from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
 from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
@@ -124,13 +130,10 @@ def load_trained_learner(
     state = load_checkpoint(path, kind="train", expected={"method": config["method"]})
     changes = config_changes(state["config"], config)
     if changes:
-        listed = "\n  ".join(
-            f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in changes.items()
-        )
         raise CheckpointError(
             f"checkpoint {str(path)!r} was trained with other settings than its config.yaml "
             f"and overrides; evaluate with the run's own settings (drop -o of "
-            f"{', '.join(changes)}):\n  {listed}"
+            f"{', '.join(changes)}):\n{describe_changes(changes, 'config')}"
         )
     check_finite_weights(path, state["learner"])
     shape = tasks[0].support_inputs.shape

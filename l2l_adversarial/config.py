@@ -33,6 +33,7 @@ __all__ = [
     "SCHEMA",
     "ConfigError",
     "config_changes",
+    "describe_changes",
     "dump_config",
     "load_config",
     "read_config_file",
@@ -449,6 +450,16 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
         and not key.startswith(neutral)
         and before.get(key) != after.get(key)
     }
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]], now: str = "now") -> str:
+    """The lines of :func:`config_changes` for an error message, one key per line.
+
+    >>> print(describe_changes({"seed": (0, 3), "train.meta_lr": (0.001, 0.01)}))
+      seed: checkpoint 0, now 3
+      train.meta_lr: checkpoint 0.001, now 0.01
+    """
+    return "\n".join(f"  {key}: checkpoint {a!r}, {now} {b!r}" for key, (a, b) in changes.items())
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

@@ -38,7 +38,7 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import config_changes, dump_config
+from l2l_adversarial.config import config_changes, describe_changes, dump_config
 from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
@@ -195,13 +195,10 @@ class Trainer:
             changes["package_version"] = (state["package_version"], __version__)
         refused = {key: change for key, change in changes.items() if key not in accept_changes}
         if refused:
-            listed = "\n  ".join(
-                f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items()
-            )
             raise CheckpointError(
                 f"resuming with a changed config, {str(path)!r} was trained with other "
                 f"settings; pass --accept-changes {','.join(refused)} to continue with the new "
-                f"values, or --overwrite to start over:\n  {listed}"
+                f"values, or --overwrite to start over:\n{describe_changes(refused)}"
             )
         unknown = sorted(set(accept_changes) - changes.keys())
         if unknown:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,15 +95,21 @@ def test_quickstart_runs_and_prints_the_table(
     assert "| MAML | Clean |" in out and "| ADML | Adversarial |" in out
 
 
-def test_reproduction_script_end_to_end_on_generated_mini_imagenet(tmp_path: Path) -> None:
+def reproduction_script(data: Path, images_per_class: int) -> Any:
+    """examples/reproduce.py as a module, with generated 16x16 MiniImageNet caches in ``data``."""
     for mode, classes in (("train", 6), ("validation", 5), ("test", 5)):
         write_mini_imagenet_cache(
-            tmp_path / "data", mode, num_classes=classes, images_per_class=8, image_size=16
+            data, mode, num_classes=classes, images_per_class=images_per_class, image_size=16
         )
     spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
     assert spec is not None and spec.loader is not None
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
+    return reproduce
+
+
+def test_reproduction_script_end_to_end_on_generated_mini_imagenet(tmp_path: Path) -> None:
+    reproduce = reproduction_script(tmp_path / "data", images_per_class=8)
     overrides = ["dataset.strict=false", "train.iterations=2", "model.hidden=8", "task.query_shots=3",
                  "train.adaptation_steps=1", "train.meta_batch_size=2", "evaluate.tasks=2",
                  "evaluate.adaptation_steps=2"]  # fmt: skip
@@ -151,14 +158,7 @@ def test_train_and_evaluate_several_training_seeds(
 def test_reproduction_script_with_seeds_reports_spread_and_paired_comparisons(
     tmp_path: Path,
 ) -> None:
-    for mode, classes in (("train", 6), ("validation", 5), ("test", 5)):
-        write_mini_imagenet_cache(
-            tmp_path / "data", mode, num_classes=classes, images_per_class=6, image_size=16
-        )
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
-    assert spec is not None and spec.loader is not None
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = reproduction_script(tmp_path / "data", images_per_class=6)
     overrides = ["dataset.strict=false", "train.iterations=1", "model.hidden=4", "task.query_shots=1",
                  "train.adaptation_steps=1", "train.meta_batch_size=1", "evaluate.tasks=2",
                  "evaluate.adaptation_steps=1", "evaluate.eps=[2]"]  # fmt: skip
