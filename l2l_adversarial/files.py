@@ -12,14 +12,15 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_open", "default_file_mode", "write_atomic"]
+__all__ = ["append_csv_row", "atomic_open", "default_file_mode", "write_atomic"]
 
 
 def default_file_mode() -> int:
@@ -65,3 +66,13 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     with atomic_open(path) as file:
         file.write(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
+
+
+def append_csv_row(path: Path, fieldnames: Sequence[str], row: Mapping[str, Any]) -> None:
+    """Append ``row`` to the CSV log at ``path``, writing the header first if it is new."""
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fieldnames)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

@@ -38,7 +38,7 @@ from l2l_adversarial.attacks import FGSM
 from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from l2l_adversarial.config import ConfigError
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
-from l2l_adversarial.files import atomic_open
+from l2l_adversarial.files import append_csv_row, atomic_open
 from l2l_adversarial.task import Task
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class MetaValidator:
         scored = next(r for r in rows if r["epsilon"] == self.score_epsilon)
         if trainer.rank == 0:
             for row in rows:
-                _append_row(trainer.run_dir / VALIDATION_LOG, row)
+                append_csv_row(trainer.run_dir / VALIDATION_LOG, VALIDATION_FIELDS, row)
             if self.writer is not None:
                 for name in ("clean_accuracy", "adversarial_accuracy", "clean_loss",
                              "adversarial_loss", "score"):  # fmt: skip
@@ -197,15 +197,6 @@ def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writerows(rows)
     with atomic_open(path) as file:
         file.write(buffer.getvalue().encode("utf-8"))
-
-
-def _append_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=VALIDATION_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def _summary_writer_class() -> Any:

@@ -49,7 +49,7 @@ from l2l_adversarial.distributed import (
 from l2l_adversarial.engines import meta_step, resolve_engine
 from l2l_adversarial.errors import TrainingDivergedError
 from l2l_adversarial.factory import build_learner, resolve_device
-from l2l_adversarial.files import write_atomic
+from l2l_adversarial.files import append_csv_row, write_atomic
 from l2l_adversarial.reproducibility import apply_deterministic_settings
 from l2l_adversarial.run_folder import (
     RunFolderError,
@@ -230,12 +230,7 @@ class Trainer:
 
     def _log(self, row: dict[str, float | str]) -> None:
         path = self._metrics_path()
-        new = not path.exists()
-        with path.open("a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=METRIC_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(path, METRIC_FIELDS, row)
 
     # -- the loop ------------------------------------------------------------------------
     def _task_indices(self, iteration: int) -> range:
