@@ -44,6 +44,9 @@ from l2l_adversarial.training import CHECKPOINT, RunFolderError, Trainer, build_
 
 WORLD_SIZE = 2
 TIMEOUT_S = 150  # the whole two-process run; it takes ~15 s on a busy 2-core machine
+# spawn, not fork: earlier tests leave threads (tqdm's monitor, finished prefetch pools), and a
+# child forked from a multi-threaded process can deadlock (Python 3.12 warns so; seen here as
+# this fixture's timeout in full-suite runs, never when the file ran alone)
 ONE_UPDATE = {
     "adml-joint": ("adml", {"attack": "ffgsm"}),  # random start: seeded per task index
     "adml-sequential": ("adml", {"meta_update": "sequential", "attack": "ffgsm"}),
@@ -202,7 +205,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]
     """What each of the two workers returned, and their folder."""
     folder = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
-        worker, args=(free_port(), folder), nprocs=WORLD_SIZE, join=False, start_method="fork"
+        worker, args=(free_port(), folder), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
