@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
+from l2l_adversarial.algorithms import MatchingNetwork
 from l2l_adversarial.checkpoint import (
     CheckpointError,
     check_finite_weights,
@@ -39,7 +41,7 @@ from l2l_adversarial.checkpoint import (
     set_rng_state,
 )
 from l2l_adversarial.config import config_changes, describe_changes, dump_config
-from l2l_adversarial.data.prefetch import MetaBatch, MetaBatches, default_loading
+from l2l_adversarial.data.prefetch import Check, MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
     mean_over_ranks,
@@ -62,11 +64,19 @@ from l2l_adversarial.run_folder import (
 from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.task import Task
+from l2l_adversarial.validation import (
+    check_meta_batch,
+    check_task,
+    check_task_metadata,
+    value_checks,
+    value_checks_enabled,
+)
 
 __all__ = [
     "RunFolderError",
     "TaskSource",
     "build_learner",
+    "check_values",
     "resolve_device",
     "train",
 ]
@@ -96,6 +106,63 @@ class TaskSource(Protocol):
     (as for :class:`l2l_adversarial.data.FewShotTasks`)."""
 
     def __getitem__(self, index: int) -> Task: ...
+
+
+def check_values(learner: nn.Module) -> Check:
+    """The value checks :func:`~l2l_adversarial.engines.meta_step` makes of a meta-batch
+    (finite inputs, labels in range, inputs inside the attack's ``data_range``), for the data
+    pipeline to run where it builds the meta-batch (:class:`MetaBatches`' ``check``).
+
+    Host tasks are checked in host memory, before their copy to the device: the training loop
+    reads nothing. Tasks built on the device (``dataset.device_resident``) are read there, by
+    the thread that builds them (which then waits for the device; the loop does not). A bad
+    task is refused with the error ``meta_step`` would raise, and its global task indices.
+
+    Example:
+        >>> import torch, l2l_adversarial as l2la
+        >>> check = check_values(l2la.MAML(torch.nn.Linear(2, 2), lr=0.1))
+        >>> bad = l2la.Task(torch.rand(2, 2), torch.tensor([0, 1]),
+        ...                 torch.rand(2, 2), torch.tensor([0, 2]))
+        >>> check([(8, bad)])
+        Traceback (most recent call last):
+        ...
+        ValueError: training tasks [8], task 0 of the meta-batch: query_labels must lie in [0, 2) ...
+    """
+    attack = getattr(learner, "attack", None)
+    data_range = attack.data_range if attack is not None and attack.mean is None else None
+    ways = learner.ways if isinstance(learner, MatchingNetwork) else None
+    classification = getattr(learner, "classification", True)  # Matching Networks: classes
+    return functools.partial(
+        _check_values, classification=classification, data_range=data_range, ways=ways,
+        enabled=value_checks_enabled(),  # this thread's setting, in whichever builds the batch
+    )  # fmt: skip
+
+
+def _check_values(
+    batch: MetaBatch,
+    classification: bool,
+    data_range: tuple[float, float] | None,
+    ways: int | None,
+    enabled: bool,
+) -> None:
+    """:func:`check_values`' check (a function of plain values: worker processes take it)."""
+    try:
+        with value_checks(enabled):
+            tasks = [
+                check_task_metadata(task, classification, where=f"task {at} of the meta-batch")
+                for at, (_, task) in enumerate(batch)
+            ]
+            if ways is None:
+                check_meta_batch(tasks, classification, data_range)
+            else:  # Matching Networks: labels in [0, ways)
+                for at, task in enumerate(tasks):
+                    try:
+                        check_task(*task, ways=ways, classification=classification)
+                    except ValueError as error:
+                        raise ValueError(f"task {at} of the meta-batch: {error}") from None
+    except (TypeError, ValueError) as error:
+        indices = [index for index, _ in batch]
+        raise type(error)(f"training tasks {indices}, {error}") from None
 
 
 class _AllReduceOptimizer:
@@ -248,7 +315,7 @@ class Trainer:
             stop = max(self.config["train"]["iterations"], iteration + 1)
             self._batches = MetaBatches(
                 self.tasks, self._task_indices, iteration, stop, device=self.device,
-                workers=workers, prefetch=prefetch,
+                workers=workers, prefetch=prefetch, check=check_values(self.learner),
             ).__iter__()  # fmt: skip
         batch = next(self._batches)
         self._next_batch = iteration + 1
@@ -277,11 +344,15 @@ class Trainer:
 
     def step(self) -> tuple[Tensor, Tensor]:
         """One meta-iteration through :func:`l2l_adversarial.engines.meta_step`; returns this
-        rank's mean meta-loss and query accuracy as device tensors (not read: no sync)."""
-        objective = meta_step(
-            self.learner, self._seeded(self._meta_batch(self.iteration)), *self._optimizers(),
-            engine=self.engine,
-        )  # fmt: skip
+        rank's mean meta-loss and query accuracy as device tensors (not read: no sync).
+
+        The meta-batch's values were checked where it was built (:func:`check_values`), so
+        ``meta_step`` runs with value checks off: it reads nothing on the host."""
+        batch = self._meta_batch(self.iteration)
+        with value_checks(False):
+            objective = meta_step(
+                self.learner, self._seeded(batch), *self._optimizers(), engine=self.engine
+            )
         return objective.total, objective.accuracy
 
     def run(

@@ -7,8 +7,9 @@ Two kinds of checks:
   host, which stalls a GPU. A single task checked through a learner's ``meta_loss`` reads them
   as before; :func:`l2l_adversarial.engines.meta_step` checks a whole meta-batch with one
   host read (:func:`check_meta_batch`) and runs the meta-iteration with value checks off.
-  ``with value_checks(False):`` turns them off everywhere (hot loops on data that was
-  checked where it was built).
+  ``with value_checks(False):`` turns them off in the current thread (hot loops on data
+  that was checked where it was built: ``train`` checks each meta-batch in the data
+  pipeline, :func:`l2l_adversarial.training.check_values`).
 
 Example:
     >>> import torch
@@ -20,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -40,7 +42,16 @@ __all__ = [
     "value_checks_enabled",
 ]
 
-_value_checks = [True]
+
+class _ValueChecks(threading.local):
+    """Each thread's stack of :func:`value_checks` settings (a thread building tasks while
+    the training loop runs with checks off still checks)."""
+
+    def __init__(self) -> None:
+        self.stack = [True]
+
+
+_value_checks = _ValueChecks()
 CLASSIFICATION_LOSSES: tuple[Callable[..., Tensor], ...] = (
     nn.functional.cross_entropy,
     nn.functional.nll_loss,
@@ -49,17 +60,18 @@ CLASSIFICATION_LOSSES: tuple[Callable[..., Tensor], ...] = (
 
 def value_checks_enabled() -> bool:
     """Whether checks that read tensor values on the host run (see :func:`value_checks`)."""
-    return _value_checks[-1]
+    return _value_checks.stack[-1]
 
 
 @contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
-    """Turn the value checks on or off inside the block (metadata checks always run)."""
-    _value_checks.append(bool(enabled))
+    """Turn the value checks on or off inside the block, in this thread (metadata checks
+    always run)."""
+    _value_checks.stack.append(bool(enabled))
     try:
         yield
     finally:
-        _value_checks.pop()
+        _value_checks.stack.pop()
 
 
 def is_classification_loss(loss_fn: Callable[..., Tensor]) -> bool:

@@ -7,12 +7,18 @@ The configuration of issue 11: 5-way 1-shot, 15 queries per class, 5 inner steps
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from benchmarks.conftest import REFERENCE, Size, Workload
 from benchmarks.op_counter import OpCounter
 from benchmarks.test_meta_iteration import METHODS
+from l2l_adversarial.config import load_config
+from l2l_adversarial.data import Digits, FewShotTasks
+from l2l_adversarial.factory import build_learner
+from l2l_adversarial.training import Trainer
 
 SIZE = Size("counts", ways=5, shots=1, queries=15, channels=1, image=16, hidden=2, steps=5,
             meta_batch=4)  # fmt: skip
@@ -54,3 +60,30 @@ def test_batched_meta_iteration_within_its_launch_budget(
     # meta-batch's one value check.
     assert reference.syncs == reference.sync_names["aten._local_scalar_dense"] == 18
     assert ours.syncs == reference.syncs + 1, ours.sync_names
+
+
+@pytest.mark.parametrize("engine", ["sequential", "vmap"])
+@pytest.mark.parametrize("method", ["maml", "adml", "maml-ad", "aq"])
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_a_training_iteration_syncs_no_more_than_learn2learns_loop(
+    tmp_path: Path, method: str, engine: str, prefetch: int
+) -> None:
+    """``Trainer.step`` (what ``train`` runs): the meta-batch's value checks run where it is
+    built, so the loop reads only Adam's 18 step counters. Built in place (``prefetch=0``),
+    the check's one read of the host tasks (before any copy to a device) is in the loop."""
+    overrides = [f"method={method}", "dataset.name=digits", "dataset.image_size=16",
+                 "device=cpu", "task.ways=5", "task.shots=1", "task.query_shots=15",
+                 "model.hidden=2", "train.meta_batch_size=4", "train.adaptation_steps=5",
+                 f"train.engine={engine}", f"train.prefetch={prefetch}"]  # fmt: skip
+    config = load_config(None, overrides)
+    tasks = FewShotTasks(Digits("train", image_size=16), 5, 1, 15, seed=0)
+    trainer = Trainer(config, tmp_path, tasks, build_learner(config, 1, 16), torch.device("cpu"))
+    try:
+        trainer.step()  # Adam creates its state on the first step
+        trainer.iteration += 1
+        with OpCounter() as counter:
+            trainer.step()
+    finally:
+        trainer.close_batches()
+    assert counter.sync_names["aten._local_scalar_dense"] == counter.syncs
+    assert counter.syncs == (18 if prefetch else 19), counter.sync_names

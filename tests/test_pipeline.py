@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.data.tasks import _global_random_state
 from l2l_adversarial.reproducibility import CUBLAS_WORKSPACE, apply_deterministic_settings
 from l2l_adversarial.training import CHECKPOINT, train
+from l2l_adversarial.validation import value_checks, value_checks_enabled
 
 
 def learn2learn_task(tasks: FewShotTasks, index: int) -> Task:
@@ -278,3 +280,65 @@ def test_deterministic_settings_for_cuda(
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+
+
+class Corrupted:
+    """``tasks`` with task ``bad`` damaged by ``damage`` (thread-safe like ``tasks``)."""
+
+    def __init__(self, tasks: FewShotTasks, bad: int, damage) -> None:  # noqa: ANN001
+        self.tasks, self.bad, self.damage = tasks, bad, damage
+        self.thread_safe = tasks.thread_safe
+
+    def __getitem__(self, index: int) -> Task:
+        task = self.tasks[index]
+        return Task(*self.damage(*task)) if index == self.bad else task
+
+
+def _nan_query(sx, sy, qx, qy):  # noqa: ANN001, ANN202
+    qx = qx.clone()
+    qx[1, 0, 0, 0] = float("nan")
+    return sx, sy, qx, qy
+
+
+DAMAGES = {
+    "nan": ("maml", _nan_query, r"query_inputs holds 1 non-finite value\(s\)"),
+    "out of range": ("adml", lambda sx, sy, qx, qy: (sx * 2 + 0.5, sy, qx, qy),
+                     r"support_inputs lie in .* outside the attack's data_range"),
+    "bad label": ("maml-ad", lambda sx, sy, qx, qy: (sx, sy, qx, qy + 1),
+                  r"query_labels must lie in \[0, 3\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize(("workers", "prefetch"), [(0, 0), (0, 2), (1, 1)])
+def test_a_bad_task_is_refused_by_the_pipeline_and_keeps_the_runs_files(
+    tmp_path: Path, damage: str, workers: int, prefetch: int
+) -> None:
+    """Value checks run where meta-batches are built (in place, in the thread, in a worker):
+    task 5 (iteration 2's second task) is refused with meta_step's message, naming it, and
+    the checkpoint of iteration 2 and the logs stay as they were."""
+    method, damaged, message = DAMAGES[damage]
+    digits = FewShotTasks(Digits("train", image_size=16), 3, 1, 2, seed=0)
+    config = digits_config(workers=workers, prefetch=prefetch)
+    config["method"] = method
+    config["train"]["eps"] = 8.0
+    config["train"]["iterations"] = 2
+    train(config, tmp_path, Corrupted(digits, 5, damaged), progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    config["train"]["iterations"] = 6
+    expected = rf"training tasks \[4, 5\], task 1 of the meta-batch: {message}"
+    with pytest.raises(ValueError, match=expected):
+        train(config, tmp_path, Corrupted(digits, 5, damaged), resume=True, progress=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_value_checks_are_switched_per_thread() -> None:
+    """The loop turns value checks off while the prefetch thread checks the next batches."""
+    seen = []
+    with value_checks(False):
+        worker = threading.Thread(target=lambda: seen.append(value_checks_enabled()))
+        worker.start()
+        worker.join()
+        seen.append(value_checks_enabled())
+    assert seen == [True, False] and value_checks_enabled()

@@ -16,6 +16,11 @@ when it needs it.
 On CUDA, host tasks are put in pinned memory while being built and copied with
 ``non_blocking=True``; tasks already on the device (``FewShotTasks(device=...)``) stay there.
 
+``check`` (e.g. the training loop's value checks, :func:`l2l_adversarial.training.check_values`)
+runs on every meta-batch where it is built, in the thread or the worker process, before the
+copy to the device: host tasks are then read in host memory, and the loop itself reads nothing.
+What it raises reaches the loop unchanged, when the loop asks for that meta-batch.
+
 Example:
     >>> from l2l_adversarial.data import FewShotTasks
     >>> tasks = FewShotTasks((torch.rand(40, 3), torch.arange(40) % 4), 2, 1, 1, seed=0)
@@ -40,6 +45,8 @@ __all__ = ["MetaBatch", "MetaBatches", "default_loading"]
 
 MetaBatch = list[tuple[int, Task]]
 """One meta-iteration's tasks with their global task indices."""
+Check = Callable[[MetaBatch], None]
+"""Called on each meta-batch where it is built; raises to refuse it."""
 
 
 def default_loading(tasks: Any, device: torch.device) -> tuple[int, int]:
@@ -56,14 +63,27 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-class _IterationBatches(Dataset[MetaBatch]):
-    """Item ``it``: the meta-batch of iteration ``it`` (built in a worker process)."""
+def _built(tasks: Any, indices: Sequence[int], check: Check | None) -> MetaBatch:
+    batch = [(index, tasks[index]) for index in indices]
+    if check is not None:
+        check(batch)
+    return batch
 
-    def __init__(self, tasks: Any, indices: Callable[[int], Sequence[int]]) -> None:
-        self.tasks, self.indices = tasks, indices
 
-    def __getitem__(self, iteration: int) -> MetaBatch:
-        return [(index, self.tasks[index]) for index in self.indices(iteration)]
+class _IterationBatches(Dataset[MetaBatch | Exception]):
+    """Item ``it``: the meta-batch of iteration ``it`` (built in a worker process), or the
+    error its check raised (passed back as it is, not wrapped by the DataLoader)."""
+
+    def __init__(
+        self, tasks: Any, indices: Callable[[int], Sequence[int]], check: Check | None
+    ) -> None:
+        self.tasks, self.indices, self.check = tasks, indices, check
+
+    def __getitem__(self, iteration: int) -> MetaBatch | Exception:
+        try:
+            return _built(self.tasks, self.indices(iteration), self.check)
+        except (TypeError, ValueError) as error:
+            return error
 
 
 class MetaBatches:
@@ -83,6 +103,7 @@ class MetaBatches:
         device: torch.device | str = "cpu",
         workers: int = 0,
         prefetch: int = 0,
+        check: Check | None = None,
     ) -> None:
         _check_count("workers", workers)
         _check_count("prefetch", prefetch)
@@ -100,18 +121,20 @@ class MetaBatches:
                 "generators; set train.workers >= 1 (worker processes) or train.prefetch=0"
             )
         self.tasks, self.indices, self.start, self.stop = tasks, indices, start, stop
-        self.workers, self.prefetch = workers, prefetch
+        self.workers, self.prefetch, self.check = workers, prefetch, check
         self._pin = self.device.type == "cuda" and not on_device
         self._executor: ThreadPoolExecutor | None = None
         self._pending: deque[Future[MetaBatch]] = deque()
 
     def _build(self, iteration: int) -> MetaBatch:
-        batch = [(index, self.tasks[index]) for index in self.indices(iteration)]
+        batch = _built(self.tasks, self.indices(iteration), self.check)
         if self._pin:
             batch = [(index, Task(*(t.pin_memory() for t in task))) for index, task in batch]
         return batch
 
-    def _to_device(self, batch: Sequence[Sequence[Any]]) -> MetaBatch:
+    def _to_device(self, batch: Sequence[Sequence[Any]] | Exception) -> MetaBatch:
+        if isinstance(batch, Exception):  # refused by the check in a worker process
+            raise batch
         return [
             (int(index), Task(*(t.to(self.device, non_blocking=True) for t in task)))
             for index, task in batch
@@ -121,7 +144,7 @@ class MetaBatches:
         iterations = range(self.start, self.stop)
         if self.workers:
             loader = DataLoader(
-                _IterationBatches(self.tasks, self.indices),
+                _IterationBatches(self.tasks, self.indices, self.check),
                 batch_size=None,
                 sampler=iterations,
                 num_workers=self.workers,
