@@ -1,6 +1,7 @@
 """Time, ATen ops and syncs per meta-iteration: learn2learn's MAML loop against MAML, ADML,
-MAML-AD and Adversarial Querying run by ``engines.meta_step`` (what ``train`` runs), with the
-sequential and the vmap engine, on the same tasks and the same initial model (see conftest.py
+MAML-AD and Adversarial Querying run by ``engines.meta_step`` (what ``train`` runs; the
+"train's step" rows with the value checks off, as ``train`` runs it), with the sequential and
+the vmap engine, on the same tasks and the same initial model (see conftest.py
 for the sizes).
 
 The reference is the loop of learn2learn's MiniImageNet MAML example: per task
@@ -21,6 +22,7 @@ from torch import nn
 
 from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, PGD, AdversarialQuerying, engines
 from l2l_adversarial.algorithms.base import MetaLearner
+from l2l_adversarial.validation import value_checks
 
 from .conftest import REFERENCE, Measure, MeasurePaired, Workload
 
@@ -68,8 +70,12 @@ LEARNERS: dict[str, Callable[..., MetaLearner]] = {
 }
 
 
-def engine_step(method: str, engine: str, **options: object) -> Callable[[Workload], Iteration]:
-    """One ``engines.meta_step`` of ``method``'s learner with ``engine``."""
+def engine_step(
+    method: str, engine: str, checked: bool = True, **options: object
+) -> Callable[[Workload], Iteration]:
+    """One ``engines.meta_step`` of ``method``'s learner with ``engine``; ``checked=False``:
+    with value checks off, as ``train`` runs it (it checks each meta-batch where the data
+    pipeline builds it, :func:`l2l_adversarial.training.check_values`)."""
 
     def make(workload: Workload) -> Iteration:
         options.setdefault("channels_last", engine == "sequential")
@@ -77,7 +83,8 @@ def engine_step(method: str, engine: str, **options: object) -> Callable[[Worklo
         optimizer = torch.optim.Adam(learner.parameters(), META_LR)
 
         def iteration() -> None:
-            engines.meta_step(learner, workload.tasks, optimizer, engine=engine)
+            with value_checks(checked):
+                engines.meta_step(learner, workload.tasks, optimizer, engine=engine)
 
         return iteration
 
@@ -91,6 +98,7 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
         for method in LEARNERS
         for engine in ("sequential", "vmap")
     },
+    **{f"{method} (train's step, vmap)": engine_step(method, "vmap", False) for method in LEARNERS},
     "adml (sequential, channels_last=False)": engine_step(
         "adml", "sequential", channels_last=False
     ),

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -369,8 +370,7 @@ class _MetaBatch:
                 ops = BatchedOps(
                     self.learner, self.streams, start, recorded[chunk] if replay else None
                 )
-                with _PrimitiveNormalisation():
-                    objective = self.learner.task_objective(stacked, self.steps, ops)
+                objective = self.learner.task_objective(stacked, self.steps, ops)
                 if not replay:
                     recorded.append(ops.recorded)
                 yield type(objective)(*(v.mean(0) for v in objective)), len(tasks) / count
@@ -419,11 +419,11 @@ class BatchedOps(TaskOps):
         groups = _groups([(inputs.shape, labels.shape) for inputs, labels, _ in sets])
         adapted: list[Params] = [{} for _ in sets]
         for members in groups:
-            inputs = torch.cat([sets[i][0] for i in members])
-            labels = torch.cat([sets[i][1] for i in members])
+            inputs = _joined([sets[i][0] for i in members])
+            labels = _joined([sets[i][1] for i in members])
             tasks = sets[members[0]][0].shape[0]
             like = inputs if inputs.is_floating_point() else next(iter(params.values()))
-            step_sizes = torch.cat(
+            step_sizes = _joined(
                 [
                     torch.full((tasks,), sets[i][2], dtype=like.dtype, device=like.device)
                     for i in members
@@ -432,9 +432,10 @@ class BatchedOps(TaskOps):
             start = params
             if self._in_dim(params) == 0 and len(members) > 1:
                 start = {n: torch.cat([p] * len(members)) for n, p in params.items()}
-            result = vmap(inner_loop, in_dims=(self._in_dim(params), 0, 0, 0))(
-                start, inputs, labels, step_sizes
-            )
+            with _PrimitiveNormalisation():
+                result = vmap(inner_loop, in_dims=(self._in_dim(params), 0, 0, 0))(
+                    start, inputs, labels, step_sizes
+                )
             for slot, i in enumerate(members):
                 adapted[i] = {n: p[slot * tasks : (slot + 1) * tasks] for n, p in result.items()}
         return adapted
@@ -450,11 +451,12 @@ class BatchedOps(TaskOps):
             params = sets[members[0]][0]
             if len(members) > 1:
                 params = {n: torch.cat([sets[i][0][n] for i in members]) for n in params}
-            inputs = torch.cat([sets[i][1] for i in members])
-            labels = torch.cat([sets[i][2] for i in members])
-            losses, accuracies = vmap(loss, in_dims=(self._in_dim(params), 0, 0))(
-                params, inputs, labels
-            )
+            inputs = _joined([sets[i][1] for i in members])
+            labels = _joined([sets[i][2] for i in members])
+            with _PrimitiveNormalisation():
+                losses, accuracies = vmap(loss, in_dims=(self._in_dim(params), 0, 0))(
+                    params, inputs, labels
+                )
             tasks = sets[members[0]][1].shape[0]
             for slot, i in enumerate(members):
                 part = slice(slot * tasks, (slot + 1) * tasks)
@@ -497,6 +499,11 @@ class BatchedOps(TaskOps):
         return torch.cat([inputs, adversarial], dim=1), torch.cat([labels, extra_labels], dim=1)
 
 
+def _joined(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat(tensors, dim)``, without the copy that a cat of one tensor makes."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim)
+
+
 def _groups(shapes: Sequence[Any]) -> list[list[int]]:
     """Indices of equal shapes, in order of first appearance."""
     groups: dict[Any, list[int]] = {}
@@ -522,23 +529,52 @@ def _attack_sets(
     tasks, sizes = sets[0][0].shape[0], [inputs.shape[1] for inputs, _ in sets]
     detached = {name: p.detach() for name, p in params.items()}
     forward = vmap(learner.functional, in_dims=(0 if batched else None, 0))
-    task_losses = vmap(learner.attack.loss_fn)
 
     def segments(flat: Tensor) -> tuple[Tensor, ...]:
         return flat.unflatten(0, (tasks, -1)).split(sizes, dim=1)
 
     def model(flat: Tensor) -> Tensor:
-        return torch.cat([forward(detached, s) for s in segments(flat)], dim=1).flatten(0, 1)
+        return _joined([forward(detached, s) for s in segments(flat)], dim=1).flatten(0, 1)
+
+    attack = copy.copy(learner.attack)
+    attack.loss_fn = _summed_segment_losses(learner.attack.loss_fn, tasks, sizes, segments)
+    inputs = _joined([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
+    labels = _joined([labels for _, labels in sets], dim=1).flatten(0, 1)
+    return list(segments(attack(model, inputs, labels)))
+
+
+_ROW_MEAN_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss)
+"""Losses whose default value is the mean of the ``reduction="none"`` rows."""
+
+
+def _summed_segment_losses(
+    loss_fn: Callable[..., Tensor],
+    tasks: int,
+    sizes: Sequence[int],
+    segments: Callable[[Tensor], tuple[Tensor, ...]],
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss :func:`_attack_sets` gives its attack: on the flat batch of ``tasks`` x
+    ``sizes`` rows, the sum over its (task, set) segments of ``loss_fn`` on each segment.
+
+    For cross-entropy and NLL, one call on all rows, each weighted by 1 / its set's size (the
+    same value, in fewer operations); for other losses, ``loss_fn`` vmapped per set.
+    """
+    if loss_fn in _ROW_MEAN_LOSSES:
+
+        def row_losses(logits: Tensor, labels: Tensor) -> Tensor:
+            weights = logits.new_full((tasks, sum(sizes)), 1 / sizes[0])
+            for start, n in zip(itertools.accumulate(sizes), sizes[1:], strict=False):
+                weights[:, start : start + n] = 1 / n
+            return (loss_fn(logits, labels, reduction="none") * weights.flatten()).sum()
+
+        return row_losses
+    task_losses = vmap(loss_fn)
 
     def segment_losses(logits: Tensor, labels: Tensor) -> Tensor:
         pairs = zip(segments(logits), segments(labels), strict=True)
         return torch.stack([task_losses(lg, lb).sum() for lg, lb in pairs]).sum()
 
-    attack = copy.copy(learner.attack)
-    attack.loss_fn = segment_losses
-    inputs = torch.cat([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
-    labels = torch.cat([labels for _, labels in sets], dim=1).flatten(0, 1)
-    return list(segments(attack(model, inputs, labels)))
+    return segment_losses
 
 
 class _PrimitiveNormalisation(TorchFunctionMode):

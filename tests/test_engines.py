@@ -229,6 +229,23 @@ def test_vmap_engine_differentiates_layer_norm_twice() -> None:
     )
 
 
+@pytest.mark.parametrize("kind", [ADML, MAMLAD])
+def test_vmap_engine_attacks_with_any_loss(kind: type[ADML] | type[MAMLAD]) -> None:
+    """The batched attack's loss: cross-entropy in one call over all sets (the tests above),
+    any other loss vmapped set by set; both give the sequential engine's samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    mse = nn.functional.mse_loss
+    attack = FGSM(eps=0.1, data_range=(-5.0, 5.0), loss_fn=mse)
+    learner = kind(model, lr=0.3, attack=attack, loss_fn=mse, adaptation_steps=2)
+    x = 10 * torch.rand(2, 12, 1, dtype=torch.float64) - 5
+    tasks = [Task(xs[:4], torch.sin(xs[:4]), xs[4:], torch.sin(xs[4:])) for xs in x]
+    loss = engines.meta_batch_objective(learner, tasks, engine="vmap").total
+    assert_gradients_close(
+        meta_gradient(model, loss), meta_gradient(model, reference_loss(learner, tasks))
+    )
+
+
 def test_vmap_engine_with_batchnorm_running_statistics_in_eval_mode() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
