@@ -12,6 +12,7 @@ loaded by :class:`~l2l_adversarial.data.MiniImageNet`. Rows:
   image table in host memory, one float conversion);
 - ``task: gathered, device-resident``: the table kept on the benchmark's device
   (``dataset.device_resident: true``; the same as the host row on the CPU);
+- ``task part: ...``: a gathered task's row gather and float conversion on their own;
 - ``meta-iteration ...``: one MAML meta-iteration (``meta_loss`` per task, Adam) with its
   meta-batch taken from :class:`~l2l_adversarial.data.prefetch.MetaBatches` built in place, by
   a prefetch thread or by a worker process; against ``tasks ready`` the difference is the wait
@@ -115,6 +116,23 @@ def test_task_device_resident(
 ) -> None:
     tasks = _tasks(mini_imagenet, size, device=device)
     measure(f"task: gathered, device-resident ({device.type})", _stream(tasks.__getitem__))
+
+
+@pytest.mark.parametrize("part", ["row gather", "float conversion alone", "gather and conversion"])
+def test_task_part(measure: Measure, size: Size, mini_imagenet: MiniImageNet, part: str) -> None:
+    """What a gathered task's time is made of, on one task's worth of rows: the uint8 row
+    gather, the float conversion alone without the division (the floor of any exact path),
+    and ``ImageTable.gather`` (both, with the division by 255)."""
+    table = _tasks(mini_imagenet, size).table
+    assert table is not None
+    rows = torch.arange(size.ways * (size.shots + size.queries)) * 7 % len(table)
+    batch = table.images.index_select(0, rows)
+    parts = {
+        "row gather": lambda: table.images.index_select(0, rows),
+        "float conversion alone": lambda: batch.to(torch.float32),
+        "gather and conversion": lambda: table.gather(rows),
+    }
+    measure(f"task part: {part} ({len(rows)} images)", parts[part])
 
 
 @pytest.mark.parametrize(

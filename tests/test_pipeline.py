@@ -20,6 +20,7 @@ from l2l_adversarial import Task
 from l2l_adversarial.checkpoint import load_checkpoint
 from l2l_adversarial.config import ConfigError, load_config
 from l2l_adversarial.data import CIFAR100Meta, Digits, FewShotTasks, MiniImageNet
+from l2l_adversarial.data._images import uint8_to_float
 from l2l_adversarial.data.device import ImageTable, image_table
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.data.tasks import _global_random_state
@@ -111,6 +112,17 @@ def test_the_image_table_gives_each_datasets_own_items(tmp_path: Path) -> None:
     assert image_table(Noisy()) is None
     with pytest.raises(TypeError, match="uint8"):
         ImageTable(torch.zeros(2, 3), channels_last=False, scale=True)
+
+
+def test_the_tables_conversions_give_the_per_sample_values_for_every_byte() -> None:
+    """The conversion is elementwise on uint8: equal on all 256 values, equal on any image.
+    The CPU table's (numpy) and the device table's (torch, 0-dim divisor), both run here."""
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    expected = uint8_to_float(every[0], channels_last=True)
+    table = ImageTable(every, channels_last=True, scale=True)
+    assert torch.equal(table.gather(torch.tensor([0]))[0], expected)
+    on_device = table.images.to(torch.float32).div_(table._levels)  # what CUDA runs
+    assert torch.equal(on_device[0], expected)
 
 
 def test_device_resident_tasks_equal_the_per_sample_tasks(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 Per-sample ``dataset[i]`` converts one uint8 image at a time on the host. An
 :class:`ImageTable` instead holds the whole split as one tensor (uint8 stays uint8: 813 MB
-for MiniImageNet's train split, 118 MB for CIFAR-100's paper train split) and makes a task
-with one ``index_select``, one layout change on the uint8 rows and one float conversion, on
-whatever device the table lives on. The values are bit-identical to the per-sample path:
-the conversion is the same ``float32(x) / 255`` division (on CUDA by a 0-dim tensor on the
-device, since CUDA multiplies by a rounded reciprocal when the divisor is a Python scalar;
-on the CPU by the Python scalar, the per-sample path's own vectorised kernel).
+for MiniImageNet's train split, 118 MB for CIFAR-100's paper train split), laid out
+N x C x H x W (MiniImageNet's H x W x C cache is transposed once, into a copy of its own),
+and makes a task with one ``index_select`` and one float conversion, on whatever device the
+table lives on. The values are bit-identical to the per-sample path: the conversion is the
+same correctly rounded ``float32(x) / 255`` division (on the CPU by numpy, which converts
+and divides in one pass; on CUDA by torch with a 0-dim tensor on the device, since CUDA
+multiplies by a rounded reciprocal when the divisor is a Python scalar), and an elementwise
+function of a uint8 is checked on all its 256 values (tests).
 
 Example:
     >>> images = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
@@ -37,9 +39,10 @@ __all__ = ["ImageTable", "image_table"]
 class ImageTable:
     """All images of a split in one tensor; :meth:`gather` returns float32 N x C x H x W rows.
 
-    ``channels_last``: rows are stored H x W x C (MiniImageNet's cache) and are returned
-    C x H x W. ``scale``: uint8 rows are returned as float32 in [0, 1] (``x / 255``);
-    otherwise rows are returned as stored (a copy).
+    ``channels_last``: rows come H x W x C (MiniImageNet's cache); the table keeps them
+    C x H x W (a copy: MiniImageNet's train split takes 813 MB more host memory, or that much
+    on the device when device-resident). ``scale``: uint8 rows are returned as float32 in
+    [0, 1] (``x / 255``); otherwise rows are returned as stored (a copy).
     """
 
     def __init__(
@@ -58,10 +61,10 @@ class ImageTable:
             raise TypeError(f"scale=True needs uint8 images, got {images.dtype}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
+        if channels_last:  # stored once as N x C x H x W: a task's rows are then contiguous
+            self.images = self.images.permute(0, 3, 1, 2).contiguous()
         self.channels_last, self.scale = channels_last, scale
-        self._levels: float | Tensor = (
-            255.0 if self.device.type == "cpu" else torch.tensor(255.0, device=self.device)
-        )
+        self._levels = torch.tensor(255.0, device=self.device)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -69,12 +72,11 @@ class ImageTable:
     def gather(self, rows: Tensor) -> Tensor:
         """The images of ``rows`` (int64, any device), converted, on the table's device."""
         batch = self.images.index_select(0, rows.to(self.device, non_blocking=True))
-        if self.channels_last:  # one strided pass, fused with the conversion when scaling
-            batch = batch.permute(0, 3, 1, 2)
         if not self.scale:
-            return batch.contiguous()
-        float_batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
-        return float_batch.div_(self._levels)
+            return batch
+        if self.device.type == "cpu":  # numpy converts and divides in one pass, torch in two
+            return torch.from_numpy(np.divide(batch.numpy(), np.float32(255), dtype=np.float32))
+        return batch.to(torch.float32).div_(self._levels)
 
     def __repr__(self) -> str:
         return f"ImageTable({tuple(self.images.shape)}, {self.images.dtype}, {self.device})"

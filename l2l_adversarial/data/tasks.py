@@ -6,8 +6,8 @@ seeded from ``(seed, i)`` (the tests compare the two task by task), but with the
 on a private ``random.Random``: choosing task ``i`` touches no global generator, is
 thread-safe and costs microseconds. The images are then gathered by row index from an
 :class:`~l2l_adversarial.data.device.ImageTable` when the dataset's layout is known (one
-``index_select`` and one float conversion per task, on the host or, with ``device=``, on
-the accelerator), or loaded per sample otherwise. A dataset with a per-sample ``transform``
+``index_select`` and one float conversion per task, both sets at once, on the host or, with
+``device=``, on the accelerator), or loaded per sample otherwise. A dataset with a per-sample ``transform``
 is loaded per sample with Python's, numpy's and torch's global generators seeded from
 ``(seed, i)`` and restored afterwards, as learn2learn would, so random transforms are
 reproducible too (that path is not thread-safe: do not sample it from several threads).
@@ -257,8 +257,8 @@ class FewShotTasks:
             query_inputs = loaded.index_select(0, torch.tensor(query))
         else:
             rows, support, query = self._draw(random.Random(task_seed))
-            support_inputs = self.table.gather(torch.tensor([rows[at] for at in support]))
-            query_inputs = self.table.gather(torch.tensor([rows[at] for at in query]))
+            images = self.table.gather(torch.tensor([rows[at] for at in support + query]))
+            support_inputs, query_inputs = images[: len(support)], images[len(support) :]
         labels = torch.arange(self.ways, device=support_inputs.device)
         return Task(
             support_inputs=support_inputs,
