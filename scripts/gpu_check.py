@@ -50,6 +50,59 @@ from typing import Any
 
 import torch
 
+TABLES = {  # table: (config dataset, shots, image side)
+    "Table 1": ("mini-imagenet", 1, 84),
+    "Table 2": ("mini-imagenet", 5, 84),
+    "Table 3": ("cifar100", 1, 32),
+    "Table 4": ("cifar100", 5, 32),
+}
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace | None:
+    """The command line, or ``None`` (after saying why) when it is not valid."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny images and model (tests)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations")
+    parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations")
+    parser.add_argument("--eval-tasks", type=int, default=6, help="test tasks per estimate")
+    parser.add_argument("--shots", default="1,5", help="shot settings to time (default 1,5)")
+    parser.add_argument("--tables", default=",".join(t.split()[1] for t in TABLES),
+                        help="tables to estimate, by number (default 1,2,3,4)")  # fmt: skip
+    parser.add_argument("--output", default="gpu-check", help="folder for the JSON and Markdown")
+    args = parser.parse_args(argv)
+    args.shots = tuple(int(s) for s in args.shots.split(",") if s.strip().isdigit())
+    args.tables = tuple(f"Table {t.strip()}" for t in args.tables.split(",") if t.strip())
+    if (
+        args.device not in ("cuda", "cpu")
+        or min(args.warmup, args.iterations, args.eval_tasks) < 1
+        or not args.shots
+        or not set(args.shots) <= {1, 5}
+        or not set(args.tables) <= set(TABLES)
+    ):
+        print("error: gpu_check arguments: --device is cuda or cpu, --warmup, --iterations and "
+              "--eval-tasks are >= 1, --shots lists 1 and/or 5, --tables lists 1-4 (e.g. "
+              "--device cuda --shots 1,5 --tables 1,2,3,4)", file=sys.stderr)  # fmt: skip
+        return None
+    return args
+
+
+def no_cuda_to_measure(args: argparse.Namespace) -> bool:
+    """Whether CUDA was asked for on a machine without it (then say so: nothing to do)."""
+    if args.device != "cuda" or torch.cuda.is_available():
+        return False
+    print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False): "
+          "nothing measured. Run `make gpu-check` where a GPU is, or --device cpu --quick.")  # fmt: skip
+    return True
+
+
+if __name__ == "__main__":  # without CUDA, answer before importing the package (seconds)
+    _arguments = parse_arguments(sys.argv[1:])
+    if _arguments is None:
+        sys.exit(2)
+    if no_cuda_to_measure(_arguments):
+        sys.exit(0)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks package and this checkout's l2l_adversarial
 
@@ -67,12 +120,6 @@ from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: 
 from l2l_adversarial.factory import build_learner  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
 
-TABLES = {  # table: (config dataset, shots, image side)
-    "Table 1": ("mini-imagenet", 1, 84),
-    "Table 2": ("mini-imagenet", 5, 84),
-    "Table 3": ("cifar100", 1, 32),
-    "Table 4": ("cifar100", 5, 32),
-}
 PAPER_METHODS = ("maml", "maml-ad", "adml", "matching-nets")
 ROWS = [  # (label, method, config overrides)
     ("MAML", "maml", []),
@@ -340,34 +387,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny images and model (tests)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations")
-    parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations")
-    parser.add_argument("--eval-tasks", type=int, default=6, help="test tasks per estimate")
-    parser.add_argument("--shots", default="1,5", help="shot settings to time (default 1,5)")
-    parser.add_argument("--tables", default=",".join(t.split()[1] for t in TABLES),
-                        help="tables to estimate, by number (default 1,2,3,4)")  # fmt: skip
-    parser.add_argument("--output", default="gpu-check", help="folder for the JSON and Markdown")
-    args = parser.parse_args(argv)
-    shots = tuple(int(s) for s in args.shots.split(",") if s.strip().isdigit())
-    tables = tuple(f"Table {t.strip()}" for t in args.tables.split(",") if t.strip())
-    if (
-        args.device not in ("cuda", "cpu")
-        or min(args.warmup, args.iterations, args.eval_tasks) < 1
-        or not shots
-        or not set(shots) <= {1, 5}
-        or not set(tables) <= set(TABLES)
-    ):
-        print("error: gpu_check arguments: --device is cuda or cpu, --warmup, --iterations and "
-              "--eval-tasks are >= 1, --shots lists 1 and/or 5, --tables lists 1-4 (e.g. "
-              "--device cuda --shots 1,5 --tables 1,2,3,4)", file=sys.stderr)  # fmt: skip
+    args = parse_arguments(argv)
+    if args is None:
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu-check: no CUDA device on this machine (torch.cuda.is_available() is False): "
-              "nothing measured. Run `make gpu-check` where a GPU is, or --device cpu --quick.")  # fmt: skip
+    if no_cuda_to_measure(args):
         return 0
+    shots, tables = args.shots, args.tables
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     plan = Plan(device, args.quick, args.warmup, args.iterations, args.eval_tasks, shots, tables)
     settings = apply_deterministic_settings(device, True)

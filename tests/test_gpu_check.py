@@ -35,6 +35,20 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "no CUDA device" in done.stdout
     assert not (tmp_path / "out").exists()  # nothing measured, nothing written
+    # ... before importing the package and the benchmarks (what takes seconds): torch only
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(SCRIPT)!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    loaded = [m for m in sys.modules if m.split('.')[0] in ('l2l_adversarial', "
+        "'benchmarks', 'learn2learn')]\n"
+        "    print('exit', stop.code, loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=environment, timeout=300, check=False)  # fmt: skip
+    assert done.stdout.splitlines()[-1] == "exit 0 []", done.stdout + done.stderr
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
