@@ -68,8 +68,11 @@ LEARNERS: dict[str, Callable[..., MetaLearner]] = {
 }
 
 
-def engine_step(method: str, engine: str, **options: object) -> Callable[[Workload], Iteration]:
-    """One ``engines.meta_step`` of ``method``'s learner with ``engine``."""
+def engine_step(
+    method: str, engine: str, chunk_size: int | None = None, **options: object
+) -> Callable[[Workload], Iteration]:
+    """One ``engines.meta_step`` of ``method``'s learner with ``engine`` (and, for vmap,
+    ``chunk_size`` tasks per vmapped call; the whole meta-batch by default)."""
 
     def make(workload: Workload) -> Iteration:
         options.setdefault("channels_last", engine == "sequential")
@@ -77,7 +80,9 @@ def engine_step(method: str, engine: str, **options: object) -> Callable[[Worklo
         optimizer = torch.optim.Adam(learner.parameters(), META_LR)
 
         def iteration() -> None:
-            engines.meta_step(learner, workload.tasks, optimizer, engine=engine)
+            engines.meta_step(
+                learner, workload.tasks, optimizer, engine=engine, chunk_size=chunk_size
+            )
 
         return iteration
 
@@ -90,6 +95,11 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
         f"{method} (meta_step, {engine})": engine_step(method, engine)
         for method in LEARNERS
         for engine in ("sequential", "vmap")
+    },
+    # peak memory against the vmap engine's chunk size (the meta-batch is 4 tasks)
+    **{
+        f"adml (meta_step, vmap, chunk_size={chunk})": engine_step("adml", "vmap", chunk)
+        for chunk in (1, 2)
     },
     "adml (sequential, channels_last=False)": engine_step(
         "adml", "sequential", channels_last=False
