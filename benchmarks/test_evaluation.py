@@ -73,7 +73,7 @@ def test_evaluation_waiting_for_data(
     adaptation step, one eps and the vmap engine's chunk of 4 make each task cheap, so the
     wait for data shows (the summary's ratios are to the tasks built beforehand)."""
     tasks = FewShotTasks(test_split, size.ways, size.shots, size.queries, seed=0,
-                         num_tasks=4 * size.meta_batch)  # fmt: skip
+                         num_tasks=2 * size.meta_batch)  # fmt: skip
     torch.manual_seed(0)
     learner = GradientLearner(CNN4(size.ways, 3, size.hidden, size.image), LR, 1)
 
