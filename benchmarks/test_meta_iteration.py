@@ -71,9 +71,14 @@ LEARNERS: dict[str, Callable[..., MetaLearner]] = {
 
 
 def engine_step(
-    method: str, engine: str, checked: bool = True, **options: object
+    method: str,
+    engine: str,
+    chunk_size: int | None = None,
+    checked: bool = True,
+    **options: object,
 ) -> Callable[[Workload], Iteration]:
-    """One ``engines.meta_step`` of ``method``'s learner with ``engine``; ``checked=False``:
+    """One ``engines.meta_step`` of ``method``'s learner with ``engine`` (and, for vmap,
+    ``chunk_size`` tasks per vmapped call; the whole meta-batch by default); ``checked=False``:
     with value checks off, as ``train`` runs it (it checks each meta-batch where the data
     pipeline builds it, :func:`l2l_adversarial.training.check_values`)."""
 
@@ -84,7 +89,9 @@ def engine_step(
 
         def iteration() -> None:
             with value_checks(checked):
-                engines.meta_step(learner, workload.tasks, optimizer, engine=engine)
+                engines.meta_step(
+                    learner, workload.tasks, optimizer, engine=engine, chunk_size=chunk_size
+                )
 
         return iteration
 
@@ -98,7 +105,15 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
         for method in LEARNERS
         for engine in ("sequential", "vmap")
     },
-    **{f"{method} (train's step, vmap)": engine_step(method, "vmap", False) for method in LEARNERS},
+    **{
+        f"{method} (train's step, vmap)": engine_step(method, "vmap", checked=False)
+        for method in LEARNERS
+    },
+    # peak memory against the vmap engine's chunk size (the meta-batch is 4 tasks)
+    **{
+        f"adml (meta_step, vmap, chunk_size={chunk})": engine_step("adml", "vmap", chunk)
+        for chunk in (1, 2)
+    },
     "adml (sequential, channels_last=False)": engine_step(
         "adml", "sequential", channels_last=False
     ),

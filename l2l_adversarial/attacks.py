@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -112,6 +113,7 @@ class Attack(ABC):
             )
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.check_values = bool(check_values)
+        self.start_noise: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
@@ -193,9 +195,33 @@ class Attack(ABC):
         return adversarial.clamp(*self.data_range)
 
     def uniform_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The random start's offset ``U(-eps, eps)`` in the shape of ``like``, drawn from
+        ``generator``; the copy made by :meth:`with_start_noise` returns its given noise."""
+        if self.start_noise is not None:
+            if self.start_noise.shape != like.shape:
+                raise ValueError(
+                    f"start_noise has shape {tuple(self.start_noise.shape)} but the attacked "
+                    f"inputs have shape {tuple(like.shape)}"
+                )
+            return self.start_noise.to(device=like.device, dtype=like.dtype)
         device = generator.device if generator is not None else like.device
         noise = torch.rand(like.shape, generator=generator, device=device, dtype=like.dtype)
         return ((2 * noise - 1) * self.eps).to(like.device)
+
+    def with_start_noise(self, noise: Tensor) -> Attack:
+        """A copy whose random start is ``noise`` (drawn beforehand with :meth:`uniform_noise`):
+        a stack of tasks attacked in one call keeps each task's own seeded start.
+
+        Example:
+            >>> attack = PGD(eps=0.1)
+            >>> start = attack.uniform_noise(torch.zeros(2, 3), torch.Generator().manual_seed(0))
+            >>> torch.equal(attack.with_start_noise(start).uniform_noise(torch.zeros(2, 3), None),
+            ...             start)
+            True
+        """
+        copied = copy.copy(self)
+        copied.start_noise = noise
+        return copied
 
     def _channel_view(self, stat: Tensor, like: Tensor) -> Tensor:
         shape = [1] * like.dim()

@@ -189,6 +189,8 @@ def evaluate_run(
             dataset=DATASET_TITLES[config["dataset"]["name"]],
             device=device,
             progress=bar,
+            engine=settings["engine"],
+            chunk_size=settings["chunk_size"],
         )
     if not all(math.isfinite(s.accuracy) for s in result.scenarios):
         raise CheckpointError(

@@ -201,6 +201,15 @@ SCHEMA: dict[str, Any] = {
             # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
             "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
+            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap
+            # adapts and scores chunk_size tasks at once (gradient methods only)
+            "engine": {
+                "type": "string",
+                "allowed": ["auto", "sequential", "vmap"],
+                "default": "auto",
+            },
+            # tasks checked, read back (and, with vmap, stacked) at once; bounds memory
+            "chunk_size": _integer(min=1, default=20),
         }
     ),
 }
@@ -261,11 +270,12 @@ def validate_config(
             "train.meta_update: 'sequential' applies to method adml only; "
             "set train.meta_update=joint or method=adml"
         )
-    if config["method"] == "matching-nets" and config["train"]["engine"] == "vmap":
-        raise ConfigError(
-            "train.engine: 'vmap' applies to gradient-based methods, not matching-nets; "
-            "use auto or sequential"
-        )
+    for section in ("train", "evaluate"):
+        if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
+            raise ConfigError(
+                f"{section}.engine: 'vmap' applies to gradient-based methods, not "
+                "matching-nets; use auto or sequential"
+            )
     return config
 
 

@@ -66,7 +66,7 @@ from l2l_adversarial.algorithms.task_ops import (
     TaskOps,
 )
 from l2l_adversarial.attacks import FGSM, PGD, Attack
-from l2l_adversarial.functional import Params
+from l2l_adversarial.functional import FunctionalModel, Params
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import (
     check_choice,
@@ -78,6 +78,7 @@ from l2l_adversarial.validation import (
 __all__ = [
     "ENGINES",
     "BatchedOps",
+    "attack_stacked",
     "batches_attack",
     "meta_batch_objective",
     "meta_step",
@@ -466,8 +467,12 @@ class BatchedOps(TaskOps):
     def _perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]:
         learner = self.learner
         if batches_attack(learner.attack):
-            return _attack_sets(
-                learner, params, self._in_dim(params) == 0, [(x, y) for x, y, _ in sets]
+            return attack_stacked(
+                learner.attack,
+                learner.functional,
+                params,
+                self._in_dim(params) == 0,
+                [(x, y) for x, y, _ in sets],
             )
         tasks = sets[0][0].shape[0]
         batched = self._in_dim(params) == 0
@@ -512,23 +517,26 @@ def _groups(shapes: Sequence[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _attack_sets(
-    learner: AdversarialMetaLearner,
+def attack_stacked(
+    attack: Attack,
+    functional: FunctionalModel,
     params: Params,
     batched: bool,
     sets: Sequence[tuple[Tensor, Tensor]],
 ) -> list[Tensor]:
-    """One attack call for some sets of every task: ``sets[j] = (inputs [T, N_j, ...],
-    labels [T, N_j])``; returns the adversarial inputs in the same layout.
+    """One ``attack`` call for some sets of every task of a stack: ``sets[j] = (inputs
+    [T, N_j, ...], labels [T, N_j])``; returns the adversarial inputs in the same layout.
 
     The attack sees one flat batch, task by task and, within a task, set by set. The model
-    it attacks evaluates every (task, set) segment on its own, at that task's parameters when
-    ``batched``; its loss is the sum of the segments' losses, so each segment gets the
-    gradient a call of its own would give it.
+    it attacks (``functional`` at ``params``; at task ``t``'s parameters ``params[n][t]``
+    when ``batched``) evaluates every (task, set) segment on its own; its loss is the sum of
+    the segments' losses, so each segment gets the gradient a call of its own would give it.
+    A random start is drawn once for the flat batch: give each task its own with
+    :meth:`~l2l_adversarial.attacks.Attack.with_start_noise`.
     """
     tasks, sizes = sets[0][0].shape[0], [inputs.shape[1] for inputs, _ in sets]
     detached = {name: p.detach() for name, p in params.items()}
-    forward = vmap(learner.functional, in_dims=(0 if batched else None, 0))
+    forward = vmap(functional, in_dims=(0 if batched else None, 0))
 
     def segments(flat: Tensor) -> tuple[Tensor, ...]:
         return flat.unflatten(0, (tasks, -1)).split(sizes, dim=1)
@@ -536,8 +544,8 @@ def _attack_sets(
     def model(flat: Tensor) -> Tensor:
         return _joined([forward(detached, s) for s in segments(flat)], dim=1).flatten(0, 1)
 
-    attack = copy.copy(learner.attack)
-    attack.loss_fn = _summed_segment_losses(learner.attack.loss_fn, tasks, sizes, segments)
+    attack = copy.copy(attack)
+    attack.loss_fn = _summed_segment_losses(attack.loss_fn, tasks, sizes, segments)
     inputs = _joined([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
     labels = _joined([labels for _, labels in sets], dim=1).flatten(0, 1)
     return list(segments(attack(model, inputs, labels)))
@@ -553,7 +561,7 @@ def _summed_segment_losses(
     sizes: Sequence[int],
     segments: Callable[[Tensor], tuple[Tensor, ...]],
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """The loss :func:`_attack_sets` gives its attack: on the flat batch of ``tasks`` x
+    """The loss :func:`attack_stacked` gives its attack: on the flat batch of ``tasks`` x
     ``sizes`` rows, the sum over its (task, set) segments of ``loss_fn`` on each segment.
 
     For cross-entropy and NLL, one call on all rows, each weighted by 1 / its set's size (the

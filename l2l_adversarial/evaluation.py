@@ -48,21 +48,30 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
-from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
+from l2l_adversarial.engines import ENGINES, attack_stacked, vmap_obstacle
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
-from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, perturb
-from l2l_adversarial.validation import check_choice, check_task
+from l2l_adversarial.task import Task, per_class_prefix
+from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, seeded
+from l2l_adversarial.validation import (
+    check_choice,
+    check_meta_batch,
+    check_task,
+    check_task_metadata,
+    value_checks,
+)
 
 Model = Callable[[Tensor], Tensor]
 
@@ -74,8 +83,11 @@ PIXEL_LEVEL = 1 / 255
 DEFAULT_NUM_TASKS = 600
 """Number of test tasks the paper averages over."""
 Z_95 = 1.96
+DEFAULT_CHUNK_SIZE = 20
+"""Tasks per chunk: stacked at once by the vmap engine, checked and read at once by both."""
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_EPSILONS",
     "DEFAULT_NUM_TASKS",
     "PIXEL_LEVEL",
@@ -390,6 +402,8 @@ def evaluate(
     dataset: str | None = None,
     device: torch.device | str | None = None,
     progress: SupportsUpdate | None = None,
+    engine: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> EvaluationResult:
     """Evaluate ``learner`` on ``tasks`` in every scenario at every epsilon.
 
@@ -407,12 +421,22 @@ def evaluate(
         seed: seeds attacks with a random start, per task: ``derive_seed(seed, index)``.
         dataset: recorded for the report ("MiniImageNet", "CIFAR100").
         device: move every task there first (where the learner's model lives).
-        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every task this process
-            evaluates (``len(rank_indices(len(tasks)))`` of them under torchrun).
+        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every chunk with the
+            number of tasks this process evaluated (``len(rank_indices(len(tasks)))`` in all
+            under torchrun).
+        engine: ``"sequential"`` (task by task, any learner: the reference), ``"vmap"``
+            (a chunk of tasks at once with ``torch.func``: gradient-based learners) or
+            ``"auto"`` (``"sequential"``: see :mod:`l2l_adversarial.engines`).
+        chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
+            engines the tasks whose values are checked, and results read, at once.
 
     The clean support adaptation is shared by every epsilon, and one adaptation serves both
     query scenarios of a support scenario. Under torchrun the tasks are split over the ranks
-    (see the module docstring); call it on every rank.
+    (see the module docstring); call it on every rank. The next chunk of a thread-safe task
+    source (``tasks.thread_safe``: :class:`~l2l_adversarial.data.FewShotTasks` gathering from
+    an image table) is built in a background thread while a chunk is evaluated. Each chunk's
+    values (finite inputs inside the attacks' data range, labels, balanced shots) are checked
+    with one host read and its results read with one: at most two for ``chunk_size`` tasks.
     """
     check_choice("protocol", protocol, PROTOCOLS)
     if not isinstance(learner, FewShotLearner):
@@ -430,7 +454,10 @@ def evaluate(
     if not (math.isfinite(pixel_scale) and pixel_scale > 0):
         raise ValueError(f"pixel_scale must be a number > 0 (1/255 for [0, 1]), got {pixel_scale}")
     derive_seed(seed)  # validates
-    ways, shots = _task_shape(tasks)
+    engine = _resolve_engine(learner, engine)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    ways, shots = _task_shape(tasks[0])
     scenarios = list(paper_scenarios(shots) if scenarios is None else scenarios)
     if not scenarios:
         raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
@@ -440,18 +467,42 @@ def evaluate(
             raise TypeError(
                 f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
             )
+    data_range = attacks[0].data_range if attacks[0].mean is None else None
 
-    mine = []
-    for index in rank_indices(len(tasks)):
-        task = tasks[index]
-        if device is not None:
-            task = Task(*(t.to(device) for t in task))
-        mine.append(
-            _evaluate_task(learner, task, derive_seed(seed, index), attacks, scenarios, protocol)
-        )
-        if progress is not None:
-            progress.update(1)
-    per_task = gather_strided(mine, len(tasks))
+    mine = list(rank_indices(len(tasks)))
+    chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
+    target = torch.device(device) if device is not None else tasks[0].support_inputs.device
+    prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
+    per_rank: list[Curves] = []
+    with MetaBatches(
+        tasks, chunks.__getitem__, 0, len(chunks), device=target, prefetch=prefetch
+    ) as batches:
+        for batch in batches:
+            indices, chunk = [index for index, _ in batch], [task for _, task in batch]
+            _check_chunk(chunk, indices, ways, shots, data_range, engine)
+            seeds = [derive_seed(seed, index) for index in indices]
+            with value_checks(False):
+                if engine == "vmap":
+                    assert isinstance(learner, GradientLearner)
+                    stacked = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
+                    curves = _scenario_curves(
+                        _StackedTasks(learner, seeds), stacked, attacks, scenarios, protocol
+                    )
+                    found = [
+                        {key: (v[0][t], v[1][t]) for key, v in curves.items()}
+                        for t in range(len(chunk))
+                    ]
+                else:
+                    found = [
+                        _scenario_curves(
+                            _TaskByTask(learner, task_seed), task, attacks, scenarios, protocol
+                        )
+                        for task, task_seed in zip(chunk, seeds, strict=True)
+                    ]
+            per_rank += _read(found)  # the chunk's one host read of results
+            if progress is not None:
+                progress.update(len(chunk))
+    per_task = gather_strided(per_rank, len(tasks))
 
     lengths = {len(curves[key][0]) for curves in per_task for key in curves}
     if len(lengths) != 1:
@@ -495,54 +546,131 @@ def evaluate(
     )
 
 
-def _task_shape(tasks: Sequence[Task]) -> tuple[int, int]:
-    """(ways, shots) shared by all tasks; every class must have ``shots`` support samples."""
-    shape = None
-    for index, task in enumerate(tasks):
+Curves = dict[tuple[int, Scenario], tuple[list[float], list[float]]]
+"""Per (epsilon index, scenario): a task's query losses and accuracies after every step."""
+
+
+def _resolve_engine(learner: FewShotLearner, engine: str) -> str:
+    check_choice("engine", engine, ENGINES)
+    if engine != "vmap":
+        return "sequential"
+    if not isinstance(learner, GradientLearner):
+        raise ValueError(
+            f"engine='vmap' adapts gradient-based learners (GradientLearner: MAML, MAML-AD, "
+            f"ADML, AQ), not {learner!r}; use engine='sequential' (or 'auto')"
+        )
+    obstacle = vmap_obstacle(learner.functional.module)
+    if obstacle:
+        raise ValueError(
+            f"engine='vmap' cannot evaluate {type(learner.functional.module).__name__}: "
+            f"{obstacle}. Use engine='sequential' (or 'auto')."
+        )
+    return engine
+
+
+def _task_shape(task: Task) -> tuple[int, int]:
+    """(ways, shots) of the first task (the chunks' checks hold every task to them)."""
+    if not isinstance(task, tuple) or len(task) != 4:
+        raise TypeError(f"tasks[0] must be a Task, got {type(task).__name__}")
+    ways = check_task(*task)
+    counts = torch.bincount(task.support_labels.cpu(), minlength=ways).tolist()
+    if min(counts) != max(counts):
+        raise ValueError(
+            f"tasks[0] has {counts} support samples per class: the evaluation needs the same "
+            "number of shots for every class"
+        )
+    return ways, counts[0]
+
+
+def _check_chunk(
+    chunk: Sequence[Task],
+    indices: Sequence[int],
+    ways: int,
+    shots: int,
+    data_range: tuple[float, float] | None,
+    engine: str,
+) -> None:
+    """Metadata of every task, then its values with one host read (see :func:`evaluate`)."""
+    names = [f"tasks[{index}]" for index in indices]
+    for name, task in zip(names, chunk, strict=True):
         if not isinstance(task, tuple) or len(task) != 4:
-            raise TypeError(f"tasks[{index}] must be a Task, got {type(task).__name__}")
-        ways = check_task(*task)
-        counts = torch.bincount(task.support_labels.cpu(), minlength=ways)
-        if int(counts.min()) != int(counts.max()):
+            raise TypeError(f"{name} must be a Task, got {type(task).__name__}")
+        check_task_metadata(task, where=name)
+        if task.support_labels.shape[0] != ways * shots:  # (an error: reading is fine)
+            other = check_task(*task)
             raise ValueError(
-                f"tasks[{index}] has {counts.tolist()} support samples per class: the "
-                "evaluation needs the same number of shots for every class"
+                f"{name} is {other}-way {task.support_labels.shape[0] / other:g}-shot but "
+                f"tasks[0] is {ways}-way {shots}-shot: evaluate each setting separately"
             )
-        if shape is not None and shape != (ways, int(counts[0])):
+        if engine == "vmap" and any(
+            a.shape != b.shape for a, b in zip(task, chunk[0], strict=True)
+        ):
             raise ValueError(
-                f"tasks[{index}] is {ways}-way {int(counts[0])}-shot but tasks[0] is "
-                f"{shape[0]}-way {shape[1]}-shot: evaluate each setting separately"
+                f"engine='vmap' stacks the tasks of a chunk, but {name} has other tensor shapes "
+                f"than {names[0]}: use engine='sequential' (or 'auto')"
             )
-        shape = (ways, int(counts[0]))
-    assert shape is not None
-    return shape
+    check_meta_batch(chunk, data_range=data_range, shots=shots, names=names)
 
 
-@torch.no_grad()
-def _score(model: Model, inputs: Tensor, labels: Tensor) -> tuple[float, float]:
-    logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits, labels)
-    return float(loss), float(accuracy(logits, labels))
+def _read(found: Sequence[Mapping[tuple[int, Scenario], tuple[Tensor, Tensor]]]) -> list[Curves]:
+    """The tasks' curves on the host, with one read for all of them."""
+    tensors = [t for curves in found for pair in curves.values() for t in pair]
+    values = torch.cat([t.detach().reshape(-1).double() for t in tensors]).tolist()
+    read: list[Curves] = []
+    position = 0
+    for curves in found:
+        task: Curves = {}
+        for key, (losses, _) in curves.items():
+            size = losses.numel()
+            task[key] = (
+                values[position : position + size],
+                values[position + size : position + 2 * size],
+            )
+            position += 2 * size
+        read.append(task)
+    return read
 
 
-def _evaluate_task(
-    learner: FewShotLearner,
+class _EvaluationOps(Protocol):
+    """What the meta-test protocol does to one task (:class:`_TaskByTask`) or a stack of
+    tasks (:class:`_StackedTasks`); their models are opaque to it."""
+
+    def query_layout(self, inputs: Tensor) -> Tensor: ...
+
+    def initial_model(self, inputs: Tensor, labels: Tensor) -> Any: ...
+
+    def adapt(self, inputs: Tensor, labels: Tensor) -> list[Any]: ...
+
+    def perturb(
+        self,
+        attack: Attack,
+        model: Any,
+        inputs: Tensor,
+        labels: Tensor,
+        fraction: float,
+        stream: tuple[int, ...],
+    ) -> Tensor: ...
+
+    def score(self, model: Any, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def _scenario_curves(
+    ops: _EvaluationOps,
     task: Task,
-    task_seed: int,
     attacks: Sequence[Attack],
     scenarios: Sequence[Scenario],
     protocol: str,
-) -> dict[tuple[int, Scenario], tuple[list[float], list[float]]]:
-    """Per (epsilon index, scenario): query losses and accuracies after every step."""
+) -> dict[tuple[int, Scenario], tuple[Tensor, Tensor]]:
+    """The protocol of Sec. 4.2 on one task or a stack: per (epsilon index, scenario), the
+    query losses and accuracies after every adaptation step (last dimension), on the device."""
     support_x, support_y, query_x, query_y = task
-    query_x = learner.query_layout(query_x)
-    initial = learner.initial_model(support_x, support_y)
-    support_seed = derive_seed(task_seed, SUPPORT_STREAM)
+    query_x = ops.query_layout(query_x)
+    initial = ops.initial_model(support_x, support_y)
     by_support: dict[float, list[Scenario]] = {}
     for scenario in scenarios:
         by_support.setdefault(scenario.support_fraction, []).append(scenario)
 
-    clean_models: list[Model] | None = None
+    clean_models: list[Any] | None = None
     curves = {}
     for e, attack in enumerate(attacks):
         initial_queries: dict[float, Tensor] = {}  # "paper" protocol: one query set per eps
@@ -550,40 +678,165 @@ def _evaluate_task(
             if support_fraction == 0 and clean_models is not None:
                 models = clean_models
             else:
-                support, _ = perturb(
-                    attack, initial, support_x, support_y, support_fraction, seed=support_seed
+                support = ops.perturb(
+                    attack, initial, support_x, support_y, support_fraction, (SUPPORT_STREAM,)
                 )
-                models = learner.adapt(support, support_y)
-                if not models:
-                    raise ValueError(f"{learner!r}.adapt returned no model to score")
+                models = ops.adapt(support, support_y)
                 if support_fraction == 0:
                     clean_models = models
             for scenario in group:
+                fraction = scenario.query_fraction
                 losses, accuracies = [], []
                 for step, model in enumerate(models):
-                    fraction = scenario.query_fraction
                     if protocol == "paper":
                         if fraction not in initial_queries:
-                            initial_queries[fraction], _ = perturb(
-                                attack,
-                                initial,
-                                query_x,
-                                query_y,
-                                fraction,
-                                seed=derive_seed(task_seed, QUERY_STREAM, 0),
+                            initial_queries[fraction] = ops.perturb(
+                                attack, initial, query_x, query_y, fraction, (QUERY_STREAM, 0)
                             )
                         query = initial_queries[fraction]
                     else:
-                        query, _ = perturb(
-                            attack,
-                            model,
-                            query_x,
-                            query_y,
-                            fraction,
-                            seed=derive_seed(task_seed, QUERY_STREAM, step),
+                        query = ops.perturb(
+                            attack, model, query_x, query_y, fraction, (QUERY_STREAM, step)
                         )
-                    loss, acc = _score(model, query, query_y)
+                    loss, acc = ops.score(model, query, query_y)
                     losses.append(loss)
                     accuracies.append(acc)
-                curves[e, scenario] = (losses, accuracies)
+                curves[e, scenario] = (torch.stack(losses, -1), torch.stack(accuracies, -1))
     return curves
+
+
+def _keep_rows(mask: Tensor, adversarial: Tensor, inputs: Tensor) -> Tensor:
+    """``adversarial`` rows where ``mask``, the clean ``inputs`` (bit for bit) elsewhere."""
+    rows = mask.view(*mask.shape, *([1] * (inputs.dim() - mask.dim())))
+    return torch.where(rows, adversarial.to(inputs.dtype), inputs.detach())
+
+
+class _TaskByTask:
+    """One task through the learner's own models: any :class:`FewShotLearner`."""
+
+    def __init__(self, learner: FewShotLearner, task_seed: int) -> None:
+        self.learner, self.task_seed = learner, task_seed
+
+    def query_layout(self, inputs: Tensor) -> Tensor:
+        return self.learner.query_layout(inputs)
+
+    def initial_model(self, inputs: Tensor, labels: Tensor) -> Model:
+        return self.learner.initial_model(inputs, labels)
+
+    def adapt(self, inputs: Tensor, labels: Tensor) -> list[Model]:
+        models = self.learner.adapt(inputs, labels)
+        if not models:
+            raise ValueError(f"{self.learner!r}.adapt returned no model to score")
+        return models
+
+    def perturb(
+        self,
+        attack: Attack,
+        model: Model,
+        inputs: Tensor,
+        labels: Tensor,
+        fraction: float,
+        stream: tuple[int, ...],
+    ) -> Tensor:
+        if fraction == 0:
+            return inputs
+        adversarial = seeded(attack, derive_seed(self.task_seed, *stream))(model, inputs, labels)
+        return _keep_rows(per_class_prefix(labels, fraction), adversarial, inputs)
+
+    @torch.no_grad()
+    def score(self, model: Model, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(inputs)
+        return nn.functional.cross_entropy(logits, labels), accuracy(logits, labels)
+
+
+class _Stacked(NamedTuple):
+    """A model of :class:`_StackedTasks`: parameters shared by the stack (theta) or per task."""
+
+    params: Params
+    per_task: bool
+
+
+class _StackedTasks:
+    """A stack of tasks (leading dimension ``T``) with ``torch.func``: each adaptation step
+    one ``vmap`` over ``grad`` for all tasks, each score one vmapped pass, each attack one
+    call (:func:`~l2l_adversarial.engines.attack_stacked`; FGSM, FFGSM, PGD, each task from
+    its own seeded random start), other attacks task by task."""
+
+    def __init__(self, learner: GradientLearner, task_seeds: Sequence[int]) -> None:
+        self.functional, self.lr, self.steps = learner.functional, learner.lr, learner.steps
+        self.task_seeds = task_seeds
+
+    def query_layout(self, inputs: Tensor) -> Tensor:
+        return inputs
+
+    def initial_model(self, inputs: Tensor, labels: Tensor) -> _Stacked:
+        return _Stacked(
+            {name: p.detach() for name, p in self.functional.parameters().items()}, False
+        )
+
+    def adapt(self, inputs: Tensor, labels: Tensor) -> list[_Stacked]:
+        functional, lr, steps = self.functional, self.lr, self.steps
+
+        def trajectory(params: Params, inputs: Tensor, labels: Tensor) -> list[Params]:
+            def support_loss(p: Params) -> Tensor:
+                return functional.loss_fn(functional(p, inputs), labels)
+
+            stepped = []
+            for _ in range(steps):
+                gradients = grad(support_loss)(params)
+                params = {name: w - lr * gradients[name] for name, w in params.items()}
+                stepped.append(params)
+            return stepped
+
+        theta = self.initial_model(inputs, labels)
+        if steps == 0:
+            return [theta]
+        with torch.no_grad():
+            stepped = vmap(trajectory, in_dims=(None, 0, 0))(theta.params, inputs, labels)
+        return [theta, *(_Stacked(params, True) for params in stepped)]
+
+    def perturb(
+        self,
+        attack: Attack,
+        model: _Stacked,
+        inputs: Tensor,
+        labels: Tensor,
+        fraction: float,
+        stream: tuple[int, ...],
+    ) -> Tensor:
+        if fraction == 0:
+            return inputs
+        seeds = [derive_seed(task_seed, *stream) for task_seed in self.task_seeds]
+        if type(attack) in (FGSM, FFGSM, PGD):
+            if type(attack) is FFGSM or getattr(attack, "random_start", False):
+                noise = [
+                    attack.uniform_noise(x, torch.Generator().manual_seed(s))
+                    for x, s in zip(inputs, seeds, strict=True)
+                ]
+                attack = attack.with_start_noise(torch.cat(noise))
+            (adversarial,) = attack_stacked(
+                attack, self.functional, model.params, model.per_task, [(inputs, labels)]
+            )
+        else:
+            adversarial = torch.stack(
+                [
+                    seeded(attack, s)(
+                        self.functional.at(self._task_params(model, t)), inputs[t], labels[t]
+                    )
+                    for t, s in enumerate(seeds)
+                ]
+            )
+        return _keep_rows(per_class_prefix(labels, fraction), adversarial, inputs)
+
+    @staticmethod
+    def _task_params(model: _Stacked, task: int) -> Params:
+        if not model.per_task:
+            return model.params
+        return {name: p[task] for name, p in model.params.items()}
+
+    @torch.no_grad()
+    def score(self, model: _Stacked, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        logits = vmap(self.functional, in_dims=(0 if model.per_task else None, 0))(
+            model.params, inputs
+        )
+        return vmap(nn.functional.cross_entropy)(logits, labels), vmap(accuracy)(logits, labels)

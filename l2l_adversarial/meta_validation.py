@@ -151,6 +151,8 @@ class MetaValidator:
                 scenarios=SCENARIOS,
                 seed=settings["seed"],
                 device=trainer.device,
+                engine=settings["engine"],
+                chunk_size=settings["chunk_size"],
             )  # fmt: skip
         rows: list[dict[str, Any]] = []
         for clean, adversarial in zip(result.scenarios[::2], result.scenarios[1::2], strict=True):

@@ -116,7 +116,7 @@ def check_values(learner: nn.Module) -> Check:
     Host tasks are checked in host memory, before their copy to the device: the training loop
     reads nothing. Tasks built on the device (``dataset.device_resident``) are read there, by
     the thread that builds them (which then waits for the device; the loop does not). A bad
-    task is refused with the error ``meta_step`` would raise, and its global task indices.
+    task is refused with the error ``meta_step`` would raise, naming its global task index.
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -126,7 +126,7 @@ def check_values(learner: nn.Module) -> Check:
         >>> check([(8, bad)])
         Traceback (most recent call last):
         ...
-        ValueError: training tasks [8], task 0 of the meta-batch: query_labels must lie in [0, 2) ...
+        ValueError: training task 8: query_labels must lie in [0, 2) for a 2-way task, ...
     """
     attack = getattr(learner, "attack", None)
     data_range = attack.data_range if attack is not None and attack.mean is None else None
@@ -146,23 +146,20 @@ def _check_values(
     enabled: bool,
 ) -> None:
     """:func:`check_values`' check (a function of plain values: worker processes take it)."""
-    try:
-        with value_checks(enabled):
-            tasks = [
-                check_task_metadata(task, classification, where=f"task {at} of the meta-batch")
-                for at, (_, task) in enumerate(batch)
-            ]
-            if ways is None:
-                check_meta_batch(tasks, classification, data_range)
-            else:  # Matching Networks: labels in [0, ways)
-                for at, task in enumerate(tasks):
-                    try:
-                        check_task(*task, ways=ways, classification=classification)
-                    except ValueError as error:
-                        raise ValueError(f"task {at} of the meta-batch: {error}") from None
-    except (TypeError, ValueError) as error:
-        indices = [index for index, _ in batch]
-        raise type(error)(f"training tasks {indices}, {error}") from None
+    names = [f"training task {index}" for index, _ in batch]
+    with value_checks(enabled):
+        tasks = [
+            check_task_metadata(task, classification, where=name)
+            for name, (_, task) in zip(names, batch, strict=True)
+        ]
+        if ways is None:
+            check_meta_batch(tasks, classification, data_range, names=names)
+            return
+        for name, task in zip(names, tasks, strict=True):  # Matching Networks: [0, ways)
+            try:
+                check_task(*task, ways=ways, classification=classification)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
 
 
 class _AllReduceOptimizer:

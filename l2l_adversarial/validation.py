@@ -255,34 +255,57 @@ def check_meta_batch(
     tasks: Sequence[Task],
     classification: bool = True,
     data_range: tuple[float, float] | None = None,
+    *,
+    shots: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> None:
-    """The value checks of :func:`check_task` (and inputs inside ``data_range``) for every
-    task, with one host read for the whole meta-batch; on a failure, the failing task's own
-    check names the problem. Does nothing while :func:`value_checks` are off.
+    """The value checks of :func:`check_task` (and inputs inside ``data_range``; with
+    ``shots``, that many support samples of every class) for every task, with one host read
+    for the whole meta-batch; on a failure, the failing task's own check names the problem,
+    and the task (``names[i]``, default ``"task i of the meta-batch"``). Does nothing while
+    :func:`value_checks` are off.
+
+    Example:
+        >>> task = Task(torch.rand(4, 2), torch.tensor([0, 1, 1, 1]), torch.rand(2, 2),
+        ...             torch.tensor([0, 1]))
+        >>> check_meta_batch([task], shots=2, names=["tasks[7]"])
+        Traceback (most recent call last):
+        ...
+        ValueError: tasks[7]: 1, 3 support samples per class, not 2 each: ...
     """
     if not value_checks_enabled() or not tasks:
         return
     flags = torch.stack(
-        [torch.stack(_task_flags(task, classification, data_range)).all() for task in tasks]
+        [torch.stack(_task_flags(task, classification, data_range, shots)).all() for task in tasks]
     )
     if bool(flags.all()):  # the one host read
         return
     for index, (task, ok) in enumerate(zip(tasks, flags.tolist(), strict=True)):
         if not ok:
+            where = f"task {index} of the meta-batch" if names is None else names[index]
             try:
                 check_task(*task, classification=classification)
                 if data_range is not None:
                     _check_range(task, data_range)
+                if shots is not None:
+                    _check_shots(task.support_labels, shots)
             except (TypeError, ValueError) as error:
-                raise type(error)(f"task {index} of the meta-batch: {error}") from None
-            raise ValueError(f"task {index} of the meta-batch failed a value check")
+                raise type(error)(f"{where}: {error}") from None
+            raise ValueError(f"{where} failed a value check")
 
 
 def _task_flags(
-    task: Task, classification: bool, data_range: tuple[float, float] | None
+    task: Task,
+    classification: bool,
+    data_range: tuple[float, float] | None,
+    shots: int | None = None,
 ) -> list[Tensor]:
     """0-d boolean tensors, all true for a good task (computed on its device, not read)."""
     inputs = (task.support_inputs, task.query_inputs)
+    if shots is not None:
+        support = task.support_labels
+        balanced = [((support[:, None] == support[None, :]).sum(dim=1) == shots).all()]
+        return balanced + _task_flags(task, classification, data_range)
     flags = [torch.isfinite(x).all() for x in inputs if x.is_floating_point()]
     if data_range is not None:
         lower, upper = data_range
@@ -296,6 +319,16 @@ def _task_flags(
     for classes in (task.support_labels, task.query_labels):
         flags += [(classes >= 0).all(), (classes < ways).all()]
     return flags
+
+
+def _check_shots(support_labels: Tensor, shots: int) -> None:
+    counts = torch.bincount(support_labels.long().cpu()).tolist()
+    if any(count != shots for count in counts):
+        raise ValueError(
+            f"{', '.join(map(str, counts))} support samples per class, not {shots} each: "
+            "every task must have the same number of shots for every class (a balanced "
+            "N-way K-shot support set); evaluate each setting separately"
+        )
 
 
 def _check_range(task: Task, data_range: tuple[float, float]) -> None:
