@@ -4,7 +4,9 @@ Every ATen operator call costs a dispatch; those that compute (all but views: ``
 ``permute``, ``expand``, ``detach``... change metadata only) are at least one kernel launch on
 CUDA (:attr:`OpCounter.launches`). ``_local_scalar_dense``
 (``.item()``, ``bool()``, ``int()``, ``.tolist()`` of a tensor), ``nonzero``, ``_unique2``,
-``masked_select`` and boolean-mask indexing make the host wait for the device. Counted on the
+``masked_select`` and boolean-mask indexing make the host wait for the device, and so does
+``Tensor.tolist()``, which dispatches no operator on a CPU tensor (on CUDA: a copy to the host),
+so it is counted where it is called (``"Tensor.tolist"``). Counted on the
 CPU with a :class:`~torch.utils._python_dispatch.TorchDispatchMode`, the numbers do not
 depend on image size or machine speed, so they are exact and comparable across machines.
 
@@ -23,6 +25,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["OpCounter", "SYNCING_OPS"]
@@ -65,6 +68,15 @@ class OpCounter(TorchDispatchMode):
         self.launches = 0
         self.syncs = 0
         self.sync_names: Counter[str] = Counter()
+        self._host_reads = _HostReads(self)
+
+    def __enter__(self) -> OpCounter:
+        self._host_reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._host_reads.__exit__(*exc)
 
     def __torch_dispatch__(
         self,
@@ -80,4 +92,24 @@ class OpCounter(TorchDispatchMode):
         if name in SYNCING_OPS or _is_mask_index(func, args):
             self.syncs += 1
             self.sync_names[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts ``Tensor.tolist()`` calls into an :class:`OpCounter`'s syncs."""
+
+    def __init__(self, counter: OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if func is torch.Tensor.tolist:
+            self.counter.syncs += 1
+            self.counter.sync_names["Tensor.tolist"] += 1
         return func(*args, **(kwargs or {}))

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -479,7 +480,7 @@ def evaluate(
     ) as batches:
         for batch in batches:
             indices, chunk = [index for index, _ in batch], [task for _, task in batch]
-            _check_chunk(chunk, indices, ways, shots, data_range, engine)
+            chunk = _check_chunk(chunk, indices, ways, shots, data_range, engine)
             seeds = [derive_seed(seed, index) for index in indices]
             with value_checks(False):
                 if engine == "vmap":
@@ -569,15 +570,23 @@ def _resolve_engine(learner: FewShotLearner, engine: str) -> str:
 
 
 def _task_shape(task: Task) -> tuple[int, int]:
-    """(ways, shots) of the first task (the chunks' checks hold every task to them)."""
+    """(ways, shots) of the first task, with one host read (the chunks' value checks then
+    hold every task, this one included, to them)."""
     if not isinstance(task, tuple) or len(task) != 4:
         raise TypeError(f"tasks[0] must be a Task, got {type(task).__name__}")
-    ways = check_task(*task)
-    counts = torch.bincount(task.support_labels.cpu(), minlength=ways).tolist()
-    if min(counts) != max(counts):
+    check_task_metadata(task, where="tasks[0]")
+    labels = task.support_labels.tolist()
+    counts = Counter(labels)
+    ways = len(counts)
+    if sorted(counts) != list(range(ways)):
         raise ValueError(
-            f"tasks[0] has {counts} support samples per class: the evaluation needs the same "
-            "number of shots for every class"
+            f"tasks[0] has support labels {sorted(counts)}: relabel each task's classes "
+            "0..ways-1 (learn2learn's RemapLabels transform does this)"
+        )
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            f"tasks[0] has {[counts[c] for c in range(ways)]} support samples per class: the "
+            "evaluation needs the same number of shots for every class"
         )
     return ways, counts[0]
 
@@ -589,13 +598,16 @@ def _check_chunk(
     shots: int,
     data_range: tuple[float, float] | None,
     engine: str,
-) -> None:
-    """Metadata of every task, then its values with one host read (see :func:`evaluate`)."""
+) -> list[Task]:
+    """Metadata of every task, then its values with one host read (see :func:`evaluate`);
+    returns the tasks with integer labels as ``torch.long``."""
     names = [f"tasks[{index}]" for index in indices]
+    checked = []
     for name, task in zip(names, chunk, strict=True):
         if not isinstance(task, tuple) or len(task) != 4:
             raise TypeError(f"{name} must be a Task, got {type(task).__name__}")
-        check_task_metadata(task, where=name)
+        task = check_task_metadata(task, where=name)
+        checked.append(task)
         if task.support_labels.shape[0] != ways * shots:  # (an error: reading is fine)
             other = check_task(*task)
             raise ValueError(
@@ -609,7 +621,8 @@ def _check_chunk(
                 f"engine='vmap' stacks the tasks of a chunk, but {name} has other tensor shapes "
                 f"than {names[0]}: use engine='sequential' (or 'auto')"
             )
-    check_meta_batch(chunk, data_range=data_range, shots=shots, names=names)
+    check_meta_batch(checked, data_range=data_range, shots=shots, names=names)
+    return checked
 
 
 def _read(found: Sequence[Mapping[tuple[int, Scenario], tuple[Tensor, Tensor]]]) -> list[Curves]:

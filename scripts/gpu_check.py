@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import platform
@@ -110,13 +111,14 @@ from benchmarks.conftest import SIZES, Size, Workload  # noqa: E402
 from benchmarks.op_counter import OpCounter  # noqa: E402
 from benchmarks.test_data_pipeline import write_generated_cache  # noqa: E402
 from benchmarks.test_meta_iteration import maml_reference  # noqa: E402
-from l2l_adversarial import engines  # noqa: E402
+from l2l_adversarial import CNN4, FGSM, PGD, engines  # noqa: E402
 from l2l_adversarial.checkpoint import load_checkpoint  # noqa: E402
 from l2l_adversarial.cli import main as cli  # noqa: E402
 from l2l_adversarial.config import load_config  # noqa: E402
 from l2l_adversarial.configs import config_path  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
+from l2l_adversarial.evaluation import GradientLearner, evaluate, few_shot_learner  # noqa: E402
 from l2l_adversarial.factory import build_learner  # noqa: E402
 from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
 
@@ -284,6 +286,72 @@ def check_gradients(plan: Plan, root: Path) -> dict[str, float]:
     return differences
 
 
+def evaluation_rows(plan: Plan, root: Path) -> list[dict[str, Any]]:
+    """Seconds, peak CUDA memory and syncs per test task of ``evaluate`` (ADML's learner, the
+    paper's 10 steps and scenarios, eps 2 and 0.2) on each engine, a chunk of
+    ``--eval-tasks`` tasks (device-resident, built a chunk ahead)."""
+    rows = []
+    dataset = MiniImageNet(root, "test", strict=False)
+    for shots in plan.shots:
+        config = row_config("adml", shots, [], plan, root)
+        settings = config["evaluate"]
+        tasks = FewShotTasks(dataset, 5, shots, config["task"]["query_shots"], seed=2,
+                             num_tasks=plan.eval_tasks, device=plan.device)  # fmt: skip
+        torch.manual_seed(0)
+        learner = few_shot_learner(build_learner(config, 3, plan.image(84)).to(plan.device),
+                                   settings["inner_lr"], settings["adaptation_steps"])  # fmt: skip
+        for engine in ("sequential", "vmap"):
+            say(f"{shots}-shot: evaluate, {engine}")
+
+            run = functools.partial(evaluate, learner, tasks, method="ADML", engine=engine,
+                                    epsilons=settings["eps"], chunk_size=plan.eval_tasks,
+                                    device=plan.device)  # fmt: skip
+
+            def evaluation(run: Callable[[], object] = run) -> float:
+                run()
+                return 0.0
+
+            median, _, peak, (ops, syncs) = timed(dataclasses.replace(plan, iterations=1),
+                                                  evaluation)  # fmt: skip
+            rows.append({"size": f"5-way {shots}-shot, {plan.image(84)}x{plan.image(84)}",
+                         "engine": engine, "tasks": plan.eval_tasks,
+                         "seconds_per_task": median / plan.eval_tasks, "peak_cuda_mb": peak,
+                         "aten_ops_per_task": ops / plan.eval_tasks,
+                         "syncs_per_task": syncs / plan.eval_tasks})  # fmt: skip
+    return rows
+
+
+def check_evaluation_engines(plan: Plan, root: Path) -> bool:
+    """The vmap evaluator's per-task accuracies equal the sequential evaluator's (float64,
+    small model; FGSM and PGD with seeded random starts, both protocols)."""
+    dataset = MiniImageNet(root, "test", strict=False)
+    tasks = FewShotTasks(dataset, 5, 5, 2, seed=4, num_tasks=3, device=plan.device)
+    tasks64 = [task._replace(support_inputs=task.support_inputs.double(),
+                             query_inputs=task.query_inputs.double())
+               for task in (tasks[i] for i in range(len(tasks)))]  # fmt: skip
+    torch.manual_seed(0)
+    model = CNN4(5, 3, 4, plan.image(84)).to(plan.device).double()
+    learner = GradientLearner(model, lr=0.1, steps=2)
+    same = True
+    for make_attack, protocol in ((FGSM, "paper"), (functools.partial(PGD, steps=3), "adapted")):
+        results = [
+            evaluate(
+                learner,
+                tasks64,
+                method="MAML",
+                epsilons=(8.0,),
+                make_attack=make_attack,
+                protocol=protocol,
+                engine=engine,
+                chunk_size=2,
+            )  # fmt: skip
+            for engine in ("sequential", "vmap")
+        ]
+        same &= all(a.task_accuracies == b.task_accuracies
+                    for a, b in zip(*(r.scenarios for r in results), strict=True))  # fmt: skip
+    return same
+
+
 def check_device_tasks(plan: Plan, root: Path) -> bool:
     dataset = MiniImageNet(root, "train", strict=False)
     host = FewShotTasks(dataset, 5, 5, 15, seed=3)
@@ -371,11 +439,22 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['seconds_per_iteration']:.4f} | {row['x_learn2learn_maml']:.2f} | {peak} | "
             f"{100 * row['data_wait_fraction']:.1f} % | {row['aten_ops']} | {row['syncs']} |"
         )
+    lines += ["", "| evaluate (ADML, 10 steps, eps 2 and 0.2) | engine | s / test task | "
+              "peak CUDA MB | ATen ops / task | syncs / task |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in result["evaluation"]:
+        peak = "-" if row["peak_cuda_mb"] is None else f"{row['peak_cuda_mb']:.0f}"
+        lines.append(f"| {row['size']}, chunk of {row['tasks']} | {row['engine']} | "
+                     f"{row['seconds_per_task']:.4f} | {peak} | {row['aten_ops_per_task']:.0f} | "
+                     f"{row['syncs_per_task']:.2f} |")  # fmt: skip
     checks = result["checks"]
     lines += ["", "| check | result |", "|---|---|"]
     for label, difference in checks["vmap_minus_sequential_gradient"].items():
         lines.append(f"| vmap == sequential meta-gradient (float64), {label} | "
                      f"max abs difference {difference:.1e} |")  # fmt: skip
+    lines.append(
+        "| vmap evaluator == sequential, task by task (float64) | "
+        f"{checks['evaluation_engines_agree']} |"
+    )
     lines.append(f"| device-resident tasks == host tasks | {checks['device_tasks_identical']} |")
     for engine, same in checks["same_seed_same_parameters"].items():
         lines.append(f"| two same-seed train runs, identical parameters ({engine}) | {same} |")
@@ -412,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": plan.warmup, "timed_iterations": plan.iterations,
         }  # fmt: skip
         result["meta_iterations"] = meta_iteration_rows(plan, roots[84])
-        say("checks: gradients, device-resident tasks, same-seed runs")
+        result["evaluation"] = evaluation_rows(plan, roots[84])
+        say("checks: gradients, evaluation engines, device-resident tasks, same-seed runs")
         result["checks"] = {
             "vmap_minus_sequential_gradient": check_gradients(plan, roots[84]),
+            "evaluation_engines_agree": check_evaluation_engines(plan, roots[84]),
             "device_tasks_identical": check_device_tasks(plan, roots[84]),
             "same_seed_same_parameters": check_determinism(plan, roots[84], work),
         }
@@ -429,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = result["checks"]
     passed = (
         all(d <= 1e-8 for d in checks["vmap_minus_sequential_gradient"].values())
+        and checks["evaluation_engines_agree"]
         and checks["device_tasks_identical"]
         and all(checks["same_seed_same_parameters"].values())
     )

@@ -72,6 +72,11 @@ def test_quick_cpu_run_writes_the_results_and_passes_its_checks(tmp_path: Path) 
     checks = result["checks"]
     assert max(checks["vmap_minus_sequential_gradient"].values()) <= 1e-8
     assert checks["device_tasks_identical"] and all(checks["same_seed_same_parameters"].values())
+    assert checks["evaluation_engines_agree"]
+    assert {row["engine"] for row in result["evaluation"]} == {"sequential", "vmap"}
+    for row in result["evaluation"]:
+        # one chunk: the first task's labels, the chunk's value check, its results
+        assert row["seconds_per_task"] > 0 and row["syncs_per_task"] * row["tasks"] == 3
     (estimate,) = result["table_estimates"]
     assert estimate["table"] == "Table 3" and estimate["hours"] > 0
     assert set(estimate["methods"]) == {"maml", "maml-ad", "adml", "matching-nets"}

@@ -40,8 +40,9 @@ class ImageTable:
     """All images of a split in one tensor; :meth:`gather` returns float32 N x C x H x W rows.
 
     ``channels_last``: rows come H x W x C (MiniImageNet's cache); the table keeps them
-    C x H x W (a copy: MiniImageNet's train split takes 813 MB more host memory, or that much
-    on the device when device-resident). ``scale``: uint8 rows are returned as float32 in
+    C x H x W (a copy: on the host, MiniImageNet's train split then takes 813 MB more memory
+    beside the dataset's own array; on a device the transposed copy replaces the uploaded
+    one, so both are there only while the table is built). ``scale``: uint8 rows are returned as float32 in
     [0, 1] (``x / 255``); otherwise rows are returned as stored (a copy).
     """
 
