@@ -426,7 +426,8 @@ def evaluate(
             number of tasks this process evaluated (``len(rank_indices(len(tasks)))`` in all
             under torchrun).
         engine: ``"sequential"`` (task by task, any learner: the reference), ``"vmap"``
-            (a chunk of tasks at once with ``torch.func``: gradient-based learners) or
+            (a chunk of tasks at once with ``torch.func``: gradient-based learners; the same
+            results in float64, in float32 up to the sign of near-zero attack gradients) or
             ``"auto"`` (``"sequential"``: see :mod:`l2l_adversarial.engines`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.
