@@ -24,6 +24,11 @@ Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` b
 ``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
 and seed give identical results, and every method sees the same random starts.
 
+Tasks run in chunks (``chunk_size``): each chunk's values are checked with one host read and
+its results read with one; ``engine="vmap"`` adapts, attacks and scores a whole chunk at once
+with ``torch.func`` (gradient-based learners), the same protocol code as task by task
+(``engine="sequential"``, the reference and the default).
+
 Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` evaluates tasks
 ``r, r + world_size, ...`` and the per-task results are gathered in task order, so every rank
 returns the same :class:`EvaluationResult` as one process would.
