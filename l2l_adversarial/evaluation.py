@@ -358,6 +358,8 @@ class EvaluationResult:
     scenarios: list[ScenarioResult]
     training_seed: int | None = None
     """The seed the evaluated learner was meta-trained with (``None``: not recorded)."""
+    engine: str = "sequential"
+    """The engine that ran the tasks, ``"sequential"`` or ``"vmap"`` (``evaluate``'s resolved)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dictionaries, lists and numbers (``json.dumps`` ready)."""
@@ -550,6 +552,7 @@ def evaluate(
         attacks=[repr(a) for a in attacks],
         dataset=dataset,
         scenarios=results,
+        engine=engine,
     )
 
 

@@ -58,6 +58,14 @@ def test_train_evaluate_report_on_digits(
     assert all(len(s["accuracy_curve"]) == 3 for s in scenarios)  # steps 0..2
     assert main(["evaluate", str(run), *SMALL]) == 2  # results are not overwritten silently
     assert "already exist" in capsys.readouterr().err
+    assert results[0]["engine"] == "sequential"  # evaluate.engine: auto
+    vmap = ["-o", "evaluate.engine=vmap", "-o", "evaluate.chunk_size=2", "--overwrite"]
+    assert main(["evaluate", str(run), *SMALL, *vmap]) == 0
+    batched = json.loads((run / "evaluation.json").read_text())[0]
+    assert batched["engine"] == "vmap" and batched["num_tasks"] == results[0]["num_tasks"]
+    assert [(s["support"], s["query"], s["epsilon"]) for s in batched["scenarios"]] == [
+        (s["support"], s["query"], s["epsilon"]) for s in scenarios
+    ]
     assert main(["report", str(run / "evaluation.json"), "--output", str(tmp_path / "report")]) == 0
     written = {p.suffix for p in (tmp_path / "report").iterdir()}
     assert written >= {".md", ".json", ".png"}

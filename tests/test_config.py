@@ -52,6 +52,10 @@ def test_file_values_and_command_line_overrides(tmp_path: Path) -> None:
         (["task.ways=1"], r"task\.ways: min value is 2"),
         (["evaluate.eps=[300]"], r"evaluate\.eps\.0: max value is 255"),
         (["train.meta_update=alternating"], r"accepted: joint, sequential"),
+        (["evaluate.engine=fast"], r"evaluate\.engine: unallowed value fast \(accepted: auto"),
+        (["evaluate.chunk_size=0"], r"evaluate\.chunk_size: min value is 1"),
+        (["method=matching-nets", "train.engine=vmap"], r"train\.engine: 'vmap' applies to"),
+        (["method=matching-nets", "evaluate.engine=vmap"], r"evaluate\.engine: 'vmap' applies"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(overrides: list[str], message: str) -> None:
