@@ -83,6 +83,9 @@ class Attack(ABC):
     ``attack(model, inputs, labels)``.
     """
 
+    start_noise: Tensor | None = None
+    """A random start given beforehand (:meth:`with_start_noise`); ``None``: drawn."""
+
     def __init__(
         self,
         eps: float,
@@ -113,7 +116,6 @@ class Attack(ABC):
             )
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.check_values = bool(check_values)
-        self.start_noise: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
@@ -207,6 +209,12 @@ class Attack(ABC):
         device = generator.device if generator is not None else like.device
         noise = torch.rand(like.shape, generator=generator, device=device, dtype=like.dtype)
         return ((2 * noise - 1) * self.eps).to(like.device)
+
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        """``data_range`` where the inputs are pixels (no ``mean``/``std``), the range an
+        input check can hold them to; ``None`` for normalised inputs."""
+        return self.data_range if self.mean is None else None
 
     def with_start_noise(self, noise: Tensor) -> Attack:
         """A copy whose random start is ``noise`` (drawn beforehand with :meth:`uniform_noise`):

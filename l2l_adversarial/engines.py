@@ -336,7 +336,7 @@ class _MetaBatch:
         if not self.tasks:
             raise ValueError(EMPTY_BATCH)
         attack = getattr(learner, "attack", None)
-        data_range = attack.data_range if attack is not None and attack.mean is None else None
+        data_range = None if attack is None else attack.input_range
         check_meta_batch(self.tasks, classification, data_range)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1

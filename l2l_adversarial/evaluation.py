@@ -67,7 +67,7 @@ from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
-from l2l_adversarial.engines import ENGINES, attack_stacked, vmap_obstacle
+from l2l_adversarial.engines import ENGINES, attack_stacked, batches_attack, vmap_obstacle
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, seeded
@@ -476,7 +476,7 @@ def evaluate(
             raise TypeError(
                 f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
             )
-    data_range = attacks[0].data_range if attacks[0].mean is None else None
+    data_range = attacks[0].input_range
 
     mine = list(rank_indices(len(tasks)))
     chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
@@ -786,15 +786,14 @@ class _StackedTasks:
 
     def __init__(self, learner: GradientLearner, task_seeds: Sequence[int]) -> None:
         self.functional, self.lr, self.steps = learner.functional, learner.lr, learner.steps
+        self.theta = _Stacked(learner.theta(), False)
         self.task_seeds = task_seeds
 
     def query_layout(self, inputs: Tensor) -> Tensor:
         return inputs
 
     def initial_model(self, inputs: Tensor, labels: Tensor) -> _Stacked:
-        return _Stacked(
-            {name: p.detach() for name, p in self.functional.parameters().items()}, False
-        )
+        return self.theta
 
     def adapt(self, inputs: Tensor, labels: Tensor) -> list[_Stacked]:
         functional, lr, steps = self.functional, self.lr, self.steps
@@ -810,12 +809,11 @@ class _StackedTasks:
                 stepped.append(params)
             return stepped
 
-        theta = self.initial_model(inputs, labels)
         if steps == 0:
-            return [theta]
+            return [self.theta]
         with torch.no_grad():
-            stepped = vmap(trajectory, in_dims=(None, 0, 0))(theta.params, inputs, labels)
-        return [theta, *(_Stacked(params, True) for params in stepped)]
+            stepped = vmap(trajectory, in_dims=(None, 0, 0))(self.theta.params, inputs, labels)
+        return [self.theta, *(_Stacked(params, True) for params in stepped)]
 
     def perturb(
         self,
@@ -830,7 +828,7 @@ class _StackedTasks:
             return inputs
         seeds = [derive_seed(task_seed, *stream) for task_seed in self.task_seeds]
         if type(attack) in (FGSM, FFGSM, PGD):
-            if type(attack) is FFGSM or getattr(attack, "random_start", False):
+            if not batches_attack(attack):  # a random start: each task's own, seeded
                 noise = [
                     attack.uniform_noise(x, torch.Generator().manual_seed(s))
                     for x, s in zip(inputs, seeds, strict=True)

@@ -129,7 +129,7 @@ def check_values(learner: nn.Module) -> Check:
         ValueError: training task 8: query_labels must lie in [0, 2) for a 2-way task, ...
     """
     attack = getattr(learner, "attack", None)
-    data_range = attack.data_range if attack is not None and attack.mean is None else None
+    data_range = None if attack is None else attack.input_range
     ways = learner.ways if isinstance(learner, MatchingNetwork) else None
     classification = getattr(learner, "classification", True)  # Matching Networks: classes
     return functools.partial(

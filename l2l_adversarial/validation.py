@@ -301,12 +301,11 @@ def _task_flags(
     shots: int | None = None,
 ) -> list[Tensor]:
     """0-d boolean tensors, all true for a good task (computed on its device, not read)."""
-    inputs = (task.support_inputs, task.query_inputs)
-    if shots is not None:
-        support = task.support_labels
-        balanced = [((support[:, None] == support[None, :]).sum(dim=1) == shots).all()]
-        return balanced + _task_flags(task, classification, data_range)
-    flags = [torch.isfinite(x).all() for x in inputs if x.is_floating_point()]
+    inputs, support = (task.support_inputs, task.query_inputs), task.support_labels
+    flags = (
+        [] if shots is None else [((support[:, None] == support[None, :]).sum(1) == shots).all()]
+    )
+    flags += [torch.isfinite(x).all() for x in inputs if x.is_floating_point()]
     if data_range is not None:
         lower, upper = data_range
         slack = 1e-4 * (upper - lower)
