@@ -7,11 +7,13 @@ many tasks run at once:
 
 * ``"sequential"``: task after task with :class:`~l2l_adversarial.algorithms.SequentialOps`
   (``torch.autograd``), one task's graph in memory at a time. The reference.
-* ``"vmap"``: the same objective on a stack of tasks with :class:`BatchedOps`
-  (``torch.func``): each inner loop is one ``vmap`` over ``grad`` for all tasks (for ADML,
-  over the ``2T`` (branch, task) pairs), each query loss one vmapped pass, each attack one
-  call over the meta-batch (losses and BatchNorm statistics stay per task and per set; attacks
-  with a random start run task by task, see :func:`batches_attack`). On a GPU this launches
+* ``"vmap"``: the same objective on a stack of tasks with :class:`BatchedOps`: each inner
+  loop is one pass for all tasks (for ADML, for the ``2T`` (branch, task) pairs), each query
+  loss one pass, each attack one call over the meta-batch (losses and BatchNorm statistics
+  stay per task and per set; attacks with a random start run task by task, see
+  :func:`batches_attack`). :mod:`l2l_adversarial.stacked` runs the stack: CNN4, MLP and
+  ``nn.Sequential`` nets of standard layers folded into one grouped network (plain
+  autograd), any other model with ``torch.func.vmap`` over ``grad``. On a GPU this launches
   each layer's kernels once per meta-batch instead of once per task. ``chunk_size`` bounds
   how many tasks run at once (memory).
 * ``"auto"`` (default): ``"sequential"``. No GPU measurement has shown vmap to be faster
@@ -19,9 +21,9 @@ many tasks run at once:
   are slower than the loop.
 
 All engines give the same meta-gradient to floating-point tolerance (``tests/test_engines.py``).
-The vmap engine needs tasks of equal shapes. Inside it, batch and layer normalisation run as
-primitive operations: PyTorch's batching rules for the fused kernels give wrong second
-derivatives (pytorch/functorch#534).
+The vmap engine needs tasks of equal shapes. Where it takes second derivatives, batch and
+layer normalisation run as primitive operations: PyTorch's batching rules for the fused
+kernels give wrong second derivatives (pytorch/functorch#534).
 
 Nothing in a meta-iteration reads device values on the host: the meta-batch's value checks
 (finite inputs, label range, the attack's data range) are one host read before it starts
@@ -49,11 +51,10 @@ from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
-from torch.overrides import TorchFunctionMode
+from torch.func import vmap
 
+from l2l_adversarial import stacked
 from l2l_adversarial.algorithms.adml import ADML, ADMLObjective
 from l2l_adversarial.algorithms.base import AdversarialMetaLearner, MetaLearner
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
@@ -67,6 +68,7 @@ from l2l_adversarial.algorithms.task_ops import (
 )
 from l2l_adversarial.attacks import FGSM, PGD, Attack
 from l2l_adversarial.functional import FunctionalModel, Params
+from l2l_adversarial.stacked import ROW_MEAN_LOSSES, vmap_obstacle
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import (
     check_choice,
@@ -98,34 +100,6 @@ class _Stepper(Protocol):
 
 
 # -- choosing an engine --------------------------------------------------------------------
-def vmap_obstacle(model: nn.Module) -> str | None:
-    """Why the vmap engine cannot run ``model`` (in its current train/eval mode), or ``None``.
-
-    Example:
-        >>> vmap_obstacle(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)))
-        "Dropout layer '1' draws random masks, ..."
-    """
-    for name, layer in model.named_modules():
-        label = f"{type(layer).__name__} layer {name!r}"
-        if (
-            isinstance(layer, nn.modules.batchnorm._BatchNorm)
-            and layer.training
-            and layer.track_running_stats
-        ):
-            return (
-                f"{label} updates its running statistics in place, which vmap cannot batch; "
-                "build it with track_running_stats=False (as CNN4 does)"
-            )
-        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0:
-            return (
-                f"{label} draws random masks, which vmap cannot draw as the sequential "
-                "engine does; call .eval() on it or use engine='sequential'"
-            )
-        if isinstance(layer, (nn.modules.instancenorm._InstanceNorm, nn.RMSNorm)):
-            return f"{label}: PyTorch's vmap gives wrong second derivatives through it"
-    return None
-
-
 def resolve_engine(learner: nn.Module, engine: str = "auto") -> str:
     """``"sequential"`` or ``"vmap"``: what ``engine`` means for ``learner``.
 
@@ -379,10 +353,11 @@ class _MetaBatch:
 
 # -- the vmap engine -----------------------------------------------------------------------
 class BatchedOps(TaskOps):
-    """The operations on a stack of tasks (leading dimension ``T``) with ``torch.func``.
+    """The operations on a stack of tasks (leading dimension ``T``), run by
+    :mod:`l2l_adversarial.stacked`.
 
     Parameters other than theta carry the task dimension; losses and accuracies come back as
-    ``[T]`` tensors. Sets of equal shapes in one call run in one ``vmap``.
+    ``[T]`` tensors. Sets of equal shapes in one call run in one pass.
     """
 
     batched = True
@@ -402,19 +377,6 @@ class BatchedOps(TaskOps):
         return None if params is self.theta else 0
 
     def adapt(self, params: Params, sets: Sequence[AdaptSet], steps: int) -> list[Params]:
-        functional, first_order = self.learner.functional, self.learner.first_order
-
-        def inner_loop(p: Params, inputs: Tensor, labels: Tensor, step_size: Tensor) -> Params:
-            def support_loss(q: Params) -> Tensor:
-                return functional.loss_fn(functional(q, inputs), labels)
-
-            for _ in range(steps):
-                gradients = grad(support_loss)(p)
-                if first_order:
-                    gradients = {name: g.detach() for name, g in gradients.items()}
-                p = {name: w - step_size * gradients[name] for name, w in p.items()}
-            return p
-
         if steps == 0:
             return [params for _ in sets]
         groups = _groups([(inputs.shape, labels.shape) for inputs, labels, _ in sets])
@@ -423,26 +385,29 @@ class BatchedOps(TaskOps):
             inputs = _joined([sets[i][0] for i in members])
             labels = _joined([sets[i][1] for i in members])
             tasks = sets[members[0]][0].shape[0]
-            like = inputs if inputs.is_floating_point() else next(iter(params.values()))
-            step_sizes = _joined(
-                [
-                    torch.full((tasks,), sets[i][2], dtype=like.dtype, device=like.device)
-                    for i in members
-                ]
-            )
-            start = params
-            if self._in_dim(params) == 0 and len(members) > 1:
-                start = {n: torch.cat([p] * len(members)) for n, p in params.items()}
-            with _PrimitiveNormalisation():
-                result = vmap(inner_loop, in_dims=(self._in_dim(params), 0, 0, 0))(
-                    start, inputs, labels, step_sizes
+            rates = {sets[i][2] for i in members}
+            step_sizes: Tensor | float = (
+                rates.pop()
+                if len(rates) == 1
+                else _joined(
+                    [
+                        torch.full((tasks,), sets[i][2], dtype=inputs.dtype, device=inputs.device)
+                        for i in members
+                    ]
                 )
+            )
+            start, per_task = params, self._in_dim(params) == 0
+            if per_task and len(members) > 1:
+                start = {n: torch.cat([p] * len(members)) for n, p in params.items()}
+            (result,) = stacked.adapt(
+                self.learner.functional, start, per_task, inputs, labels, step_sizes, steps,
+                self.learner.first_order,
+            )  # fmt: skip
             for slot, i in enumerate(members):
                 adapted[i] = {n: p[slot * tasks : (slot + 1) * tasks] for n, p in result.items()}
         return adapted
 
     def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
-        loss = self.learner.functional.loss
         if len(sets) > 1 and all(self._in_dim(p) == 0 for p, _, _ in sets):
             groups = _groups([(x.shape, y.shape) for _, x, y in sets])
         else:
@@ -454,10 +419,9 @@ class BatchedOps(TaskOps):
                 params = {n: torch.cat([sets[i][0][n] for i in members]) for n in params}
             inputs = _joined([sets[i][1] for i in members])
             labels = _joined([sets[i][2] for i in members])
-            with _PrimitiveNormalisation():
-                losses, accuracies = vmap(loss, in_dims=(self._in_dim(params), 0, 0))(
-                    params, inputs, labels
-                )
+            losses, accuracies = stacked.losses(
+                self.learner.functional, params, self._in_dim(params) == 0, inputs, labels
+            )
             tasks = sets[members[0]][1].shape[0]
             for slot, i in enumerate(members):
                 part = slice(slot * tasks, (slot + 1) * tasks)
@@ -536,23 +500,19 @@ def attack_stacked(
     """
     tasks, sizes = sets[0][0].shape[0], [inputs.shape[1] for inputs, _ in sets]
     detached = {name: p.detach() for name, p in params.items()}
-    forward = vmap(functional, in_dims=(0 if batched else None, 0))
+    forward = stacked.forward(functional, detached, batched, tasks)
 
     def segments(flat: Tensor) -> tuple[Tensor, ...]:
         return flat.unflatten(0, (tasks, -1)).split(sizes, dim=1)
 
     def model(flat: Tensor) -> Tensor:
-        return _joined([forward(detached, s) for s in segments(flat)], dim=1).flatten(0, 1)
+        return _joined([forward(s) for s in segments(flat)], dim=1).flatten(0, 1)
 
     attack = copy.copy(attack)
     attack.loss_fn = _summed_segment_losses(attack.loss_fn, tasks, sizes, segments)
     inputs = _joined([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
     labels = _joined([labels for _, labels in sets], dim=1).flatten(0, 1)
     return list(segments(attack(model, inputs, labels)))
-
-
-_ROW_MEAN_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss)
-"""Losses whose default value is the mean of the ``reduction="none"`` rows."""
 
 
 def _summed_segment_losses(
@@ -567,7 +527,7 @@ def _summed_segment_losses(
     For cross-entropy and NLL, one call on all rows, each weighted by 1 / its set's size (the
     same value, in fewer operations); for other losses, ``loss_fn`` vmapped per set.
     """
-    if loss_fn in _ROW_MEAN_LOSSES:
+    if loss_fn in ROW_MEAN_LOSSES:
 
         def row_losses(logits: Tensor, labels: Tensor) -> Tensor:
             weights = logits.new_full((tasks, sum(sizes)), 1 / sizes[0])
@@ -583,70 +543,6 @@ def _summed_segment_losses(
         return torch.stack([task_losses(lg, lb).sum() for lg, lb in pairs]).sum()
 
     return segment_losses
-
-
-class _PrimitiveNormalisation(TorchFunctionMode):
-    """While active, batch and layer normalisation are composed from primitive operations.
-
-    Under vmap, PyTorch's batching rules for the fused normalisation kernels give wrong
-    second derivatives (pytorch/functorch#534); written with ``var_mean`` and ``rsqrt`` the
-    same functions differentiate exactly.
-    """
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            return _batch_norm(*args, **kwargs)
-        if func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _batch_norm(
-    inputs: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    channel = [1, -1] + [1] * (inputs.dim() - 2)
-    if training and running_mean is None and running_var is None:
-        dims = [0, *range(2, inputs.dim())]
-        var, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
-    elif not training and running_mean is not None and running_var is not None:
-        mean, var = running_mean.view(channel), running_var.view(channel)
-    else:  # running statistics updated in place: vmap_obstacle refuses such models
-        return F.batch_norm(
-            inputs, running_mean, running_var, weight, bias, training, momentum, eps
-        )
-    normalised = (inputs - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        normalised = normalised * weight.view(channel)
-    return normalised if bias is None else normalised + bias.view(channel)
-
-
-def _layer_norm(
-    inputs: Tensor,
-    normalized_shape: Sequence[int],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-) -> Tensor:
-    dims = list(range(-len(normalized_shape), 0))
-    var, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
-    normalised = (inputs - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        normalised = normalised * weight
-    return normalised if bias is None else normalised + bias
 
 
 # -- helpers -------------------------------------------------------------------------------

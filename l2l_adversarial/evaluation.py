@@ -60,8 +60,9 @@ import numpy as np
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
+from l2l_adversarial import stacked
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
@@ -779,10 +780,11 @@ class _Stacked(NamedTuple):
 
 
 class _StackedTasks:
-    """A stack of tasks (leading dimension ``T``) with ``torch.func``: each adaptation step
-    one ``vmap`` over ``grad`` for all tasks, each score one vmapped pass, each attack one
-    call (:func:`~l2l_adversarial.engines.attack_stacked`; FGSM, FFGSM, PGD, each task from
-    its own seeded random start), other attacks task by task."""
+    """A stack of tasks (leading dimension ``T``) run by :mod:`l2l_adversarial.stacked`
+    (folded into channels, or vmapped): each adaptation step one pass for all tasks, each
+    score one pass, each attack one call (:func:`~l2l_adversarial.engines.attack_stacked`;
+    FGSM, FFGSM, PGD, each task from its own seeded random start), other attacks task by
+    task."""
 
     def __init__(self, learner: GradientLearner, task_seeds: Sequence[int]) -> None:
         self.functional, self.lr, self.steps = learner.functional, learner.lr, learner.steps
@@ -796,23 +798,13 @@ class _StackedTasks:
         return self.theta
 
     def adapt(self, inputs: Tensor, labels: Tensor) -> list[_Stacked]:
-        functional, lr, steps = self.functional, self.lr, self.steps
-
-        def trajectory(params: Params, inputs: Tensor, labels: Tensor) -> list[Params]:
-            def support_loss(p: Params) -> Tensor:
-                return functional.loss_fn(functional(p, inputs), labels)
-
-            stepped = []
-            for _ in range(steps):
-                gradients = grad(support_loss)(params)
-                params = {name: w - lr * gradients[name] for name, w in params.items()}
-                stepped.append(params)
-            return stepped
-
-        if steps == 0:
+        if self.steps == 0:
             return [self.theta]
         with torch.no_grad():
-            stepped = vmap(trajectory, in_dims=(None, 0, 0))(self.theta.params, inputs, labels)
+            stepped = stacked.adapt(
+                self.functional, self.theta.params, False, inputs, labels, self.lr, self.steps,
+                trajectory=True,
+            )  # fmt: skip
         return [self.theta, *(_Stacked(params, True) for params in stepped)]
 
     def perturb(
@@ -856,7 +848,5 @@ class _StackedTasks:
 
     @torch.no_grad()
     def score(self, model: _Stacked, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        logits = vmap(self.functional, in_dims=(0 if model.per_task else None, 0))(
-            model.params, inputs
-        )
+        logits = stacked.forward(self.functional, model.params, model.per_task, len(inputs))(inputs)
         return vmap(nn.functional.cross_entropy)(logits, labels), vmap(accuracy)(logits, labels)

@@ -40,20 +40,17 @@ def counts() -> dict[str, OpCounter]:
 
 
 @pytest.mark.parametrize(
-    ("method", "op_budget", "launch_budget"),
-    [("adml", 0.5, 0.5), ("maml", 0.45, 0.3), ("maml-ad", 0.45, 0.3), ("aq", 0.45, 0.3)],
+    ("method", "budget"), [("adml", 0.5), ("maml", 0.3), ("maml-ad", 0.3), ("aq", 0.3)]
 )
 def test_batched_meta_iteration_within_its_launch_budget(
-    counts: dict[str, OpCounter], method: str, op_budget: float, launch_budget: float
+    counts: dict[str, OpCounter], method: str, budget: float
 ) -> None:
-    """Batched ADML <= 0.5x learn2learn's ATen ops; MAML, MAML-AD, AQ <= 0.3x its kernel
-    launches (ATen ops that are not views; all ATen ops: <= 0.45x)."""
+    """Batched ADML <= 0.5x learn2learn's ATen ops (views included) and kernel launches (ATen
+    ops that are not views); MAML, MAML-AD, AQ <= 0.3x both. CNN4 runs folded
+    (``l2l_adversarial.stacked``)."""
     reference, ours = counts[REFERENCE], counts[f"{method} (meta_step, vmap)"]
-    assert ours.ops <= op_budget * reference.ops, (ours.ops, reference.ops)
-    assert ours.launches <= launch_budget * reference.launches, (
-        ours.launches,
-        reference.launches,
-    )
+    assert ours.ops <= budget * reference.ops, (ours.ops, reference.ops)
+    assert ours.launches <= budget * reference.launches, (ours.launches, reference.launches)
     # Adam's per-parameter step counters (CPU scalars: no device wait on CUDA) and the
     # meta-batch's one value check.
     assert reference.syncs == reference.sync_names["aten._local_scalar_dense"] == 18

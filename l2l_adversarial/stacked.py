@@ -1,0 +1,436 @@
+"""A stack of tasks through one model: inner loops, losses and forward passes for ``T`` tasks
+at once, each task at its own (fast) parameters.
+
+Tensors of a stack carry the task dimension first: inputs ``[T, N, ...]``, labels ``[T, N]``,
+per-task parameters ``[T, *shape]`` (or theta itself, shared by every task: ``per_task=False``).
+Two layouts run a stack, with the same results to floating-point rounding:
+
+* **folded** (models made only of the layers in :func:`fold_obstacle`, CNN4 and MLP among
+  them): the ``T`` tasks' networks run as one network ``T`` times as wide. Inputs are folded
+  into channels (``[N, T*C, H, W]``), every convolution runs as one grouped convolution with
+  ``T`` times the groups, a linear layer as one batched matrix product, and batch
+  normalisation, activations and pooling are per channel already. This is what ``vmap``'s
+  batching rule does for each convolution, done once for the network, so no layer pays for
+  moving the task dimension around; gradients come from plain autograd on the sum of the
+  tasks' losses (each task's loss depends on its own slice of the folded parameters only).
+* **vmapped** (any other model): ``torch.func.vmap`` over the per-task function.
+
+Where second derivatives are taken, batch and layer normalisation run as primitive operations
+(:class:`PrimitiveNormalisation`).
+
+Example:
+    >>> import torch
+    >>> from l2l_adversarial import CNN4
+    >>> from l2l_adversarial.functional import FunctionalModel
+    >>> net = FunctionalModel(CNN4(ways=3, in_channels=1, hidden=4, image_size=16))
+    >>> inputs, labels = torch.rand(2, 6, 1, 16, 16), torch.arange(3).repeat(2, 2)
+    >>> fold_obstacle(net.module, sample_dims=3) is None
+    True
+    >>> (adapted,) = adapt(net, net.parameters(), False, inputs, labels, 0.1, steps=2)
+    >>> adapted["classifier.weight"].shape  # one classifier per task
+    torch.Size([2, 3, 4])
+    >>> losses(net, adapted, True, inputs, labels)[0].shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vmap
+from torch.overrides import TorchFunctionMode
+
+from l2l_adversarial.functional import FunctionalModel, Params, accuracy
+from l2l_adversarial.models import CNN4, MLP
+
+__all__ = [
+    "PrimitiveNormalisation",
+    "adapt",
+    "fold_obstacle",
+    "forward",
+    "losses",
+    "vmap_obstacle",
+]
+
+ROW_MEAN_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss)
+"""Losses whose default value is the mean of the ``reduction="none"`` rows."""
+
+
+# -- which layout ---------------------------------------------------------------------------
+def vmap_obstacle(model: nn.Module) -> str | None:
+    """Why a stack of tasks cannot run ``model`` (in its current train/eval mode), or ``None``.
+
+    Example:
+        >>> vmap_obstacle(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)))
+        "Dropout layer '1' draws random masks, ..."
+    """
+    for name, layer in model.named_modules():
+        label = f"{type(layer).__name__} layer {name!r}"
+        if (
+            isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and layer.training
+            and layer.track_running_stats
+        ):
+            return (
+                f"{label} updates its running statistics in place, which vmap cannot batch; "
+                "build it with track_running_stats=False (as CNN4 does)"
+            )
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0:
+            return (
+                f"{label} draws random masks, which vmap cannot draw as the sequential "
+                "engine does; call .eval() on it or use engine='sequential'"
+            )
+        if isinstance(layer, (nn.modules.instancenorm._InstanceNorm, nn.RMSNorm)):
+            return f"{label}: PyTorch's vmap gives wrong second derivatives through it"
+    return None
+
+
+_CONTAINERS = (nn.Sequential, CNN4, MLP)
+"""Modules whose forward pass is their children in registration order."""
+_ANY_RANK = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Identity, nn.Dropout,
+)  # fmt: skip
+_IMAGE_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_FLAT_LAYERS = (nn.Linear, nn.BatchNorm1d)
+
+
+def fold_obstacle(module: nn.Module, sample_dims: int) -> str | None:
+    """Why a stack of tasks cannot run ``module`` folded into channels, on samples of
+    ``sample_dims`` dimensions (3 for ``C x H x W`` images), or ``None``.
+
+    Folded stacks run :class:`~torch.nn.Sequential` trees (and CNN4, MLP) of element-wise
+    activations, dropout (evaluation mode), 2-D convolutions, pooling and batch normalisation
+    on images, ``Flatten()``, and linear layers and 1-D batch normalisation on flat vectors,
+    with every parameter trained; any other module runs vmapped.
+
+    Example:
+        >>> fold_obstacle(CNN4(ways=3), sample_dims=3) is None
+        True
+        >>> fold_obstacle(torch.nn.Sequential(torch.nn.LayerNorm(8)), sample_dims=1)
+        "LayerNorm layer '0' mixes what folding keeps apart; the stack runs vmapped"
+    """
+    if vmap_obstacle(module) is not None:
+        return vmap_obstacle(module)
+    rank = sample_dims + 1  # with the batch dimension
+    for name, layer in module.named_modules():
+        label = f"{type(layer).__name__} layer {name!r}"
+        if type(layer) in _CONTAINERS:
+            continue
+        if next(layer.children(), None) is not None:
+            return f"{label} has a forward pass of its own; the stack runs vmapped"
+        if any(not p.requires_grad for p in layer.parameters(recurse=False)):
+            return f"{label} has frozen parameters; the stack runs vmapped"
+        if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
+            return f"{label} returns indices; the stack runs vmapped"
+        if type(layer) is nn.Flatten and (layer.start_dim, layer.end_dim) == (1, -1):
+            rank = min(rank, 2)
+        elif type(layer) in _ANY_RANK:
+            continue
+        elif not (
+            (type(layer) in _IMAGE_LAYERS and rank == 4)
+            or (type(layer) in _FLAT_LAYERS and rank == 2)
+        ):
+            return f"{label} mixes what folding keeps apart; the stack runs vmapped"
+    return None
+
+
+def _folds(functional: FunctionalModel, inputs: Tensor) -> bool:
+    return fold_obstacle(functional.module, inputs.dim() - 2) is None
+
+
+# -- the three operations on a stack ----------------------------------------------------------
+def forward(
+    functional: FunctionalModel, params: Params, per_task: bool, tasks: int
+) -> Callable[[Tensor], Tensor]:
+    """``inputs [T, N, ...] -> outputs [T, N, ...]``: each task's inputs through the model at
+    its parameters (``params[name][t]``, or ``params`` for every task if not ``per_task``).
+
+    For first derivatives (attacks): normalisation runs as PyTorch's fused kernels."""
+    folded: Params | None = None
+
+    def run(inputs: Tensor) -> Tensor:
+        nonlocal folded
+        if not _folds(functional, inputs):
+            return vmap(functional, in_dims=(0 if per_task else None, 0))(params, inputs)
+        if folded is None:  # once for every call
+            folded = _fold_params(params, per_task, tasks)
+        return _folded_outputs(functional, folded, inputs, primitive_norms=False)
+
+    return run
+
+
+def losses(
+    functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each task's loss and accuracy (``[T]`` each; accuracy detached, NaN where it means
+    nothing) at its parameters."""
+    if not _folds(functional, inputs):
+        with PrimitiveNormalisation():
+            return vmap(functional.loss, in_dims=(0 if per_task else None, 0, 0))(
+                params, inputs, labels
+            )
+    outputs = forward(functional, params, per_task, inputs.shape[0])(inputs)
+    return _task_losses(functional.loss_fn, outputs, labels), vmap(accuracy)(
+        outputs.detach(), labels
+    )
+
+
+def adapt(
+    functional: FunctionalModel,
+    params: Params,
+    per_task: bool,
+    inputs: Tensor,
+    labels: Tensor,
+    step_size: Tensor | float,
+    steps: int,
+    first_order: bool = False,
+    trajectory: bool = False,
+) -> list[Params]:
+    """Each task's fast weights after ``steps`` gradient steps on its ``(inputs, labels)``
+    from its ``params`` with its step size (``step_size[t]``, or one float for all): the last
+    (a list of one) or, with ``trajectory``, after each step. Differentiable in ``params``
+    (second order unless ``first_order``) while gradients are enabled."""
+    if steps == 0:
+        return [params]
+    if _folds(functional, inputs):
+        return _folded_adapt(
+            functional, params, per_task, inputs, labels, step_size, steps, first_order, trajectory
+        )
+
+    def inner_loop(
+        p: Params, inputs: Tensor, labels: Tensor, step_size: Tensor | float
+    ) -> list[Params]:
+        def support_loss(q: Params) -> Tensor:
+            return functional.loss_fn(functional(q, inputs), labels)
+
+        stepped = []
+        for _ in range(steps):
+            gradients = grad(support_loss)(p)
+            if first_order:
+                gradients = {name: g.detach() for name, g in gradients.items()}
+            p = {name: _descended(w, gradients[name], step_size) for name, w in p.items()}
+            stepped.append(p)
+        return stepped if trajectory else stepped[-1:]
+
+    in_dims = (0 if per_task else None, 0, 0, 0 if isinstance(step_size, Tensor) else None)
+    with PrimitiveNormalisation():
+        return vmap(inner_loop, in_dims=in_dims)(params, inputs, labels, step_size)
+
+
+def _descended(params: Tensor, gradient: Tensor, step_size: Tensor | float) -> Tensor:
+    """``params - step_size * gradient``; for a float step, one ``add`` (fewer operations in
+    the meta-gradient's backward pass than a product and a difference)."""
+    if isinstance(step_size, Tensor):
+        return params - step_size * gradient
+    return params.add(gradient, alpha=-step_size)
+
+
+# -- folded ---------------------------------------------------------------------------------
+def _fold_params(params: Params, per_task: bool, tasks: int) -> Params:
+    """``[T, d0, ...] -> [T*d0, ...]`` (a view), or theta repeated for each task."""
+    if per_task:
+        return {name: p.flatten(0, 1) for name, p in params.items()}
+    return {name: p.repeat(tasks, *[1] * (p.dim() - 1)) for name, p in params.items()}
+
+
+def _folded_outputs(
+    functional: FunctionalModel, folded: Params, inputs: Tensor, primitive_norms: bool
+) -> Tensor:
+    tasks = inputs.shape[0]
+    with _Folding(tasks, primitive_norms):
+        outputs = functional(folded, inputs.transpose(0, 1).flatten(1, 2))
+    return outputs.unflatten(1, (tasks, -1)).transpose(0, 1)
+
+
+def _task_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, labels: Tensor) -> Tensor:
+    if loss_fn in ROW_MEAN_LOSSES and outputs.dim() == 3 and labels.dim() == 2:
+        rows = loss_fn(outputs.flatten(0, 1), labels.flatten(), reduction="none")
+        return rows.view(labels.shape).mean(1)
+    return vmap(loss_fn)(outputs, labels)
+
+
+def _folded_adapt(
+    functional: FunctionalModel,
+    params: Params,
+    per_task: bool,
+    inputs: Tensor,
+    labels: Tensor,
+    step_size: Tensor | float,
+    steps: int,
+    first_order: bool,
+    trajectory: bool,
+) -> list[Params]:
+    tasks, graph = inputs.shape[0], torch.is_grad_enabled()
+    second_order = graph and not first_order
+    folded = _fold_params(params, per_task, tasks)
+    rates: dict[str, Tensor | float] = {
+        name: step_size
+        if not isinstance(step_size, Tensor)
+        else step_size.repeat_interleave(p.shape[0] // tasks).view(-1, *[1] * (p.dim() - 1))
+        for name, p in folded.items()
+    }
+    stepped: list[Params] = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            if not graph:  # evaluation: each step from detached fast weights
+                folded = {name: p.detach().requires_grad_() for name, p in folded.items()}
+            outputs = _folded_outputs(functional, folded, inputs, second_order)
+            gradients = torch.autograd.grad(
+                _task_losses(functional.loss_fn, outputs, labels).sum(),
+                list(folded.values()),
+                create_graph=second_order,
+                retain_graph=graph,
+                allow_unused=True,
+            )
+            folded = {
+                name: p if g is None else _descended(p, g, rates[name])
+                for (name, p), g in zip(folded.items(), gradients, strict=True)
+            }
+            stepped.append(folded)
+    kept = stepped if trajectory else stepped[-1:]
+    return [
+        {name: (p if graph else p.detach()).unflatten(0, (tasks, -1)) for name, p in step.items()}
+        for step in kept
+    ]
+
+
+class _Folding(TorchFunctionMode):
+    """While active, the layers see ``T`` tasks folded into channels: convolutions run
+    grouped by task, linear layers as one batched matrix product, batch normalisation with
+    each task's running statistics (evaluation mode); with ``primitive_norms`` as primitive
+    operations (a shorter double backward than the fused kernel's)."""
+
+    def __init__(self, tasks: int, primitive_norms: bool) -> None:
+        super().__init__()
+        self.tasks, self.primitive_norms = tasks, primitive_norms
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            return _grouped_conv2d(self.tasks, *args, **kwargs)
+        if func is F.linear:
+            return _batched_linear(self.tasks, *args, **kwargs)
+        if func is F.batch_norm:
+            return _folded_batch_norm(self.tasks, self.primitive_norms, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _grouped_conv2d(
+    tasks: int,
+    inputs: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
+    return F.conv2d(inputs, weight, bias, stride, padding, dilation, groups * tasks)
+
+
+def _batched_linear(
+    tasks: int, inputs: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    rows = inputs.shape[0]
+    per_task = inputs.reshape(rows, tasks, -1).transpose(0, 1)  # [T, N, in]
+    weights = weight.view(tasks, -1, weight.shape[-1]).transpose(1, 2)  # [T, in, out]
+    if bias is None:
+        outputs = torch.bmm(per_task, weights)
+    else:
+        outputs = torch.baddbmm(bias.view(tasks, 1, -1), per_task, weights)
+    return outputs.transpose(0, 1).reshape(rows, -1)
+
+
+def _folded_batch_norm(
+    tasks: int,
+    primitive: bool,
+    inputs: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    if running_mean is not None and running_var is not None:  # evaluation mode (see vmap_obstacle)
+        running_mean, running_var = running_mean.repeat(tasks), running_var.repeat(tasks)
+    norm = _batch_norm if primitive else F.batch_norm
+    return norm(inputs, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# -- normalisation from primitives ------------------------------------------------------------
+class PrimitiveNormalisation(TorchFunctionMode):
+    """While active, batch and layer normalisation are composed from primitive operations.
+
+    Under vmap, PyTorch's batching rules for the fused normalisation kernels give wrong
+    second derivatives (pytorch/functorch#534); written with ``var_mean`` and ``rsqrt`` the
+    same functions differentiate exactly (and their double backward is shorter than the fused
+    kernel's).
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _batch_norm(
+    inputs: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    channel = [1, -1] + [1] * (inputs.dim() - 2)
+    if training and running_mean is None and running_var is None:
+        dims = [0, *range(2, inputs.dim())]
+        var, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
+    elif not training and running_mean is not None and running_var is not None:
+        mean, var = running_mean.view(channel), running_var.view(channel)
+    else:  # running statistics updated in place: vmap_obstacle refuses such models
+        return F.batch_norm(
+            inputs, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    normalised = (inputs - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        normalised = normalised * weight.view(channel)
+    return normalised if bias is None else normalised + bias.view(channel)
+
+
+def _layer_norm(
+    inputs: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    dims = list(range(-len(normalized_shape), 0))
+    var, mean = torch.var_mean(inputs, dim=dims, correction=0, keepdim=True)
+    normalised = (inputs - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        normalised = normalised * weight
+    return normalised if bias is None else normalised + bias
