@@ -42,9 +42,24 @@ from l2l_adversarial.validation import value_checks
 
 EPS = 8 / 255
 WAYS = 3
+
+
+class OwnForward(nn.Module):
+    """A model with a forward pass of its own: the vmap engine runs it vmapped, not folded
+    (``l2l_adversarial.stacked.fold_obstacle``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net(inputs)
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "cnn4": lambda: CNN4(ways=WAYS, in_channels=1, hidden=4, image_size=16),
     "mlp": lambda: MLP(in_features=256, ways=WAYS, hidden=(8,)),
+    "cnn4-vmapped": lambda: OwnForward(CNN4(ways=WAYS, in_channels=1, hidden=4, image_size=16)),
 }
 LEARNERS: dict[str, Callable[..., MetaLearner]] = {
     "maml": lambda model, **kw: MAML(model, lr=0.3, **kw),

@@ -44,6 +44,13 @@ LOWER_LAYERS = {
     "l2l_adversarial.validation": ["l2l_adversarial.attacks", "l2l_adversarial.algorithms"],
     "l2l_adversarial.attacks": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
     "l2l_adversarial.transforms": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
+    "l2l_adversarial.stacked": [
+        "l2l_adversarial.attacks",
+        "l2l_adversarial.algorithms",
+        "l2l_adversarial.engines",
+        "l2l_adversarial.evaluation",
+        "l2l_adversarial.training",
+    ],
 }
 """Modules the package's ``__init__`` loads anyway: checked on their own import statements."""
 
