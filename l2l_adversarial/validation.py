@@ -275,9 +275,17 @@ def check_meta_batch(
     """
     if not value_checks_enabled() or not tasks:
         return
-    flags = torch.stack(
-        [torch.stack(_task_flags(task, classification, data_range, shots)).all() for task in tasks]
-    )
+    layouts = {tuple((t.shape, t.dtype, t.device) for t in task) for task in tasks}
+    if len(layouts) == 1:  # one set of checks for the stacked meta-batch
+        stacked = [torch.stack(list(field)) for field in zip(*tasks, strict=True)]
+        flags = _task_flags(Task(*stacked), classification, data_range, shots)
+    else:
+        flags = torch.cat(
+            [
+                _task_flags(Task(*(t[None] for t in task)), classification, data_range, shots)
+                for task in tasks
+            ]
+        )
     if bool(flags.all()):  # the one host read
         return
     for index, (task, ok) in enumerate(zip(tasks, flags.tolist(), strict=True)):
@@ -295,29 +303,36 @@ def check_meta_batch(
 
 
 def _task_flags(
-    task: Task,
+    tasks: Task,
     classification: bool,
     data_range: tuple[float, float] | None,
     shots: int | None = None,
-) -> list[Tensor]:
-    """0-d boolean tensors, all true for a good task (computed on its device, not read)."""
-    inputs, support = (task.support_inputs, task.query_inputs), task.support_labels
+) -> Tensor:
+    """``[T]`` booleans for a stack of ``T`` tasks (every tensor with a leading task
+    dimension), true for a good task (computed on their device, not read)."""
+    inputs, support = (tasks.support_inputs, tasks.query_inputs), tasks.support_labels
     flags = (
-        [] if shots is None else [((support[:, None] == support[None, :]).sum(1) == shots).all()]
+        []
+        if shots is None
+        else [((support[:, :, None] == support[:, None, :]).sum(2) == shots).all(1)]
     )
-    flags += [torch.isfinite(x).all() for x in inputs if x.is_floating_point()]
+    flags += [torch.isfinite(x.flatten(1)).all(1) for x in inputs if x.is_floating_point()]
     if data_range is not None:
         lower, upper = data_range
         slack = 1e-4 * (upper - lower)
-        flags += [(x >= lower - slack).all() & (x <= upper + slack).all() for x in inputs]
+        for x in inputs:
+            low, high = x.flatten(1).aminmax(dim=1)
+            flags += [(low >= lower - slack) & (high <= upper + slack)]
     if not classification:
-        labels = (task.support_labels, task.query_labels)
-        return flags + [torch.isfinite(y).all() for y in labels if y.is_floating_point()]
-    ordered = task.support_labels.sort().values  # ways = number of distinct support labels
-    ways = 1 + (ordered[1:] != ordered[:-1]).sum()
-    for classes in (task.support_labels, task.query_labels):
-        flags += [(classes >= 0).all(), (classes < ways).all()]
-    return flags
+        labels = (tasks.support_labels, tasks.query_labels)
+        flags += [torch.isfinite(y.flatten(1)).all(1) for y in labels if y.is_floating_point()]
+        return torch.stack(flags).all(0)
+    ordered = support.sort(dim=1).values  # ways = number of distinct support labels
+    ways = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+    for classes in (tasks.support_labels, tasks.query_labels):
+        low, high = classes.flatten(1).aminmax(dim=1)
+        flags += [(low >= 0) & (high < ways)]
+    return torch.stack(flags).all(0)
 
 
 def _check_shots(support_labels: Tensor, shots: int) -> None:
