@@ -1,8 +1,9 @@
 """Time, ATen ops and syncs per meta-iteration: learn2learn's MAML loop against MAML, ADML,
 MAML-AD and Adversarial Querying run by ``engines.meta_step`` (what ``train`` runs; the
 "train's step" rows with the value checks off, as ``train`` runs it), with the sequential and
-the vmap engine, on the same tasks and the same initial model (see conftest.py
-for the sizes).
+the vmap engine (CNN4 folded into one grouped network; the "not folded" rows vmapped, as
+models outside the layers it folds run), on the same tasks and the same initial model (see
+conftest.py for the sizes).
 
 The reference is the loop of learn2learn's MiniImageNet MAML example: per task
 ``maml.clone()``, ``learner.adapt(loss)`` per inner step, the query loss's ``.backward()``;
@@ -29,6 +30,17 @@ from .conftest import REFERENCE, Measure, MeasurePaired, Workload
 EPS = 2 / 255  # the paper's meta-training eps = 2 on [0, 1] images
 INNER_LR, META_LR = 0.01, 0.001  # the paper's alpha and beta
 Iteration = Callable[[], None]
+
+
+class OwnForward(nn.Module):
+    """A model with a forward pass of its own: :mod:`l2l_adversarial.stacked` cannot fold it."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
 
 
 def maml_reference(workload: Workload) -> Iteration:
@@ -75,16 +87,20 @@ def engine_step(
     engine: str,
     chunk_size: int | None = None,
     checked: bool = True,
+    folded: bool = True,
     **options: object,
 ) -> Callable[[Workload], Iteration]:
     """One ``engines.meta_step`` of ``method``'s learner with ``engine`` (and, for vmap,
-    ``chunk_size`` tasks per vmapped call; the whole meta-batch by default); ``checked=False``:
+    ``chunk_size`` tasks per batched call; the whole meta-batch by default); ``checked=False``:
     with value checks off, as ``train`` runs it (it checks each meta-batch where the data
-    pipeline builds it, :func:`l2l_adversarial.training.check_values`)."""
+    pipeline builds it, :func:`l2l_adversarial.training.check_values`); ``folded=False``: CNN4
+    behind a forward pass of its own, which the vmap engine runs vmapped instead of folded
+    (:mod:`l2l_adversarial.stacked`), as it runs any model outside the layers it folds."""
 
     def make(workload: Workload) -> Iteration:
         options.setdefault("channels_last", engine == "sequential")
-        learner = LEARNERS[method](workload.make_model(), workload.size.steps, **options)
+        model = workload.make_model() if folded else OwnForward(workload.make_model())
+        learner = LEARNERS[method](model, workload.size.steps, **options)
         optimizer = torch.optim.Adam(learner.parameters(), META_LR)
 
         def iteration() -> None:
@@ -107,6 +123,10 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
     },
     **{
         f"{method} (train's step, vmap)": engine_step(method, "vmap", checked=False)
+        for method in LEARNERS
+    },
+    **{
+        f"{method} (meta_step, vmap, not folded)": engine_step(method, "vmap", folded=False)
         for method in LEARNERS
     },
     # peak memory against the vmap engine's chunk size (the meta-batch is 4 tasks)
