@@ -10,8 +10,8 @@ many tasks run at once:
 * ``"vmap"``: the same objective on a stack of tasks with :class:`BatchedOps`: each inner
   loop is one pass for all tasks (for ADML, for the ``2T`` (branch, task) pairs), each query
   loss one pass, each attack one call over the meta-batch (losses and BatchNorm statistics
-  stay per task and per set; attacks with a random start run task by task, see
-  :func:`batches_attack`). :mod:`l2l_adversarial.stacked` runs the stack: CNN4, MLP and
+  stay per task and per set; each task's random start from its own generator stream; attacks
+  other than FGSM, FFGSM and PGD run task by task, see :func:`batches_attack`). :mod:`l2l_adversarial.stacked` runs the stack: CNN4, MLP and
   ``nn.Sequential`` nets of standard layers folded into one grouped network (plain
   autograd), any other model with ``torch.func.vmap`` over ``grad``. On a GPU this launches
   each layer's kernels once per meta-batch instead of once per task. ``chunk_size`` bounds
@@ -66,7 +66,7 @@ from l2l_adversarial.algorithms.task_ops import (
     TaskObjective,
     TaskOps,
 )
-from l2l_adversarial.attacks import FGSM, PGD, Attack
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.functional import FunctionalModel, Params
 from l2l_adversarial.stacked import ROW_MEAN_LOSSES, vmap_obstacle
 from l2l_adversarial.task import Task, per_class_prefix
@@ -84,6 +84,7 @@ __all__ = [
     "batches_attack",
     "meta_batch_objective",
     "meta_step",
+    "random_start",
     "resolve_engine",
     "vmap_obstacle",
 ]
@@ -129,18 +130,27 @@ def resolve_engine(learner: nn.Module, engine: str = "auto") -> str:
 
 
 def batches_attack(attack: Attack) -> bool:
-    """Whether the vmap engine attacks a whole meta-batch in one call.
-
-    Only for attacks without randomness (FGSM; PGD without random start): an attack with a
-    random start runs task by task, each task from the generator state it had when the task
-    was taken from ``tasks`` (so an iterator that seeds the attack's generator before yielding
-    each task gets the sequential engine's samples).
+    """Whether the vmap engine attacks a whole stack of tasks in one call: FGSM, FFGSM and
+    PGD (each task's random start, where there is one, drawn beforehand from the generator
+    state the task had when it was taken from ``tasks``, so an iterator that seeds the
+    attack's generator before yielding each task gets the sequential engine's samples);
+    other attacks run task by task.
 
     Example:
         >>> batches_attack(FGSM(eps=2 / 255)), batches_attack(PGD(eps=2 / 255))
+        (True, True)
+    """
+    return type(attack) in (FGSM, FFGSM, PGD)
+
+
+def random_start(attack: Attack) -> bool:
+    """Whether ``attack`` (one that :func:`batches_attack`) starts from random noise.
+
+    Example:
+        >>> random_start(PGD(eps=2 / 255)), random_start(PGD(eps=2 / 255, random_start=False))
         (True, False)
     """
-    return type(attack) is FGSM or (type(attack) is PGD and not attack.random_start)
+    return type(attack) is FFGSM or (type(attack) is PGD and attack.random_start)
 
 
 # -- the meta-iteration ----------------------------------------------------------------------
@@ -429,24 +439,28 @@ class BatchedOps(TaskOps):
         return scored
 
     def _perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]:
-        learner = self.learner
-        if batches_attack(learner.attack):
-            return attack_stacked(
-                learner.attack,
-                learner.functional,
-                params,
-                self._in_dim(params) == 0,
-                [(x, y) for x, y, _ in sets],
-            )
+        learner, attack = self.learner, self.learner.attack
         tasks = sets[0][0].shape[0]
         batched = self._in_dim(params) == 0
+        if batches_attack(attack):
+            if random_start(attack):  # each task's starts from its own stream, as in sequence
+                noise = []
+                for t in range(tasks):
+                    with self.streams.task(self.offset + t):
+                        noise += [
+                            attack.uniform_noise(x[t], self.streams.generator) for x, _, _ in sets
+                        ]
+                attack = attack.with_start_noise(torch.cat(noise))
+            return attack_stacked(
+                attack, learner.functional, params, batched, [(x, y) for x, y, _ in sets]
+            )
         per_task: list[list[Tensor]] = [[] for _ in sets]
         for t in range(tasks):
             at = {n: p[t] for n, p in params.items()} if batched else params
             with self.streams.task(self.offset + t):
                 for slot, (inputs, labels, query) in enumerate(sets):
-                    attack = learner.perturb_query if query else learner.perturb
-                    per_task[slot].append(attack(at, inputs[t], labels[t]))
+                    perturb = learner.perturb_query if query else learner.perturb
+                    per_task[slot].append(perturb(at, inputs[t], labels[t]))
         return [torch.stack(samples) for samples in per_task]
 
     def append_rows(

@@ -65,10 +65,16 @@ from torch.func import vmap
 from l2l_adversarial import stacked
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
-from l2l_adversarial.engines import ENGINES, attack_stacked, batches_attack, vmap_obstacle
+from l2l_adversarial.engines import (
+    ENGINES,
+    attack_stacked,
+    batches_attack,
+    random_start,
+    vmap_obstacle,
+)
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, seeded
@@ -819,8 +825,8 @@ class _StackedTasks:
         if fraction == 0:
             return inputs
         seeds = [derive_seed(task_seed, *stream) for task_seed in self.task_seeds]
-        if type(attack) in (FGSM, FFGSM, PGD):
-            if not batches_attack(attack):  # a random start: each task's own, seeded
+        if batches_attack(attack):
+            if random_start(attack):  # each task's own, seeded
                 noise = [
                     attack.uniform_noise(x, torch.Generator().manual_seed(s))
                     for x, s in zip(inputs, seeds, strict=True)

@@ -213,7 +213,8 @@ def test_random_start_attacks_give_the_same_meta_gradient_in_both_engines(
 ) -> None:
     """Each task's attacks draw from the generator state it had when it left the iterator."""
     attack = attack_class()
-    assert attack.generator is not None and not engines.batches_attack(attack)
+    assert attack.generator is not None and engines.random_start(attack)
+    assert engines.batches_attack(attack)
     model, tasks = make_model("cnn4"), make_tasks(3)
     learner = LEARNERS[learner_name](model, adaptation_steps=2)
     learner.attack = attack  # type: ignore[union-attr]
