@@ -15,7 +15,8 @@ many tasks run at once:
   ``nn.Sequential`` nets of standard layers folded into one grouped network (plain
   autograd), any other model with ``torch.func.vmap`` over ``grad``. On a GPU this launches
   each layer's kernels once per meta-batch instead of once per task. ``chunk_size`` bounds
-  how many tasks run at once (memory).
+  how many tasks run at once (memory); a chunk that runs out of device memory is halved and
+  the meta-iteration run again (:func:`fitting_chunk_size`).
 * ``"auto"`` (default): ``"sequential"``. No GPU measurement has shown vmap to be faster
   yet (none was available to this project); on the CPU the vmapped (grouped) convolutions
   are slower than the loop.
@@ -46,6 +47,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -82,6 +85,7 @@ __all__ = [
     "BatchedOps",
     "attack_stacked",
     "batches_attack",
+    "fitting_chunk_size",
     "meta_batch_objective",
     "meta_step",
     "random_start",
@@ -193,16 +197,14 @@ def meta_step(
         )
     batch = _MetaBatch(learner, tasks, resolve_engine(learner, engine), steps, chunk_size)
     if clean_optimizer is None:
-        return _descend(learner, batch.objectives(), optimizer, lambda o: o.total)
+        return _descend(batch, optimizer, lambda o: o.total)
     if not isinstance(learner, ADML):
         raise TypeError(
             f"clean_optimizer: the two-step update of Algorithm 1 is ADML's; "
             f"{type(learner).__name__} takes one optimizer"
         )
-    first = _descend(learner, batch.objectives(), optimizer, lambda o: o.adversarial_support_loss)
-    second = _descend(
-        learner, batch.objectives(replay=True), clean_optimizer, lambda o: o.clean_support_loss
-    )
+    first = _descend(batch, optimizer, lambda o: o.adversarial_support_loss)
+    second = _descend(batch, clean_optimizer, lambda o: o.clean_support_loss, replay=True)
     return ADMLObjective(
         first.adversarial_support_loss,
         second.clean_support_loss,
@@ -234,24 +236,60 @@ def meta_batch_objective(
 
 
 def _descend(
-    learner: MetaLearner,
-    objectives: Iterable[tuple[Any, float]],
+    batch: _MetaBatch,
     optimizer: _Stepper,
     select: Callable[[Any], Tensor],
+    replay: bool = False,
 ) -> Any:
-    """Backpropagate ``select`` of each weighted objective as it comes (one graph alive at a
-    time), take one optimizer step; returns the weighted mean objective, detached."""
-    optimizer.zero_grad()
+    """Backpropagate ``select`` of each weighted objective of ``batch`` as it comes (one graph
+    alive at a time), take one optimizer step; returns the weighted mean objective, detached.
+
+    If a vmap chunk runs out of device memory before the step, the pass starts again in
+    chunks half as large (the attack streams rewound; the learner keeps the smaller size,
+    :func:`fitting_chunk_size`), down to one task per chunk."""
+    while True:
+        streams = batch.streams.snapshot()
+        optimizer.zero_grad()
+        try:
+            kind, sums = _backward_each(batch, select, replay)
+            break
+        except torch.OutOfMemoryError:
+            if batch.engine != "vmap" or batch.chunk_size == 1 or replay:
+                raise
+        # out of the except block: its traceback (and the graphs it held) is gone
+        batch.streams.restore(streams)
+        batch.shrink_chunks()
+    optimizer.step()
+    return kind(*sums)
+
+
+def _backward_each(
+    batch: _MetaBatch, select: Callable[[Any], Tensor], replay: bool
+) -> tuple[type, list[Tensor]]:
     sums: list[Tensor] = []
     kind: type | None = None
-    for objective, weight in objectives:
+    for objective, weight in batch.objectives(replay):
         (weight * select(objective)).backward()
         values = [weight * v.detach() for v in objective]
         sums = values if not sums else [s + v for s, v in zip(sums, values, strict=True)]
         kind = type(objective)
-    optimizer.step()
     assert kind is not None  # _MetaBatch refuses an empty meta-batch
-    return kind(*sums)
+    return kind, sums
+
+
+_FITTING_CHUNKS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def fitting_chunk_size(learner: nn.Module) -> int | None:
+    """The vmap engine's tasks per chunk for ``learner`` after a meta-batch ran out of device
+    memory (later meta-batches start from it), or ``None`` if none did.
+
+    Example:
+        >>> import l2l_adversarial as l2la
+        >>> fitting_chunk_size(l2la.MAML(torch.nn.Linear(4, 2), lr=0.1)) is None
+        True
+    """
+    return _FITTING_CHUNKS.get(learner)
 
 
 def _plain_step(
@@ -284,6 +322,12 @@ class _AttackStreams:
     def capture(self) -> None:
         if self.generator is not None:
             self.states.append(self.generator.get_state())
+
+    def snapshot(self) -> list[Tensor]:
+        return list(self.states)
+
+    def restore(self, states: list[Tensor]) -> None:
+        self.states = list(states)
 
     @contextmanager
     def task(self, index: int) -> Iterator[None]:
@@ -326,10 +370,24 @@ class _MetaBatch:
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size or len(self.tasks)
+        self.chunk_size = chunk_size or min(len(self.tasks), _FITTING_CHUNKS.get(learner, 1 << 30))
         if engine == "vmap":
             _check_stackable(self.tasks)
         self.recorded: list[list[Tensor]] = []
+
+    def shrink_chunks(self) -> None:
+        """Halve the vmap engine's chunks after the device ran out of memory (and remember
+        the size for this learner's later meta-batches)."""
+        smaller = (self.chunk_size + 1) // 2
+        warnings.warn(
+            f"engine='vmap': {self.chunk_size} tasks at once did not fit in device memory; "
+            f"running chunks of {smaller} (set chunk_size= to choose)",
+            ResourceWarning,
+            stacklevel=4,
+        )
+        self.chunk_size = _FITTING_CHUNKS[self.learner] = smaller
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def objectives(self, replay: bool = False) -> Iterator[tuple[Any, float]]:
         """``(objective, weight)`` per task (sequential) or per chunk (vmap, objective

@@ -48,7 +48,7 @@ from l2l_adversarial.distributed import (
     on_rank0,
     world,
 )
-from l2l_adversarial.engines import meta_step, resolve_engine
+from l2l_adversarial.engines import fitting_chunk_size, meta_step, resolve_engine
 from l2l_adversarial.errors import TrainingDivergedError
 from l2l_adversarial.factory import build_learner, resolve_device
 from l2l_adversarial.files import append_csv_row, write_atomic
@@ -208,6 +208,10 @@ class Trainer:
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
         self.engine = resolve_engine(learner, train["engine"])
         """The engine that runs (``train.engine`` resolved), recorded in metrics and summary."""
+        self.chunk_size: int | None = None
+        """The vmap engine's tasks per chunk: ``None`` (the whole meta-batch) until a
+        meta-batch ran out of device memory (:func:`~l2l_adversarial.engines.fitting_chunk_size`);
+        kept in the checkpoint, so that a resumed run batches as the first one did."""
         self.iteration = 0
         workers, prefetch = default_loading(tasks, device)
         #: (worker processes, meta-batches built ahead): see :mod:`l2l_adversarial.data.prefetch`.
@@ -238,6 +242,7 @@ class Trainer:
             "learner": self.learner.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "rng": rng_state(),
+            "chunk_size": self.chunk_size,
         }
         save_checkpoint(self.run_dir / CHECKPOINT, state, kind="train")
         self.saved_iteration = self.iteration
@@ -278,6 +283,7 @@ class Trainer:
                 group["lr"] = lr
         set_rng_state(state["rng"])
         self.iteration = self.saved_iteration = int(state["iteration"])
+        self.chunk_size = state.get("chunk_size")  # absent in checkpoints before it existed
         return changes
 
     def _learning_rates(self) -> list[float]:
@@ -348,8 +354,10 @@ class Trainer:
         batch = self._meta_batch(self.iteration)
         with value_checks(False):
             objective = meta_step(
-                self.learner, self._seeded(batch), *self._optimizers(), engine=self.engine
-            )
+                self.learner, self._seeded(batch), *self._optimizers(), engine=self.engine,
+                chunk_size=self.chunk_size,
+            )  # fmt: skip
+        self.chunk_size = fitting_chunk_size(self.learner) or self.chunk_size
         return objective.total, objective.accuracy
 
     def run(

@@ -479,3 +479,94 @@ def test_train_resumes_bit_identically_with_each_engine(
         for a, b in zip(reference, sequential, strict=True):
             if a.dim() > 1:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- out of device memory ------------------------------------------------------------------
+def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, ops: type, tasks: int) -> None:
+    """Make ``ops.score`` raise CUDA's out-of-memory error on stacks of more than ``tasks``
+    tasks (after the attacks and inner loops have drawn from the attack streams)."""
+    score = ops.score
+
+    def limited(self: object, sets: list) -> list:
+        if not getattr(self, "batched", False) or sets[0][1].shape[0] > tasks:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return score(self, sets)
+
+    monkeypatch.setattr(ops, "score", limited)
+
+
+def test_a_meta_batch_that_does_not_fit_runs_in_halved_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step equals the one of ``chunk_size=2`` given beforehand, random starts included
+    (the streams rewound), and the learner keeps the size that fitted."""
+    attack = FFGSM(eps=EPS, generator=torch.Generator())
+    tasks = make_tasks(4)
+    results = []
+    for fallback in (False, True):
+        model = make_model("cnn4")
+        learner = LEARNERS["adml"](model, adaptation_steps=2)
+        learner.attack = attack  # type: ignore[union-attr]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if fallback:
+            with monkeypatch.context() as patch:
+                out_of_memory_above(patch, engines.BatchedOps, 2)
+                with pytest.warns(
+                    ResourceWarning, match="4 tasks at once did not fit.*chunks of 2"
+                ):
+                    engines.meta_step(
+                        learner, seeded(tasks, attack.generator), optimizer, engine="vmap"
+                    )
+                assert engines.fitting_chunk_size(learner) == 2
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # later meta-batches start at 2
+                    engines.meta_step(
+                        learner, seeded(tasks, attack.generator), optimizer, engine="vmap"
+                    )
+        else:
+            for _ in range(2):
+                engines.meta_step(
+                    learner, seeded(tasks, attack.generator), optimizer, engine="vmap", chunk_size=2
+                )
+            assert engines.fitting_chunk_size(learner) is None
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_out_of_memory_is_raised_where_no_smaller_chunk_exists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    learner = LEARNERS["maml"](make_model("mlp"))
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    out_of_memory_above(monkeypatch, engines.BatchedOps, 0)
+    with pytest.warns(ResourceWarning), pytest.raises(torch.OutOfMemoryError):
+        engines.meta_step(learner, make_tasks(2), optimizer, engine="vmap")  # 2, then 1
+    assert engines.fitting_chunk_size(learner) == 1
+    out_of_memory_above(monkeypatch, SequentialOps, 0)
+    with pytest.raises(torch.OutOfMemoryError):  # the sequential engine has no chunks
+        engines.meta_step(learner, make_tasks(2), optimizer, engine="sequential")
+
+
+def test_a_resumed_run_batches_as_the_first_one_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk size that fitted is in the checkpoint: the resumed run starts from it (no
+    new out-of-memory fallback) and ends bit-identical to the run that was not stopped."""
+    out_of_memory_above(monkeypatch, engines.BatchedOps, 1)
+    cfg = training_config("maml", engine="vmap")
+    with pytest.warns(ResourceWarning):
+        reference = final_parameters(
+            train_run(cfg, tmp_path / "a", SyntheticTasks(), progress=False)
+        )
+    with pytest.raises(Killed), pytest.warns(ResourceWarning):
+        train_run(
+            cfg, tmp_path / "b", SyntheticTasks(), progress=False, on_iteration=stop_at(3, Killed)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        resumed = final_parameters(
+            train_run(cfg, tmp_path / "b", SyntheticTasks(), resume=True, progress=False)
+        )
+    for a, b in zip(reference, resumed, strict=True):
+        assert torch.equal(a, b)
