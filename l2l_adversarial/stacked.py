@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -299,15 +300,12 @@ def _folded_adapt(
     ]
 
 
-class _Folding(TorchFunctionMode):
-    """While active, the layers see ``T`` tasks folded into channels: convolutions run
-    grouped by task, linear layers as one batched matrix product, batch normalisation with
-    each task's running statistics (evaluation mode); with ``primitive_norms`` as primitive
-    operations (a shorter double backward than the fused kernel's)."""
+class _Replacing(TorchFunctionMode):
+    """While active, calls of the functions in ``replacements`` go to their replacements."""
 
-    def __init__(self, tasks: int, primitive_norms: bool) -> None:
+    def __init__(self, replacements: dict[Callable[..., Any], Callable[..., Any]]) -> None:
         super().__init__()
-        self.tasks, self.primitive_norms = tasks, primitive_norms
+        self.replacements = replacements
 
     def __torch_function__(
         self,
@@ -316,14 +314,23 @@ class _Folding(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.conv2d:
-            return _grouped_conv2d(self.tasks, *args, **kwargs)
-        if func is F.linear:
-            return _batched_linear(self.tasks, *args, **kwargs)
-        if func is F.batch_norm:
-            return _folded_batch_norm(self.tasks, self.primitive_norms, *args, **kwargs)
-        return func(*args, **kwargs)
+        return self.replacements.get(func, func)(*args, **(kwargs or {}))
+
+
+class _Folding(_Replacing):
+    """While active, the layers see ``T`` tasks folded into channels: convolutions run
+    grouped by task, linear layers as one batched matrix product, batch normalisation with
+    each task's running statistics (evaluation mode); with ``primitive_norms`` as primitive
+    operations (a shorter double backward than the fused kernel's)."""
+
+    def __init__(self, tasks: int, primitive_norms: bool) -> None:
+        super().__init__(
+            {
+                F.conv2d: functools.partial(_grouped_conv2d, tasks),
+                F.linear: functools.partial(_batched_linear, tasks),
+                F.batch_norm: functools.partial(_folded_batch_norm, tasks, primitive_norms),
+            }
+        )
 
 
 def _grouped_conv2d(
@@ -358,20 +365,18 @@ def _folded_batch_norm(
     inputs: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
+    *args: Any,
+    **kwargs: Any,
 ) -> Tensor:
+    """``F.batch_norm``'s arguments after ``running_var``, passed on."""
     if running_mean is not None and running_var is not None:  # evaluation mode (see vmap_obstacle)
         running_mean, running_var = running_mean.repeat(tasks), running_var.repeat(tasks)
     norm = _batch_norm if primitive else F.batch_norm
-    return norm(inputs, running_mean, running_var, weight, bias, training, momentum, eps)
+    return norm(inputs, running_mean, running_var, *args, **kwargs)
 
 
 # -- normalisation from primitives ------------------------------------------------------------
-class PrimitiveNormalisation(TorchFunctionMode):
+class PrimitiveNormalisation(_Replacing):
     """While active, batch and layer normalisation are composed from primitive operations.
 
     Under vmap, PyTorch's batching rules for the fused normalisation kernels give wrong
@@ -380,19 +385,8 @@ class PrimitiveNormalisation(TorchFunctionMode):
     kernel's).
     """
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            return _batch_norm(*args, **kwargs)
-        if func is F.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+    def __init__(self) -> None:
+        super().__init__({F.batch_norm: _batch_norm, F.layer_norm: _layer_norm})
 
 
 def _batch_norm(
