@@ -11,9 +11,10 @@ many tasks run at once:
   loop is one pass for all tasks (for ADML, for the ``2T`` (branch, task) pairs), each query
   loss one pass, each attack one call over the meta-batch (losses and BatchNorm statistics
   stay per task and per set; each task's random start from its own generator stream; attacks
-  other than FGSM, FFGSM and PGD run task by task, see :func:`batches_attack`). :mod:`l2l_adversarial.stacked` runs the stack: CNN4, MLP and
-  ``nn.Sequential`` nets of standard layers folded into one grouped network (plain
-  autograd), any other model with ``torch.func.vmap`` over ``grad``. On a GPU this launches
+  other than FGSM, FFGSM and PGD run task by task, see :func:`batches_attack`).
+  :mod:`l2l_adversarial.stacked` runs the stack: CNN4, MLP and ``nn.Sequential`` nets of
+  standard layers folded into one grouped network (plain autograd), any other model with
+  ``torch.func.vmap`` over ``grad``. On a GPU this launches
   each layer's kernels once per meta-batch instead of once per task. ``chunk_size`` bounds
   how many tasks run at once (memory); a chunk that runs out of device memory is halved and
   the meta-iteration run again (:func:`fitting_chunk_size`).
@@ -370,7 +371,8 @@ class _MetaBatch:
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size or min(len(self.tasks), _FITTING_CHUNKS.get(learner, 1 << 30))
+        count = len(self.tasks)
+        self.chunk_size = chunk_size or min(count, _FITTING_CHUNKS.get(learner, count))
         if engine == "vmap":
             _check_stackable(self.tasks)
         self.recorded: list[list[Tensor]] = []

@@ -26,8 +26,8 @@ and seed give identical results, and every method sees the same random starts.
 
 Tasks run in chunks (``chunk_size``): each chunk's values are checked with one host read and
 its results read with one; ``engine="vmap"`` adapts, attacks and scores a whole chunk at once
-with ``torch.func`` (gradient-based learners), the same protocol code as task by task
-(``engine="sequential"``, the reference and the default).
+(:mod:`l2l_adversarial.stacked`: folded or vmapped; gradient-based learners), the same
+protocol code as task by task (``engine="sequential"``, the reference and the default).
 
 Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` evaluates tasks
 ``r, r + world_size, ...`` and the per-task results are gathered in task order, so every rank
@@ -440,8 +440,9 @@ def evaluate(
             number of tasks this process evaluated (``len(rank_indices(len(tasks)))`` in all
             under torchrun).
         engine: ``"sequential"`` (task by task, any learner: the reference), ``"vmap"``
-            (a chunk of tasks at once with ``torch.func``: gradient-based learners; the same
-            results in float64, in float32 up to the sign of near-zero attack gradients) or
+            (a chunk of tasks at once, :mod:`l2l_adversarial.stacked`: gradient-based
+            learners; the same results in float64, in float32 up to the sign of near-zero
+            attack gradients) or
             ``"auto"`` (``"sequential"``: see :mod:`l2l_adversarial.engines`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.

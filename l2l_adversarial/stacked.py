@@ -115,8 +115,9 @@ def fold_obstacle(module: nn.Module, sample_dims: int) -> str | None:
         >>> fold_obstacle(torch.nn.Sequential(torch.nn.LayerNorm(8)), sample_dims=1)
         "LayerNorm layer '0' mixes what folding keeps apart; the stack runs vmapped"
     """
-    if vmap_obstacle(module) is not None:
-        return vmap_obstacle(module)
+    obstacle = vmap_obstacle(module)
+    if obstacle is not None:
+        return obstacle
     rank = sample_dims + 1  # with the batch dimension
     for name, layer in module.named_modules():
         label = f"{type(layer).__name__} layer {name!r}"
@@ -152,11 +153,14 @@ def forward(
     its parameters (``params[name][t]``, or ``params`` for every task if not ``per_task``).
 
     For first derivatives (attacks): normalisation runs as PyTorch's fused kernels."""
+    folds: dict[int, bool] = {}  # by the inputs' rank, decided on the first call
     folded: Params | None = None
 
     def run(inputs: Tensor) -> Tensor:
         nonlocal folded
-        if not _folds(functional, inputs):
+        if inputs.dim() not in folds:
+            folds[inputs.dim()] = _folds(functional, inputs)
+        if not folds[inputs.dim()]:
             return vmap(functional, in_dims=(0 if per_task else None, 0))(params, inputs)
         if folded is None:  # once for every call
             folded = _fold_params(params, per_task, tasks)
@@ -175,7 +179,8 @@ def losses(
             return vmap(functional.loss, in_dims=(0 if per_task else None, 0, 0))(
                 params, inputs, labels
             )
-    outputs = forward(functional, params, per_task, inputs.shape[0])(inputs)
+    folded = _fold_params(params, per_task, inputs.shape[0])
+    outputs = _folded_outputs(functional, folded, inputs, primitive_norms=False)
     return _task_losses(functional.loss_fn, outputs, labels), vmap(accuracy)(
         outputs.detach(), labels
     )

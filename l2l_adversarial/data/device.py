@@ -42,8 +42,9 @@ class ImageTable:
     ``channels_last``: rows come H x W x C (MiniImageNet's cache); the table keeps them
     C x H x W (a copy: on the host, MiniImageNet's train split then takes 813 MB more memory
     beside the dataset's own array; on a device the transposed copy replaces the uploaded
-    one, so both are there only while the table is built). ``scale``: uint8 rows are returned as float32 in
-    [0, 1] (``x / 255``); otherwise rows are returned as stored (a copy).
+    one, so both are there only while the table is built). ``scale``: uint8 rows are
+    returned as float32 in [0, 1] (``x / 255``); otherwise rows are returned as stored (a
+    copy).
     """
 
     def __init__(
@@ -64,7 +65,7 @@ class ImageTable:
         self.images = images.to(self.device)
         if channels_last:  # stored once as N x C x H x W: a task's rows are then contiguous
             self.images = self.images.permute(0, 3, 1, 2).contiguous()
-        self.channels_last, self.scale = channels_last, scale
+        self.scale = scale
         self._levels = torch.tensor(255.0, device=self.device)
 
     def __len__(self) -> int:

@@ -7,10 +7,11 @@ on a private ``random.Random``: choosing task ``i`` touches no global generator,
 thread-safe and costs microseconds. The images are then gathered by row index from an
 :class:`~l2l_adversarial.data.device.ImageTable` when the dataset's layout is known (one
 ``index_select`` and one float conversion per task, both sets at once, on the host or, with
-``device=``, on the accelerator), or loaded per sample otherwise. A dataset with a per-sample ``transform``
-is loaded per sample with Python's, numpy's and torch's global generators seeded from
-``(seed, i)`` and restored afterwards, as learn2learn would, so random transforms are
-reproducible too (that path is not thread-safe: do not sample it from several threads).
+``device=``, on the accelerator), or loaded per sample otherwise. A dataset with a
+per-sample ``transform`` is loaded per sample with Python's, numpy's and torch's global
+generators seeded from ``(seed, i)`` and restored afterwards, as learn2learn would, so
+random transforms are reproducible too (that path is not thread-safe: do not sample it from
+several threads).
 """
 
 from __future__ import annotations
