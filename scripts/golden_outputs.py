@@ -127,14 +127,10 @@ def trainings() -> dict[str, object]:
 
 def application_runs() -> dict[str, object]:
     """``train`` from a config on the digits data, as the command line runs it."""
-    try:
-        from l2l_adversarial.app.config import load_config
-        from l2l_adversarial.app.factory import task_source
-        from l2l_adversarial.app.training import train
-    except ImportError:  # before the application had a package of its own
-        from l2l_adversarial.config import load_config  # type: ignore[no-redef]
-        from l2l_adversarial.factory import task_source  # type: ignore[no-redef]
-        from l2l_adversarial.training import train  # type: ignore[no-redef]
+    from l2l_adversarial.app.config import load_config
+    from l2l_adversarial.app.factory import task_source
+    from l2l_adversarial.app.training import train
+
     out: dict[str, object] = {}
     runs = {
         "adml": ["train.meta_update=sequential", "train.attack=ffgsm"],
