@@ -15,9 +15,7 @@ writes the run folder; every rank reads the checkpoint on resume.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
 import json
 import math
 import signal
@@ -41,7 +39,7 @@ from l2l_adversarial.app.checkpoint import (
 )
 from l2l_adversarial.app.config import config_changes, describe_changes, dump_config
 from l2l_adversarial.app.factory import build_learner, resolve_device
-from l2l_adversarial.app.files import append_csv_row, write_atomic
+from l2l_adversarial.app.files import append_csv_row, drop_csv_rows_after, write_atomic
 from l2l_adversarial.app.reproducibility import apply_deterministic_settings
 from l2l_adversarial.app.run_folder import (
     RunFolderError,
@@ -519,7 +517,7 @@ def prepare_run_dir(
     the checkpoint are dropped and config.yaml records the accepted ``changes``.
     """
     if resume:
-        _truncate_metrics(run_dir / "metrics.csv", iteration)
+        drop_csv_rows_after(run_dir / "metrics.csv", METRIC_FIELDS, iteration)
         if changes:
             header = "".join(
                 f"# resumed at iteration {iteration} accepting {key}: {old!r} -> {new!r}\n"
@@ -542,22 +540,6 @@ def prepare_run_dir(
             restore_aside(run_dir, aside)
         raise
     return aside
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows logged after the checkpoint: the resumed run logs them again."""
-    if not path.exists():
-        return
-    with path.open(newline="") as file:
-        logged = list(csv.DictReader(file))
-    rows = [r for r in logged if int(r["iteration"]) <= iteration]
-    if len(rows) == len(logged):
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
 
 
 def train(
