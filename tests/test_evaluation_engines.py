@@ -168,7 +168,7 @@ def test_vmap_engine_refuses_what_it_cannot_batch() -> None:
         0.1,
         1,
     )
-    with pytest.raises(ValueError, match="engine='vmap' adapts gradient-based learners"):
+    with pytest.raises(ValueError, match="engine='vmap' runs gradient-based learners"):
         evaluate(network, tasks, method="Matching Nets", engine="vmap")
     dropout = nn.Sequential(nn.Flatten(), nn.Linear(256, WAYS), nn.Dropout(0.5)).double()
     with pytest.raises(ValueError, match="Dropout"):

@@ -53,7 +53,7 @@ LOWER_LAYERS = {
     "l2l_adversarial.validation": ["l2l_adversarial.attacks", "l2l_adversarial.algorithms"],
     "l2l_adversarial.attacks": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
     "l2l_adversarial.transforms": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
-    "l2l_adversarial.stacked": [
+    "l2l_adversarial.runtime.layouts": [
         "l2l_adversarial.attacks",
         "l2l_adversarial.algorithms",
         "l2l_adversarial.engines",

@@ -34,7 +34,13 @@ from l2l_adversarial.evaluation import (
     paper_scenarios,
 )
 
-SHIPPED = Path(__file__).resolve().parents[1] / "l2l_adversarial/app/resources/paper_tables.json"
+SHIPPED = (
+    Path(__file__).resolve().parents[1]
+    / "l2l_adversarial"
+    / "app"
+    / "resources"
+    / "paper_tables.json"
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
