@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from l2l_adversarial.app.config import ConfigError, load_config
+from l2l_adversarial.app.config import METHODS, TWO_OPTIMIZER_METHODS, ConfigError, load_config
 from l2l_adversarial.app.configs import CONFIG_FOLDER
+from l2l_adversarial.app.factory import build_learner
 
 BUNDLED = sorted(CONFIG_FOLDER.glob("*.yaml"))
 
@@ -79,6 +80,17 @@ def test_sequential_meta_update_is_refused_where_it_means_nothing(method: str) -
         None, ["dataset.name=digits", "method=adml", "train.meta_update=sequential"]
     )
     assert config["train"]["meta_update"] == "sequential"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_methods_allowed_a_sequential_update_are_those_with_a_two_step_update(
+    method: str,
+) -> None:
+    """The config's list agrees with what the built learners declare (the runtime's
+    ``two_step_update``), so neither can drift from the other."""
+    learner = build_learner(load_config(None, ["dataset.name=digits", f"method={method}"]), 1, 16)
+    declared = getattr(learner, "two_step_update", None) is not None
+    assert declared == (method in TWO_OPTIMIZER_METHODS)
 
 
 def test_missing_dataset_root_is_rejected(tmp_path: Path) -> None:

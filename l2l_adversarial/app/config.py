@@ -31,6 +31,7 @@ __all__ = [
     "DATASETS",
     "METHODS",
     "SCHEMA",
+    "TWO_OPTIMIZER_METHODS",
     "ConfigError",
     "config_changes",
     "describe_changes",
