@@ -40,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "seed_all",
     "set_rng_state",
 ]
 
@@ -171,6 +172,15 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator :func:`rng_state` captures (Python, NumPy, torch CPU and CUDA):
+    a run's checkpoints, digests included, are then the same in every process that runs it.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:

@@ -35,6 +35,7 @@ from l2l_adversarial.app.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    seed_all,
     set_rng_state,
 )
 from l2l_adversarial.app.config import config_changes, describe_changes, dump_config
@@ -582,7 +583,7 @@ def _build_trainer(config: dict[str, Any], run_dir: Path, tasks: TaskSource) -> 
     nothing on disk touched yet."""
     device = resolve_device(config["device"])
     apply_deterministic_settings(device, config["train"]["deterministic"])
-    torch.manual_seed(config["seed"])
+    seed_all(config["seed"])
     shape = tasks[0].support_inputs.shape
     return Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
 
