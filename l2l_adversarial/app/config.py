@@ -43,6 +43,9 @@ __all__ = [
 METHODS = ("maml", "maml-ad", "adml", "aq", "matching-nets")
 DATASETS = ("mini-imagenet", "cifar100", "cifar-fs", "digits")
 BUNDLED_DATASETS = ("digits",)  # ship inside an installed package: no root needed
+TWO_OPTIMIZER_METHODS = ("adml",)
+"""Methods with two meta-updates, ``train.meta_update: sequential`` (ADML's Algorithm 1,
+line 11: beta1, then beta2); the others have one meta-objective and one optimizer."""
 
 
 class ConfigError(UserError, ValueError):
@@ -265,11 +268,8 @@ def validate_config(
         raise ConfigError(f"invalid configuration ({count}); fix the keys below:\n{listed}")
     config: dict[str, Any] = validator.document
     _check_dataset_root(config["dataset"])
-    if config["method"] == "matching-nets" and config["train"]["meta_update"] == "sequential":
-        raise ConfigError(
-            "train.meta_update: 'sequential' applies to method adml only; "
-            "set train.meta_update=joint or method=adml"
-        )
+    if config["train"]["meta_update"] == "sequential":
+        _check_sequential_update(config["method"])
     for section in ("train", "evaluate"):
         if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
             raise ConfigError(
@@ -277,6 +277,16 @@ def validate_config(
                 "matching-nets; use auto or sequential"
             )
     return config
+
+
+def _check_sequential_update(method: str) -> None:
+    if method not in TWO_OPTIMIZER_METHODS:
+        raise ConfigError(
+            "train.meta_update: 'sequential' applies to method adml only; it is ADML's "
+            "two-optimizer update (Algorithm 1, line 11: a beta1 step on the adversarially "
+            "adapted branch, then a beta2 step on the clean one), which "
+            f"{method} does not have; set train.meta_update=joint or method=adml"
+        )
 
 
 def _source_of(key: str, sources: Mapping[str, str]) -> str:
