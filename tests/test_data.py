@@ -145,13 +145,19 @@ def test_mini_imagenet_items_labels_and_classes(tmp_path: Path) -> None:
     names_sorted = sorted(cache.class_dict)
     assert list(cache.class_dict) != names_sorted  # the file lists classes unsorted
     assert dataset.classes == names_sorted and len(dataset) == 24
+    # Rows come in label order; within a class, in the order of their pixels' digest.
+    assert (np.diff(dataset.targets) >= 0).all()
     for name, rows in cache.class_dict.items():
-        for row in rows:
-            image, label = dataset[row]
-            assert isinstance(label, int) and dataset.classes[label] == name
+        label = dataset.classes.index(name)
+        own = np.flatnonzero(dataset.targets == label)
+        expected = {cache.images[row].transpose(2, 0, 1).tobytes() for row in rows}
+        assert {dataset.images[row].tobytes() for row in own} == expected
+        for row in own:
+            image, got = dataset[int(row)]
+            assert isinstance(got, int) and got == label
             assert image.dtype == torch.float32 and image.shape == (3, 84, 84)
-            expected = torch.from_numpy(cache.images[row].astype(np.float32) / 255).permute(2, 0, 1)
-            torch.testing.assert_close(image, expected, rtol=0, atol=1e-7)
+            reference = torch.from_numpy(dataset.images[row].astype(np.float32) / 255)
+            torch.testing.assert_close(image, reference, rtol=0, atol=1e-7)
     assert dataset.images.dtype == np.uint8  # kept as uint8 in memory
 
 
@@ -161,7 +167,9 @@ def test_mini_imagenet_transform_and_storage_is_read_only(tmp_path: Path) -> Non
     image, _ = dataset[0]
     assert image.shape == (3, 8, 8)
     image.fill_(7.0)  # a returned item is a copy
-    np.testing.assert_array_equal(dataset.images, cache.images)
+    assert sorted(row.tobytes() for row in dataset.images) == sorted(
+        row.transpose(2, 0, 1).tobytes() for row in cache.images
+    )
     assert not dataset.images.flags.writeable and not dataset.targets.flags.writeable
 
 
@@ -251,7 +259,10 @@ def test_mini_imagenet_download_uses_learn2learn_and_moves_file_in_when_valid(
     dataset = MiniImageNet(root, "test", download=True, strict=False)
     assert len(calls) == 1 and "zenodo.org" in calls[0][0] and calls[0][0].endswith("test.pkl")
     assert Path(calls[0][1]).parent == root  # downloaded next to its final place
-    assert sorted(p.name for p in root.iterdir()) == ["mini-imagenet-cache-test.pkl"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".l2l-adversarial-cache",  # the decoded cache (tests/test_data_formats.py)
+        "mini-imagenet-cache-test.pkl",
+    ]
     assert len(dataset) == 15
     MiniImageNet(root, "test", download=True, strict=False)  # present: no second download
     assert len(calls) == 1
@@ -556,8 +567,12 @@ def test_sampling_never_modifies_the_dataset(tmp_path: Path) -> None:
     cache = write_mini_imagenet_cache(tmp_path, "train", num_classes=3, images_per_class=4)
     images = MiniImageNet(tmp_path, "train", strict=False)
     task = FewShotTasks(images, 3, 1, 2, seed=0).sample()
+    before = np.array(images.images)
     task.support_inputs.zero_()
-    np.testing.assert_array_equal(images.images, cache.images)
+    np.testing.assert_array_equal(images.images, before)
+    assert sorted(row.tobytes() for row in before) == sorted(
+        row.transpose(2, 0, 1).tobytes() for row in cache.images
+    )
 
 
 def test_tasks_accept_tensors_and_datasets_without_targets() -> None:

@@ -186,7 +186,7 @@ class FewShotTasks:
         if device is not None and self.table is None:
             raise ValueError(
                 f"device={str(device)!r} keeps the images on the device, which needs a "
-                "MiniImageNet, CIFAR100Meta, Digits (without transform) or TensorDataset; "
+                "dataset of this package (without transform) or a TensorDataset; "
                 f"got {type(self.meta_dataset.dataset).__name__}: pass device=None"
             )
         self._next_index = 0
