@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
@@ -254,3 +255,122 @@ class SyntheticTasks:
             return (0.9 * prototypes[labels] + noise).clamp(0, 1), labels
 
         return Task(*draw(self.shots), *draw(self.queries))
+
+
+# -- every format of a dataset, holding the same images ---------------------------------------
+def random_images(count: int, size: int, seed: int, channels: int = 3) -> np.ndarray:
+    """Smooth random uint8 images (count, size, size, channels): blocks of 4 x 4 pixels plus
+    noise, so that JPEG keeps them recognisable."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(count, -(-size // 4), -(-size // 4), channels))
+    images = blocks.repeat(4, axis=1).repeat(4, axis=2)[:, :size, :size]
+    noise = rng.integers(-12, 13, size=images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
+
+
+def encode_image(array: np.ndarray, suffix: str = ".png") -> bytes:
+    """``array`` (H x W x C or H x W uint8) encoded by Pillow as PNG or JPEG (quality 90)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    image.save(buffer, format="PNG" if suffix == ".png" else "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decode_like_the_package(data: bytes) -> np.ndarray:
+    """H x W x C pixels of encoded ``data`` by the package's decoder (Pillow, RGB)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass
+class MiniImageNetFormats:
+    """What :func:`write_mini_imagenet_formats` wrote: one root per format and the pixels."""
+
+    roots: dict[str, Path]
+    #: per class name, its images (H x W x 3) as decoded from the JPEG files
+    pixels: dict[str, np.ndarray]
+
+
+def write_mini_imagenet_formats(
+    root: str | os.PathLike[str],
+    modes: tuple[str, ...] = ("train", "validation", "test"),
+    *,
+    num_classes: int = 4,
+    images_per_class: int = 5,
+    image_size: int = 84,
+    seed: int = 0,
+) -> MiniImageNetFormats:
+    """The same images in all four MiniImageNet formats, each in its own folder of ``root``.
+
+    The images are written as JPEG (Ravi & Larochelle's ``images/`` + csv) and their decoded
+    pixels go into learn2learn's pickle, torchmeta's hdf5 + json and MetaOptNet's Python 2
+    pickle, each file ordering images and classes differently (as real copies do).
+    """
+    import h5py
+
+    root = Path(root)
+    roots = {
+        "learn2learn": root / "learn2learn",
+        "torchmeta": root / "torchmeta",
+        "metaoptnet": root / "metaoptnet",
+        "ravi": root / "ravi",
+    }
+    split_names = {"train": "train", "validation": "val", "test": "test"}
+    metaoptnet_names = {"train": "train_phase_train", "validation": "val", "test": "test"}
+    pixels: dict[str, np.ndarray] = {}
+    (roots["ravi"] / "images").mkdir(parents=True, exist_ok=True)
+    for number, mode in enumerate(modes):
+        rng = np.random.default_rng(seed + number)
+        names = [f"n{2000000 + 101 * (number * 100 + i):08d}" for i in range(num_classes)]
+        images = random_images(num_classes * images_per_class, image_size, seed + 10 * number)
+        rows = [["filename", "label"]]
+        decoded = []
+        for index, image in enumerate(images):
+            name = names[index // images_per_class]
+            filename = f"{name}{index:08d}.jpg"
+            data = encode_image(image, ".jpg")
+            (roots["ravi"] / "images" / filename).write_bytes(data)
+            rows.append([filename, name])
+            decoded.append(decode_like_the_package(data))
+        all_pixels = np.stack(decoded)
+        for i, name in enumerate(names):
+            pixels[name] = all_pixels[i * images_per_class : (i + 1) * images_per_class]
+        shuffled = [rows[0]] + [rows[1 + i] for i in rng.permutation(len(rows) - 1)]
+        with (roots["ravi"] / f"{split_names[mode]}.csv").open("w", newline="") as file:
+            file.write("\n".join(",".join(row) for row in shuffled) + "\n")
+        labels = np.repeat(np.arange(num_classes), images_per_class)
+        # learn2learn: rows shuffled, class_dict in reverse name order
+        order = rng.permutation(len(labels))
+        class_dict = {
+            names[c]: [int(np.flatnonzero(order == i)[0]) for i in np.flatnonzero(labels == c)]
+            for c in reversed(range(num_classes))
+        }
+        roots["learn2learn"].mkdir(parents=True, exist_ok=True)
+        with (roots["learn2learn"] / f"mini-imagenet-cache-{mode}.pkl").open("wb") as file:
+            pickle.dump({"image_data": all_pixels[order], "class_dict": class_dict}, file, 4)
+        # torchmeta: one dataset per class, each class's images reversed
+        folder = roots["torchmeta"] / "miniimagenet"
+        folder.mkdir(parents=True, exist_ok=True)
+        with h5py.File(folder / f"{split_names[mode]}_data.hdf5", "w") as file:
+            group = file.create_group("datasets")
+            for name in names:
+                group.create_dataset(name, data=pixels[name][::-1])
+        (folder / f"{split_names[mode]}_labels.json").write_text(json.dumps(sorted(names)))
+        # MetaOptNet: Python 2 pickle, other shuffle, labels numbered from 64 * number
+        order = rng.permutation(len(labels))
+        record = {
+            "data": all_pixels[order],
+            "labels": [int(64 * number + labels[i]) for i in order],
+            "catname2label": {name: 64 * number + c for c, name in enumerate(names)},
+        }
+        dump_python2_pickle(
+            record,
+            roots["metaoptnet"]
+            / "miniImageNet"
+            / f"miniImageNet_category_split_{metaoptnet_names[mode]}.pickle",
+        )
+    return MiniImageNetFormats(roots, pixels)

@@ -99,10 +99,7 @@ def image_table(dataset: Any, device: torch.device | str = "cpu") -> ImageTable 
         if len(dataset.tensors) != 2:
             return None
         return ImageTable(dataset.tensors[0], channels_last=False, scale=False, device=device)
-    if (
-        not isinstance(dataset, ImageSplit | CIFAR100Meta | Digits)
-        or dataset.transform is not None
-    ):
+    if not isinstance(dataset, ImageSplit | CIFAR100Meta | Digits) or dataset.transform is not None:
         return None
     if isinstance(dataset, Digits):
         return ImageTable(dataset.images, channels_last=False, scale=False, device=device)

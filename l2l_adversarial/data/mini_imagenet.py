@@ -173,19 +173,19 @@ def _torchmeta_plan(root: Path, mode: str, sources: list[Path], options: dict[st
     shape: tuple[int, ...] | None = None
     for name in labels:
         dataset = group[name]
-        if dataset.dtype != np.uint8 or dataset.ndim != 4 or dataset.shape[3] != 3:
+        dtype, found = dataset.dtype, dataset.shape
+        if dtype != np.uint8 or len(found) != 4 or found[3] != 3:
             file.close()
             raise DatasetFileError(
-                f"{data_path}: class {name} is {dataset.dtype} {dataset.shape}, expected uint8 "
-                f"(N, H, W, 3). {hint}"
+                f"{data_path}: class {name} is {dtype} {found}, expected uint8 (N, H, W, 3). {hint}"
             )
-        if shape is not None and dataset.shape[1:] != shape:
+        if shape is not None and found[1:] != shape:
             file.close()
             raise DatasetFileError(
-                f"{data_path}: class {name} has images of {dataset.shape[1:]}, others {shape}. {hint}"
+                f"{data_path}: class {name} has images of {found[1:]}, others {shape}. {hint}"
             )
-        shape = dataset.shape[1:]
-        names += [name] * dataset.shape[0]
+        shape = found[1:]
+        names += [name] * found[0]
     assert shape is not None
 
     def items() -> Iterator[np.ndarray]:

@@ -1,0 +1,305 @@
+"""Every on-disk format of every dataset, on small generated files: same images and tasks across
+formats, auto-detection, the memory-mapped decode cache and its checks, and the errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_factories import (
+    dump_python2_pickle,
+    truncate_file,
+    write_malicious_pickle,
+    write_mini_imagenet_formats,
+)
+
+from l2l_adversarial.data import FewShotTasks, MiniImageNet
+from l2l_adversarial.data.cache import CACHE_FOLDER
+from l2l_adversarial.data.device import image_table
+from l2l_adversarial.data.errors import (
+    DatasetFileError,
+    DatasetNotFoundError,
+    UnsafePickleError,
+)
+from l2l_adversarial.errors import UserError
+
+FORMATS = ("learn2learn", "torchmeta", "metaoptnet", "ravi")
+
+
+def assert_same_tasks(first: FewShotTasks, second: FewShotTasks, count: int = 4) -> None:
+    for index in range(count):
+        a, b = first[index], second[index]
+        assert torch.equal(a.support_inputs, b.support_inputs)
+        assert torch.equal(a.query_inputs, b.query_inputs)
+        assert torch.equal(a.support_labels, b.support_labels)
+
+
+@pytest.fixture(scope="module")
+def mini_formats(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return write_mini_imagenet_formats(
+        tmp_path_factory.mktemp("mini"), ("train", "test"), num_classes=4, images_per_class=5
+    )
+
+
+# -- MiniImageNet: four formats, one dataset -------------------------------------------------
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_every_mini_imagenet_format_gives_the_same_rows_and_tasks(mini_formats, mode: str) -> None:  # type: ignore[no-untyped-def]
+    datasets = {
+        name: MiniImageNet(root, mode, strict=False, cache_dir=False)
+        for name, root in mini_formats.roots.items()
+    }
+    reference = datasets["learn2learn"]
+    assert reference.classes == sorted(
+        name for name in mini_formats.pixels if name in reference.classes
+    )
+    for name, dataset in datasets.items():
+        assert dataset.format == name  # auto-detected
+        assert dataset.images.shape == (20, 3, 84, 84) and dataset.images.dtype == np.uint8
+        np.testing.assert_array_equal(dataset.images, reference.images)
+        np.testing.assert_array_equal(dataset.targets, reference.targets)
+        assert dataset.classes == reference.classes
+        assert_same_tasks(
+            FewShotTasks(dataset, 3, 1, 2, seed=7), FewShotTasks(reference, 3, 1, 2, seed=7)
+        )
+    for label, name in enumerate(reference.classes):  # the JPEGs' pixels, as Pillow decodes them
+        rows = reference.images[reference.targets == label].transpose(0, 2, 3, 1)
+        assert sorted(r.tobytes() for r in rows) == sorted(
+            r.tobytes() for r in mini_formats.pixels[name]
+        )
+
+
+def test_a_named_format_is_read_and_a_missing_one_is_listed(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "both"
+    root.mkdir()
+    for name in ("ravi", "metaoptnet"):
+        for entry in mini_formats.roots[name].iterdir():
+            if entry.name != CACHE_FOLDER:
+                (root / entry.name).symlink_to(entry)
+    assert MiniImageNet(root, "test", strict=False, cache_dir=False).format == "metaoptnet"
+    assert MiniImageNet(root, "test", strict=False, format="ravi", cache_dir=False).format == "ravi"
+    with pytest.raises(DatasetNotFoundError, match="format 'torchmeta'") as missing:
+        MiniImageNet(root, "test", strict=False, format="torchmeta")
+    assert "test_data.hdf5" in str(missing.value) and "learn2learn" not in str(missing.value)
+    with pytest.raises(ValueError, match="format must be one of"):
+        MiniImageNet(root, "test", format="hdf5")
+
+
+def test_a_root_without_any_format_lists_what_was_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as missing:
+        MiniImageNet(tmp_path, "validation")
+    message = str(missing.value)
+    assert isinstance(missing.value, UserError) and isinstance(missing.value, FileNotFoundError)
+    for needed in (
+        "mini-imagenet-cache-validation.pkl",
+        "val_data.hdf5",
+        "val_labels.json",
+        "miniImageNet_category_split_val.pickle",
+        "val.csv + images/*.jpg",
+        "docs/data-formats.md",
+    ):
+        assert needed in message
+
+
+def test_strict_applies_to_every_format(mini_formats) -> None:  # type: ignore[no-untyped-def]
+    for root in mini_formats.roots.values():
+        with pytest.raises(DatasetFileError, match=r"expected 20 classes of 600 images"):
+            MiniImageNet(root, "test", cache_dir=False)
+
+
+# -- the decode cache ---------------------------------------------------------------------------
+def test_the_cache_is_a_memory_map_read_back_without_decoding(
+    tmp_path: Path,
+    mini_formats,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    cache_dir = tmp_path / "cache"
+    first = MiniImageNet(mini_formats.roots["ravi"], "train", strict=False, cache_dir=cache_dir)
+    assert isinstance(first.images, np.memmap) and not first.images.flags.writeable
+    assert first.cache_path is not None and first.cache_path.parent == cache_dir
+    import l2l_adversarial.data.mini_imagenet as module
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(module, "decode_image", no_decoding)
+    again = MiniImageNet(mini_formats.roots["ravi"], "train", strict=False, cache_dir=cache_dir)
+    np.testing.assert_array_equal(again.images, first.images)
+    table = image_table(again)
+    assert table is not None
+    assert table.images.data_ptr() == torch.from_numpy(np.asarray(again.images)).data_ptr() or (
+        table.images.shape == (20, 3, 84, 84)
+    )
+
+
+def _cached(root: Path, cache_dir: Path) -> MiniImageNet:
+    return MiniImageNet(root, "test", strict=False, format="learn2learn", cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "targets", "manifest", "source"])
+def test_a_cache_that_does_not_match_is_rebuilt_with_a_warning(
+    tmp_path: Path,
+    mini_formats,
+    damage: str,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    source = root / "mini-imagenet-cache-test.pkl"
+    source.write_bytes((mini_formats.roots["learn2learn"] / source.name).read_bytes())
+    cache_dir = tmp_path / "cache"
+    good = np.array(_cached(root, cache_dir).images)
+    images = next(cache_dir.glob("*.images.npy"))
+    if damage == "truncate":
+        truncate_file(images, 0.9)
+    elif damage == "alter":
+        data = bytearray(images.read_bytes())
+        data[-5] ^= 0xFF
+        images.write_bytes(bytes(data))
+    elif damage == "targets":
+        targets = next(cache_dir.glob("*.targets.npy"))
+        np.save(targets, np.zeros(20, np.int64))
+    elif damage == "manifest":
+        next(cache_dir.glob("*.json")).write_text("{not json")
+    else:  # the same size, other pixels: the content digest tells
+        record = pickle.loads(source.read_bytes())
+        record["image_data"] = 255 - record["image_data"]
+        stat = source.stat()
+        source.write_bytes(pickle.dumps(record, protocol=4))
+        assert source.stat().st_size == stat.st_size
+    with caplog.at_level(logging.WARNING, logger="l2l_adversarial.data.cache"):
+        rebuilt = _cached(root, cache_dir)
+    assert "rebuilding the decoded cache" in caplog.text
+    expected = 255 - good if damage == "source" else good
+    assert sorted(r.tobytes() for r in rebuilt.images) == sorted(r.tobytes() for r in expected)
+
+
+def test_a_touched_but_unchanged_source_keeps_its_cache(
+    tmp_path: Path,
+    mini_formats,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    root = mini_formats.roots["metaoptnet"]
+    cache_dir = tmp_path / "cache"
+    MiniImageNet(root, "test", strict=False, cache_dir=cache_dir)
+    source = root / "miniImageNet" / "miniImageNet_category_split_test.pickle"
+    os.utime(source, ns=(1, 1))
+    with caplog.at_level(logging.WARNING):
+        MiniImageNet(root, "test", strict=False, cache_dir=cache_dir)
+    assert "rebuilding" not in caplog.text
+
+
+def test_the_default_cache_sits_beside_the_data(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "root"
+    root.mkdir()
+    name = "mini-imagenet-cache-test.pkl"
+    (root / name).write_bytes((mini_formats.roots["learn2learn"] / name).read_bytes())
+    dataset = MiniImageNet(root, "test", strict=False)
+    assert dataset.cache_path is not None and dataset.cache_path.parent == root / CACHE_FOLDER
+
+
+# -- MiniImageNet's bad files ---------------------------------------------------------------------
+def test_torchmeta_files_that_disagree_or_are_broken(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+    import h5py
+
+    folder = tmp_path / "miniimagenet"
+    folder.mkdir()
+    source = mini_formats.roots["torchmeta"] / "miniimagenet"
+    data, labels = folder / "test_data.hdf5", folder / "test_labels.json"
+    data.write_bytes((source / data.name).read_bytes())
+    names = json.loads((source / labels.name).read_text())
+    labels.write_text(json.dumps(names[:-1] + ["n99999999"]))
+    with pytest.raises(DatasetFileError, match="disagree"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    labels.write_text("[1, 2")
+    with pytest.raises(DatasetFileError, match="not a JSON list"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    labels.write_text(json.dumps(names))
+    truncate_file(data, 0.5)
+    with pytest.raises(
+        DatasetFileError, match=r"test_data.hdf5.*(not a readable HDF5|cannot be read)"
+    ):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    with h5py.File(data, "w") as file:
+        group = file.create_group("datasets")
+        for name in names:
+            group.create_dataset(name, data=np.zeros((2, 84, 84, 3), np.float32))
+    with pytest.raises(DatasetFileError, match="float32.*expected uint8"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    data.write_bytes(b"")
+    with pytest.raises(DatasetFileError, match="not a readable HDF5"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+
+
+def test_torchmeta_without_h5py_says_how_to_install_it(
+    tmp_path: Path,
+    mini_formats,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(DatasetFileError, match=r"needs h5py.*l2l-adversarial\[hdf5\]"):
+        MiniImageNet(mini_formats.roots["torchmeta"], "test", strict=False, cache_dir=False)
+
+
+def test_metaoptnet_pickles_mislabelled_wrong_or_malicious(tmp_path: Path) -> None:
+    path = tmp_path / "miniImageNet_category_split_test.pickle"
+    good = {
+        "data": np.zeros((4, 84, 84, 3), np.uint8),
+        "labels": [0, 0, 1, 1],
+        "catname2label": {"n01": 0, "n02": 1},
+    }
+    dump_python2_pickle({**good, "labels": [0, 0, 1, 2]}, path)
+    with pytest.raises(DatasetFileError, match=r"mislabelled: labels \[2\]"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    dump_python2_pickle({**good, "data": np.zeros((4, 84, 84, 3), np.float64)}, path)
+    with pytest.raises(DatasetFileError, match="'data' must be a uint8 array"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    dump_python2_pickle({**good, "labels": [0, 1]}, path)
+    with pytest.raises(DatasetFileError, match="one integer label per image"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    dump_python2_pickle({"data": good["data"]}, path)
+    with pytest.raises(DatasetFileError, match=r"keys \['data', 'labels', 'catname2label'\]"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    marker = tmp_path / "owned"
+    write_malicious_pickle(path, marker)
+    with pytest.raises(UnsafePickleError, match="os.system|posix.system"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    assert not marker.exists()
+    path.write_bytes(b"")
+    with pytest.raises(DatasetFileError, match="empty"):
+        MiniImageNet(tmp_path, "test", strict=False, cache_dir=False)
+
+
+def test_ravi_csv_and_images_that_are_missing_unreadable_or_malformed(
+    tmp_path: Path,
+    mini_formats,  # type: ignore[no-untyped-def]
+) -> None:
+    root = tmp_path / "ravi"
+    (root / "images").mkdir(parents=True)
+    source = mini_formats.roots["ravi"]
+    lines = (source / "test.csv").read_text().splitlines()
+    (root / "test.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetFileError, match=r"lists 20 image\(s\) missing"):
+        MiniImageNet(root, "test", strict=False, cache_dir=False)
+    for line in lines[1:]:
+        name = line.split(",")[0]
+        (root / "images" / name).write_bytes((source / "images" / name).read_bytes())
+    broken = root / "images" / lines[3].split(",")[0]
+    truncate_file(broken, 0.3)
+    with pytest.raises(DatasetFileError, match=rf"{broken.name} is not a readable image"):
+        MiniImageNet(root, "test", strict=False, cache_dir=False)
+    broken.write_text("not an image")
+    with pytest.raises(DatasetFileError, match=rf"{broken.name} is not a readable image"):
+        MiniImageNet(root, "test", strict=False, cache_dir=False)
+    (root / "test.csv").write_text("file,class\nx.jpg,n1\n")
+    with pytest.raises(DatasetFileError, match="header 'filename,label'"):
+        MiniImageNet(root, "test", strict=False, cache_dir=False)
+    (root / "test.csv").write_text("filename,label\n../../etc/passwd,n1\n")
+    with pytest.raises(DatasetFileError, match="not a plain file name"):
+        MiniImageNet(root, "test", strict=False, cache_dir=False)
