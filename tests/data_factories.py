@@ -374,3 +374,27 @@ def write_mini_imagenet_formats(
             / f"miniImageNet_category_split_{metaoptnet_names[mode]}.pickle",
         )
     return MiniImageNetFormats(roots, pixels)
+
+
+def write_metaoptnet_cifar(
+    root: str | os.PathLike[str], files: CIFAR100Files, split: str, seed: int = 0
+) -> Path:
+    """MetaOptNet's ``CIFAR_FS_*.pickle`` or ``FC100_*.pickle`` (Python 2) in ``root``, holding
+    the images of ``files`` (written by :func:`write_cifar100`) of the split's classes,
+    shuffled; labels are CIFAR-100 fine label ids."""
+    from l2l_adversarial.data.cifar_fs import few_shot_cifar_split
+
+    rng = np.random.default_rng(seed)
+    prefix = {"cifar-fs": "CIFAR_FS", "fc100": "FC100"}[split]
+    rows = np.concatenate([files.data["train"], files.data["test"]])
+    fine = np.concatenate([files.fine_labels["train"], files.fine_labels["test"]])
+    for mode, classes in few_shot_cifar_split(split).items():
+        ids = [CIFAR100_FINE_LABEL_NAMES.index(name) for name in classes]
+        keep = rng.permutation(np.flatnonzero(np.isin(fine, ids)))
+        record = {
+            "data": rows[keep].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
+            "labels": fine[keep].tolist(),
+        }
+        name = {"train": "train", "validation": "val", "test": "test"}[mode]
+        dump_python2_pickle(record, Path(root) / f"{prefix}_{name}.pickle")
+    return Path(root)

@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 import torch
 from data_factories import (
+    CIFAR100_SUPERCLASSES,
     dump_python2_pickle,
     truncate_file,
+    write_cifar100,
     write_malicious_pickle,
+    write_metaoptnet_cifar,
     write_mini_imagenet_formats,
 )
 
-from l2l_adversarial.data import FewShotTasks, MiniImageNet
+from l2l_adversarial.data import FewShotTasks, MiniImageNet, load_class_split
 from l2l_adversarial.data.cache import CACHE_FOLDER
+from l2l_adversarial.data.cifar_fs import CIFARFS, FC100, few_shot_cifar_split
 from l2l_adversarial.data.device import image_table
 from l2l_adversarial.data.errors import (
     DatasetFileError,
@@ -303,3 +307,50 @@ def test_ravi_csv_and_images_that_are_missing_unreadable_or_malformed(
     (root / "test.csv").write_text("filename,label\n../../etc/passwd,n1\n")
     with pytest.raises(DatasetFileError, match="not a plain file name"):
         MiniImageNet(root, "test", strict=False, cache_dir=False)
+
+
+# -- CIFAR-FS and FC100 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [CIFARFS, FC100])
+def test_cifar_fs_and_fc100_from_metaoptnet_pickles_equal_cifar_100_python(
+    tmp_path: Path, cls: type[CIFARFS]
+) -> None:
+    files = write_cifar100(tmp_path / "torchvision", train_per_class=3, test_per_class=2)
+    write_metaoptnet_cifar(tmp_path / "metaoptnet" / cls.FOLDER, files, cls.SPLIT)
+    for mode in ("train", "validation", "test"):
+        split = few_shot_cifar_split(cls.SPLIT)[mode]
+        a = cls(tmp_path / "torchvision", mode, strict=False, cache_dir=False)
+        b = cls(tmp_path / "metaoptnet", mode, strict=False, cache_dir=False)
+        assert (a.format, b.format) == ("cifar-100-python", "metaoptnet")
+        assert a.classes == b.classes == split and len(a) == 5 * len(split)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.targets, b.targets)
+        assert_same_tasks(FewShotTasks(a, 5, 1, 3, seed=2), FewShotTasks(b, 5, 1, 3, seed=2))
+    with pytest.raises(DatasetFileError, match="classes of 600 images|instead of 600"):
+        cls(tmp_path / "metaoptnet", "test", cache_dir=False)
+
+
+def test_fc100_split_is_by_superclass_and_cifar_fs_matches_the_shipped_split() -> None:
+    fc100 = few_shot_cifar_split("fc100")
+    assert [len(fc100[mode]) for mode in ("train", "validation", "test")] == [60, 20, 20]
+    for names in fc100.values():
+        superclasses = {s for s, fine in CIFAR100_SUPERCLASSES.items() if set(fine) & set(names)}
+        assert sum(len(CIFAR100_SUPERCLASSES[s]) for s in superclasses) == len(names)
+    assert few_shot_cifar_split("cifar-fs") == {
+        mode: sorted(names) for mode, names in load_class_split("cifar-fs").items()
+    }
+
+
+def test_metaoptnet_cifar_pickles_of_another_split_are_refused(tmp_path: Path) -> None:
+    files = write_cifar100(tmp_path / "torchvision", train_per_class=1, test_per_class=1)
+    write_metaoptnet_cifar(tmp_path, files, "cifar-fs")
+    (tmp_path / "FC100_test.pickle").write_bytes((tmp_path / "CIFAR_FS_test.pickle").read_bytes())
+    with pytest.raises(DatasetFileError, match="mislabelled or of another split"):
+        FC100(tmp_path, "test", strict=False, cache_dir=False)
+    dump_python2_pickle(
+        {"data": np.zeros((2, 32, 32, 3), np.uint8), "labels": [0, 100]},
+        tmp_path / "FC100_test.pickle",
+    )
+    with pytest.raises(DatasetFileError, match=r"fine label ids in \[0, 100\)"):
+        FC100(tmp_path, "test", strict=False, cache_dir=False)
+    with pytest.raises(DatasetNotFoundError, match="(?s)FC100_val.pickle.*cifar-100-python"):
+        FC100(tmp_path / "nothing", "validation")
