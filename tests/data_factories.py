@@ -398,3 +398,90 @@ def write_metaoptnet_cifar(
         name = {"train": "train", "validation": "val", "test": "test"}[mode]
         dump_python2_pickle(record, Path(root) / f"{prefix}_{name}.pickle")
     return Path(root)
+
+
+def write_tiered_imagenet(
+    root: str | os.PathLike[str],
+    mode: str = "train",
+    *,
+    num_classes: int = 4,
+    images_per_class: int = 3,
+    image_size: int = 84,
+    seed: int = 0,
+    names: bool = True,
+    as_arrays: bool = True,
+) -> np.ndarray:
+    """Ren et al.'s ``{split}_images_png.pkl`` + ``{split}_labels.pkl`` (Python 2 pickles).
+
+    Images are PNG-encoded (each a uint8 array of shape (n, 1), as OpenCV's imencode gives,
+    or a byte string with ``as_arrays=False``); returns the images (N, H, W, 3) in file order.
+    """
+    rng = np.random.default_rng(seed)
+    split = {"train": "train", "validation": "val", "test": "test"}[mode]
+    labels = rng.permutation(np.repeat(np.arange(num_classes), images_per_class))
+    images = random_images(len(labels), image_size, seed)
+    encoded = [encode_image(image) for image in images]
+    items: list[Any] = (
+        [np.frombuffer(data, np.uint8).reshape(-1, 1).copy() for data in encoded]
+        if as_arrays
+        else encoded
+    )
+    record: dict[str, Any] = {
+        "label_specific": labels.astype(np.int64),
+        "label_general": (labels // 2).astype(np.int64),
+    }
+    if names:
+        record["label_specific_str"] = [f"n{3000000 + 7 * c:08d}" for c in range(num_classes)]
+        record["label_general_str"] = [f"n{4000000 + g:08d}" for g in range(num_classes)]
+    dump_python2_pickle(items, Path(root) / f"{split}_images_png.pkl")
+    dump_python2_pickle(record, Path(root) / f"{split}_labels.pkl")
+    return images
+
+
+def write_omniglot(
+    root: str | os.PathLike[str],
+    *,
+    alphabets: tuple[int, int] = (3, 2),
+    characters: int = 4,
+    drawers: int = 3,
+    seed: int = 0,
+) -> Path:
+    """torchvision's ``root/omniglot-py/images_background`` and ``images_evaluation``:
+    ``<alphabet>/character<NN>/<id>_<drawer>.png``, 105 x 105 one-bit images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "omniglot-py"
+    for set_name, count in zip(("images_background", "images_evaluation"), alphabets, strict=True):
+        for a in range(count):
+            alphabet = folder / set_name / f"Alphabet_{set_name[7]}{a}"
+            for c in range(1, characters + 1):
+                character = alphabet / f"character{c:02d}"
+                character.mkdir(parents=True, exist_ok=True)
+                for d in range(1, drawers + 1):
+                    strokes = rng.random((105, 105)) > 0.2
+                    Image.fromarray(strokes).convert("1").save(
+                        character / f"{a:02d}{c:02d}_{d:02d}.png"
+                    )
+    return folder
+
+
+def write_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    classes: int = 6,
+    per_class: int = 4,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """``root/<class>/<images>``: mixed PNG and JPEG files of ``size`` pixels, plus a stray
+    text file (ignored) in one class folder."""
+    root = Path(root)
+    images = random_images(classes * per_class, size, seed)
+    for index, image in enumerate(images):
+        folder = root / f"class_{index // per_class:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if index % 2 else ".JPG"
+        (folder / f"image_{index:03d}{suffix}").write_bytes(encode_image(image, suffix.lower()))
+    (root / "class_00" / "notes.txt").write_text("not an image")
+    return root

@@ -18,9 +18,12 @@ from data_factories import (
     dump_python2_pickle,
     truncate_file,
     write_cifar100,
+    write_image_folder,
     write_malicious_pickle,
     write_metaoptnet_cifar,
     write_mini_imagenet_formats,
+    write_omniglot,
+    write_tiered_imagenet,
 )
 
 from l2l_adversarial.data import FewShotTasks, MiniImageNet, load_class_split
@@ -32,6 +35,8 @@ from l2l_adversarial.data.errors import (
     DatasetNotFoundError,
     UnsafePickleError,
 )
+from l2l_adversarial.data.folders import ImageFolderSplit, Omniglot
+from l2l_adversarial.data.tiered_imagenet import TieredImageNet
 from l2l_adversarial.errors import UserError
 
 FORMATS = ("learn2learn", "torchmeta", "metaoptnet", "ravi")
@@ -354,3 +359,140 @@ def test_metaoptnet_cifar_pickles_of_another_split_are_refused(tmp_path: Path) -
         FC100(tmp_path, "test", strict=False, cache_dir=False)
     with pytest.raises(DatasetNotFoundError, match="(?s)FC100_val.pickle.*cifar-100-python"):
         FC100(tmp_path / "nothing", "validation")
+
+
+# -- tieredImageNet -------------------------------------------------------------------------------
+@pytest.mark.parametrize("as_arrays", [True, False])
+def test_tiered_imagenet_png_pickles_decode_to_the_written_pixels(
+    tmp_path: Path, as_arrays: bool
+) -> None:
+    pixels = write_tiered_imagenet(tmp_path / "tiered-imagenet", "test", as_arrays=as_arrays)
+    dataset = TieredImageNet(tmp_path, "test", strict=False)
+    assert dataset.format == "png-pickles" and isinstance(dataset.images, np.memmap)
+    assert dataset.classes == sorted(dataset.classes) and len(dataset.classes) == 4
+    assert sorted(r.tobytes() for r in dataset.images) == sorted(
+        r.transpose(2, 0, 1).tobytes() for r in pixels
+    )
+    assert len(FewShotTasks(dataset, 3, 1, 2, seed=0)[0].query_inputs) == 6
+    with pytest.raises(DatasetFileError, match="4 classes instead of 160"):
+        TieredImageNet(tmp_path, "test")
+
+
+def test_tiered_imagenet_bad_files(tmp_path: Path) -> None:
+    write_tiered_imagenet(tmp_path, "validation", names=False)
+    assert TieredImageNet(tmp_path, "validation", strict=False, cache_dir=False).classes == [
+        f"class{c:04d}" for c in range(4)
+    ]
+    write_tiered_imagenet(tmp_path, "train", num_classes=3)
+    (tmp_path / "val_labels.pkl").write_bytes((tmp_path / "train_labels.pkl").read_bytes())
+    with pytest.raises(DatasetFileError, match="different splits or copies"):
+        TieredImageNet(tmp_path, "validation", strict=False, cache_dir=False)
+    images = [b"\x89PNG\r\n\x1a\n broken"] * 9
+    dump_python2_pickle(images, tmp_path / "train_images_png.pkl")
+    with pytest.raises(DatasetFileError, match="train_images_png.pkl image 0 is not a readable"):
+        TieredImageNet(tmp_path, "train", strict=False, cache_dir=False)
+    write_malicious_pickle(tmp_path / "test_images_png.pkl", tmp_path / "owned", "builtins.exec")
+    write_tiered_imagenet(tmp_path / "x", "test")
+    (tmp_path / "test_labels.pkl").write_bytes((tmp_path / "x" / "test_labels.pkl").read_bytes())
+    with pytest.raises(UnsafePickleError):
+        TieredImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    assert not (tmp_path / "owned").exists()
+    with pytest.raises(DatasetNotFoundError, match="train_images_png.pkl"):
+        TieredImageNet(tmp_path / "empty", "train")
+
+
+# -- Omniglot -------------------------------------------------------------------------------------
+def test_omniglot_splits_all_characters_and_rotations_add_classes(tmp_path: Path) -> None:
+    write_omniglot(tmp_path, alphabets=(3, 2), characters=4, drawers=3)  # 20 characters
+    splits = {
+        m: Omniglot(tmp_path, m, strict=False, cache_dir=False)
+        for m in ("train", "validation", "test")
+    }
+    sizes = {m: len(d.classes) for m, d in splits.items()}
+    assert sizes == {"train": 14, "validation": 1, "test": 5}  # 1100 / 100 / 423 of 1623
+    every = [name for d in splits.values() for name in d.classes]
+    assert len(set(every)) == 20 and all(name.count("/") == 1 for name in every)
+    train = splits["train"]
+    assert train.images.shape == (42, 1, 28, 28) and train[0][0].shape == (1, 28, 28)
+    rotated = Omniglot(tmp_path, "train", strict=False, rotations=True)
+    assert len(rotated.classes) == 56 and rotated.classes[1].endswith("@rot090")
+    first = rotated.images[rotated.targets == 0]
+    np.testing.assert_array_equal(
+        rotated.images[rotated.targets == 1], np.rot90(first, 1, axes=(2, 3))
+    )
+    np.testing.assert_array_equal(first, train.images[train.targets == 0])
+    assert_same_tasks(
+        FewShotTasks(rotated, 5, 1, 2, seed=1), FewShotTasks(rotated, 5, 1, 2, seed=1)
+    )
+    with pytest.raises(DatasetFileError, match="20 characters, not 1623"):
+        Omniglot(tmp_path, "train")
+    with pytest.raises(DatasetNotFoundError, match="images_background"):
+        Omniglot(tmp_path / "none", "train")
+
+
+# -- image folders --------------------------------------------------------------------------------
+def test_image_folder_ratio_split_resizes_and_ignores_other_files(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "mine", classes=6, per_class=4, size=40)
+    parts = {
+        m: ImageFolderSplit(root, m, image_size=16, split_ratio=(0.5, 0.17, 0.33), split_seed=3)
+        for m in ("train", "validation", "test")
+    }
+    assert [len(p.classes) for p in parts.values()] == [3, 1, 2]
+    assert sorted(sum((p.classes for p in parts.values()), [])) == [
+        f"class_{i:02d}" for i in range(6)
+    ]
+    assert parts["train"].images.shape == (12, 3, 16, 16)
+    again = ImageFolderSplit(
+        root, "train", image_size=16, split_ratio=(0.5, 0.17, 0.33), split_seed=3
+    )
+    assert again.classes == parts["train"].classes
+    other = ImageFolderSplit(
+        root, "train", image_size=16, split_ratio=(0.5, 0.17, 0.33), split_seed=4
+    )
+    assert other.cache_path != parts["train"].cache_path  # each split its own cache
+    grey = ImageFolderSplit(root, "test", image_size=8, channels=1, split_ratio=(0.5, 0.17, 0.33))
+    assert grey[0][0].shape == (1, 8, 8)
+
+
+def test_image_folder_split_file_json_or_yaml(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "mine", classes=4, per_class=3)
+    split = {"train": ["class_00", "class_01"], "validation": ["class_02"], "test": ["class_03"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    (tmp_path / "split.yaml").write_text(
+        "train: [class_00, class_01]\nvalidation: [class_02]\ntest: [class_03]\n"
+    )
+    for name in ("split.json", "split.yaml"):
+        test = ImageFolderSplit(
+            root, "test", image_size=20, split_file=tmp_path / name, cache_dir=False
+        )
+        assert test.classes == ["class_03"] and len(test) == 3
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"train": ["class_00", "nope"], "test": ["class_00"]})
+    )
+    with pytest.raises(DatasetFileError, match=r"in two splits"):
+        ImageFolderSplit(root, "train", split_file=tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["nope"]}))
+    with pytest.raises(DatasetFileError, match=r"\['nope'\] have no folder"):
+        ImageFolderSplit(root, "train", split_file=tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["class_00"]}))
+    with pytest.raises(DatasetFileError, match="leaves no class for validation"):
+        ImageFolderSplit(root, "validation", split_file=tmp_path / "bad.json")
+    with pytest.raises(DatasetFileError, match="does not exist"):
+        ImageFolderSplit(root, "train", split_file=tmp_path / "absent.yaml")
+
+
+def test_image_folder_names_every_unreadable_file(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "mine", classes=2, per_class=3)
+    broken = [root / "class_00" / "image_000.jpg", root / "class_01" / "image_004.jpg"]
+    broken[0].write_bytes(b"")
+    truncate_file(root / "class_01" / "image_004.JPG", 0.4)
+    (root / "class_01" / "image_004.JPG").rename(broken[1])
+    split = {"train": ["class_00", "class_01"]}
+    (tmp_path / "s.json").write_text(json.dumps(split))
+    with pytest.raises(DatasetFileError, match="2 image file") as error:
+        ImageFolderSplit(root, "train", split_file=tmp_path / "s.json")
+    assert all(str(path) in str(error.value) for path in broken)
+    assert "docs/data-formats.md" in str(error.value)
+    assert not list((root / CACHE_FOLDER).glob("*.json"))  # no cache left behind
+    with pytest.raises(DatasetNotFoundError, match="no class subfolders"):
+        ImageFolderSplit(root / "class_00", "train")

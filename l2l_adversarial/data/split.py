@@ -77,7 +77,7 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
         chosen, sources = self._find(format)
         #: the format read, by name
         self.format: str = chosen.name
-        key = f"{self.NAME}-{mode}-{chosen.name}{key_suffix}"
+        key = f"{self.NAME}-{mode}-{chosen.name}{key_suffix}{self._key_extra()}"
         decoded = load_decoded(
             key=key,
             root=self.root,
@@ -86,6 +86,10 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
             cache_dir=cache_folder(self.root, cache_dir),
         )
         self._set(decoded)
+
+    def _key_extra(self) -> str:
+        """More of the cache's name, known once the sources are found (default: nothing)."""
+        return ""
 
     def _set(self, decoded: Decoded) -> None:
         #: uint8 array (N, C, H, W), read-only (a memory map unless ``cache_dir=False``).
