@@ -93,7 +93,7 @@ def engine_step(
     """One ``engines.meta_step`` of ``method``'s learner with ``engine`` (and, for vmap,
     ``chunk_size`` tasks per batched call; the whole meta-batch by default); ``checked=False``:
     with value checks off, as ``train`` runs it (it checks each meta-batch where the data
-    pipeline builds it, :func:`l2l_adversarial.training.check_values`); ``folded=False``: CNN4
+    pipeline builds it, :func:`l2l_adversarial.app.training.check_values`); ``folded=False``: CNN4
     behind a forward pass of its own, which the vmap engine runs vmapped instead of folded
     (:mod:`l2l_adversarial.stacked`), as it runs any model outside the layers it folds."""
 

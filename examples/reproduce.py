@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2l_adversarial.cli import main as cli
+from l2l_adversarial.app.cli import main as cli
 
 PAPER_METHODS = ("maml", "maml-ad", "adml", "matching-nets")
 

@@ -1,7 +1,11 @@
-"""``python -m l2l_adversarial``: the command line (see :mod:`l2l_adversarial.cli`)."""
+"""``python -m l2l_adversarial`` and the ``l2l-adversarial`` command: the application's
+command line (:mod:`l2l_adversarial.app.cli`)."""
 
 import sys
 
-from l2l_adversarial.cli import main
+from l2l_adversarial.app.cli import main
 
-sys.exit(main())
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

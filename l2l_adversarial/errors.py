@@ -5,14 +5,9 @@ The command line prints a :class:`UserError` as one ``error: ...`` line and exit
 status 2; library users catch it the same way.
 
 Example:
-    >>> from l2l_adversarial.config import ConfigError, load_config
-    >>> issubclass(ConfigError, UserError)
+    >>> from l2l_adversarial.data.errors import DatasetFileError
+    >>> issubclass(DatasetFileError, UserError)
     True
-    >>> try:
-    ...     load_config(None, ["train.iterations=0", "dataset.name=digits"])
-    ... except UserError as error:
-    ...     print(str(error).splitlines()[0])
-    invalid configuration (1 problem); fix the keys below:
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Two kinds of checks:
   host read (:func:`check_meta_batch`) and runs the meta-iteration with value checks off.
   ``with value_checks(False):`` turns them off in the current thread (hot loops on data
   that was checked where it was built: ``train`` checks each meta-batch in the data
-  pipeline, :func:`l2l_adversarial.training.check_values`).
+  pipeline).
 
 Example:
     >>> import torch

@@ -45,7 +45,7 @@ bin="$WORK/venv/bin"
 step "l2l-adversarial configs"
 "$bin/l2l-adversarial" configs > configs.txt
 [ "$(grep -c -- '-5w[15]s-' configs.txt)" -eq 20 ] || fail "configs listed $(grep -c -- '-5w[15]s-' configs.txt) bundled configs, not 20"
-grep -q "site-packages/l2l_adversarial/configs" configs.txt || fail "bundled configs not in site-packages"
+grep -q "site-packages/l2l_adversarial/app/configs" configs.txt || fail "bundled configs not in site-packages"
 
 step "l2l-adversarial quickstart --iterations 2 --tasks 2"
 "$bin/l2l-adversarial" quickstart --iterations 2 --tasks 2 --output quickstart --quiet > quickstart.txt

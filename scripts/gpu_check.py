@@ -21,7 +21,7 @@ tiny images and model):
 2. checks on the device: the vmap engine's meta-gradient equals the sequential one (float64,
    small model, every gradient-based method); device-resident tasks equal the host's, bit
    for bit; two ``train`` runs with the same seed under the deterministic settings
-   (``l2l_adversarial.reproducibility``) end with identical parameters;
+   (``l2l_adversarial.app.reproducibility``) end with identical parameters;
 3. an estimate of each table's wall time (Tables 1-4: MAML, MAML-AD, ADML and Matching Nets
    trained for their configured iterations, then 600 test tasks at both eps), from short
    ``l2l-adversarial train`` and ``evaluate`` runs of the bundled configs on generated data
@@ -112,15 +112,15 @@ from benchmarks.op_counter import OpCounter  # noqa: E402
 from benchmarks.test_data_pipeline import write_generated_cache  # noqa: E402
 from benchmarks.test_meta_iteration import maml_reference  # noqa: E402
 from l2l_adversarial import CNN4, FGSM, PGD, engines  # noqa: E402
-from l2l_adversarial.checkpoint import load_checkpoint  # noqa: E402
-from l2l_adversarial.cli import main as cli  # noqa: E402
-from l2l_adversarial.config import load_config  # noqa: E402
-from l2l_adversarial.configs import config_path  # noqa: E402
+from l2l_adversarial.app.checkpoint import load_checkpoint  # noqa: E402
+from l2l_adversarial.app.cli import main as cli  # noqa: E402
+from l2l_adversarial.app.config import load_config  # noqa: E402
+from l2l_adversarial.app.configs import config_path  # noqa: E402
+from l2l_adversarial.app.factory import build_learner  # noqa: E402
+from l2l_adversarial.app.reproducibility import apply_deterministic_settings  # noqa: E402
 from l2l_adversarial.data import FewShotTasks, MiniImageNet  # noqa: E402
 from l2l_adversarial.data.prefetch import MetaBatches, default_loading  # noqa: E402
 from l2l_adversarial.evaluation import GradientLearner, evaluate, few_shot_learner  # noqa: E402
-from l2l_adversarial.factory import build_learner  # noqa: E402
-from l2l_adversarial.reproducibility import apply_deterministic_settings  # noqa: E402
 
 PAPER_METHODS = ("maml", "maml-ad", "adml", "matching-nets")
 ROWS = [  # (label, method, config overrides)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from data_factories import write_mini_imagenet_cache
 
-from l2l_adversarial.cli import main
+from l2l_adversarial.app.cli import main
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["-o", "model.hidden=8", "-o", "task.query_shots=3", "-o", "train.adaptation_steps=1",

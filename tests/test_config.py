@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from l2l_adversarial.config import ConfigError, load_config
-from l2l_adversarial.configs import CONFIG_FOLDER
+from l2l_adversarial.app.config import ConfigError, load_config
+from l2l_adversarial.app.configs import CONFIG_FOLDER
 
 BUNDLED = sorted(CONFIG_FOLDER.glob("*.yaml"))
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from data_factories import write_mini_imagenet_cache
 
-from l2l_adversarial.cli import main
-from l2l_adversarial.config import ConfigError, load_config
-from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.app.cli import main
+from l2l_adversarial.app.config import ConfigError, load_config
+from l2l_adversarial.app.configs import CONFIG_FOLDER, bundled_configs, config_path
 
 NAME = "mini-imagenet-5w1s-adml"
 

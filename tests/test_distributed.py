@@ -27,9 +27,10 @@ import torch.multiprocessing as mp
 from data_factories import SyntheticTasks
 
 from l2l_adversarial import CNN4, PGD
-from l2l_adversarial.checkpoint import load_checkpoint
-from l2l_adversarial.cli import main
-from l2l_adversarial.config import load_config
+from l2l_adversarial.app.checkpoint import load_checkpoint
+from l2l_adversarial.app.cli import main
+from l2l_adversarial.app.config import load_config
+from l2l_adversarial.app.training import CHECKPOINT, RunFolderError, Trainer, build_learner, train
 from l2l_adversarial.distributed import (
     average_gradients,
     gather_strided,
@@ -40,7 +41,6 @@ from l2l_adversarial.distributed import (
 )
 from l2l_adversarial.evaluation import GradientLearner, evaluate
 from l2l_adversarial.task import Task
-from l2l_adversarial.training import CHECKPOINT, RunFolderError, Trainer, build_learner, train
 
 WORLD_SIZE = 2
 TIMEOUT_S = 150  # the whole two-process run; it takes ~15 s on a busy 2-core machine
@@ -290,7 +290,7 @@ def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch: pytest.Mo
 
 
 def test_meta_batch_must_split_evenly_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("l2l_adversarial.training.world", lambda: (0, 2))  # as rank 0 of 2
+    monkeypatch.setattr("l2l_adversarial.app.training.world", lambda: (0, 2))  # as rank 0 of 2
     with pytest.raises(ValueError, match="meta_batch_size=3 must be a multiple of the number"):
         Trainer(config("maml", meta_batch_size=3), Path("unused"), SyntheticTasks(),
                 torch.nn.Linear(2, 2), torch.device("cpu"))  # fmt: skip

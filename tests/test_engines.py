@@ -37,7 +37,7 @@ from l2l_adversarial import (
     engines,
 )
 from l2l_adversarial.algorithms import MetaLearner, SequentialOps
-from l2l_adversarial.training import train as train_run
+from l2l_adversarial.app.training import train as train_run
 from l2l_adversarial.validation import value_checks
 
 EPS = 8 / 255

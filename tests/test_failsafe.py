@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2l_adversarial.checkpoint import save_checkpoint
-from l2l_adversarial.cli import main
+from l2l_adversarial.app.checkpoint import save_checkpoint
+from l2l_adversarial.app.cli import main
 
 TINY = ["-o", "dataset.name=digits", "-o", "dataset.image_size=16", "-o", "device=cpu",
         "-o", "model.hidden=4", "-o", "task.ways=3", "-o", "task.shots=1", "-o", "task.query_shots=2",
@@ -680,7 +680,7 @@ def test_overwrite_keeps_the_old_results_until_the_new_run_checkpoints(
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     old = (run / "checkpoint.pt").read_bytes()
-    from l2l_adversarial import training
+    from l2l_adversarial.app import training
 
     seen: list[list[str]] = []
     original = training.Trainer.step
@@ -704,7 +704,7 @@ def test_overwrite_keeps_the_old_results_until_the_new_run_checkpoints(
 def test_a_run_killed_before_its_first_checkpoint_starts_again_without_overwrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from l2l_adversarial import training
+    from l2l_adversarial.app import training
 
     run = tmp_path / "run"
     original = training.Trainer.save
@@ -745,7 +745,7 @@ def test_a_signal_during_start_up_ends_with_one_line_and_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from l2l_adversarial import cli
+    from l2l_adversarial.app import cli
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)

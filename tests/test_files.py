@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from l2l_adversarial.files import atomic_open
+from l2l_adversarial.app.files import atomic_open
 
 
 def test_a_failed_block_keeps_the_previous_file_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """The package's layers point down: each module imported alone in a fresh interpreter loads
 nothing from the layers above it, and no two modules import each other (directly or not).
 
-attacks <- algorithms <- engines <- training, evaluation <- cli; data and transforms feed
-tasks in; the factory reads the config for train and evaluate alike.
+Two products: the library (``l2l_adversarial``: attacks <- algorithms <- engines <-
+evaluation; data and transforms feed tasks in) and the application that reproduces the paper
+(``l2l_adversarial.app``: config, factory <- training, report <- cli), which the library
+never imports.
 """
 
 from __future__ import annotations
@@ -17,25 +19,32 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "l2l_adversarial"
 
+APP = "l2l_adversarial.app"
+LIBRARY = sorted(
+    name
+    for name in (
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for path in PACKAGE.rglob("*.py")
+    )
+    if name != APP and not name.startswith(APP + ".") and not name.endswith("__main__")
+)
+"""Every module of the library: the package outside ``l2l_adversarial.app``."""
+
 # In layer order: what is loaded after importing a module (and the ones before it, which are
 # lower) cannot have been loaded by it alone either.
 FORBIDDEN = {
     "l2l_adversarial.algorithms": [
-        "l2l_adversarial.engines", "l2l_adversarial.training", "l2l_adversarial.evaluation",
-        "l2l_adversarial.data", "l2l_adversarial.transforms", "l2l_adversarial.factory",
+        "l2l_adversarial.engines", "l2l_adversarial.evaluation", "l2l_adversarial.data",
+        "l2l_adversarial.transforms", APP,
     ],
-    "l2l_adversarial.transforms": ["l2l_adversarial.engines", "l2l_adversarial.evaluation"],
-    "l2l_adversarial.engines": [
-        "l2l_adversarial.training", "l2l_adversarial.evaluation", "l2l_adversarial.data",
-        "l2l_adversarial.factory", "l2l_adversarial.cli",
+    "l2l_adversarial.transforms": ["l2l_adversarial.engines", "l2l_adversarial.evaluation", APP],
+    "l2l_adversarial.engines": ["l2l_adversarial.evaluation", "l2l_adversarial.data", APP],
+    "l2l_adversarial.app.factory": [
+        "matplotlib", "l2l_adversarial.app.report", "l2l_adversarial.app.training",
+        "l2l_adversarial.app.cli",
     ],
-    "l2l_adversarial.factory": [
-        "matplotlib", "l2l_adversarial.report", "l2l_adversarial.evaluation",
-        "l2l_adversarial.training", "l2l_adversarial.cli",
-    ],
-    "l2l_adversarial.training": [
-        "matplotlib", "l2l_adversarial.report", "l2l_adversarial.evaluation",
-        "l2l_adversarial.cli",
+    "l2l_adversarial.app.training": [
+        "matplotlib", "l2l_adversarial.app.report", "l2l_adversarial.app.cli",
     ],
 }  # fmt: skip
 LOWER_LAYERS = {
@@ -49,7 +58,7 @@ LOWER_LAYERS = {
         "l2l_adversarial.algorithms",
         "l2l_adversarial.engines",
         "l2l_adversarial.evaluation",
-        "l2l_adversarial.training",
+        APP,
     ],
 }
 """Modules the package's ``__init__`` loads anyway: checked on their own import statements."""
@@ -93,6 +102,22 @@ def test_lower_layers_import_nothing_above_them(module: str) -> None:
         if name == above or name.startswith(above + ".")
     )
     assert not pulled, f"{module} imports {pulled}"
+
+
+def test_the_library_never_imports_the_application() -> None:
+    """Each library module alone, in a fresh interpreter: nothing of ``l2l_adversarial.app``
+    is loaded (the application is built on the library, never the other way)."""
+    script = (
+        "import importlib, sys\n"
+        f"for name in {LIBRARY!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"    pulled = sorted(m for m in sys.modules if m == {APP!r} or m.startswith({APP!r} + '.'))\n"
+        "    assert not pulled, f'importing {name} loads {pulled}'\n"
+        "print(len(" + repr(LIBRARY) + "))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 20  # the library's modules were all imported
 
 
 def module_name(path: Path) -> str:

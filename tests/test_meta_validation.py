@@ -10,12 +10,12 @@ import torch
 from data_factories import SyntheticTasks, write_mini_imagenet_cache
 from test_training import Killed, config, final_parameters, stop_at
 
-from l2l_adversarial.checkpoint import load_checkpoint
-from l2l_adversarial.cli import evaluate_run, load_trained_learner, main
-from l2l_adversarial.config import ConfigError
+from l2l_adversarial.app.checkpoint import load_checkpoint
+from l2l_adversarial.app.cli import evaluate_run, load_trained_learner, main
+from l2l_adversarial.app.config import ConfigError
+from l2l_adversarial.app.meta_validation import BEST_CHECKPOINT, VALIDATION_LOG, MetaValidator
+from l2l_adversarial.app.training import train
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
-from l2l_adversarial.meta_validation import BEST_CHECKPOINT, VALIDATION_LOG, MetaValidator
-from l2l_adversarial.training import train
 
 VALIDATION = [SyntheticTasks(seed=7)[i] for i in range(4)]
 

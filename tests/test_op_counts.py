@@ -15,10 +15,10 @@ import torch
 from benchmarks.conftest import REFERENCE, Size, Workload
 from benchmarks.op_counter import OpCounter
 from benchmarks.test_meta_iteration import METHODS
-from l2l_adversarial.config import load_config
+from l2l_adversarial.app.config import load_config
+from l2l_adversarial.app.factory import build_learner
+from l2l_adversarial.app.training import Trainer
 from l2l_adversarial.data import Digits, FewShotTasks
-from l2l_adversarial.factory import build_learner
-from l2l_adversarial.training import Trainer
 
 SIZE = Size("counts", ways=5, shots=1, queries=15, channels=1, image=16, hidden=2, steps=5,
             meta_batch=4)  # fmt: skip

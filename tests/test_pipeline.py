@@ -17,15 +17,15 @@ from learn2learn.data.transforms import KShots, LoadData, NWays, RemapLabels
 from torch.utils.data import Dataset, TensorDataset
 
 from l2l_adversarial import Task
-from l2l_adversarial.checkpoint import load_checkpoint
-from l2l_adversarial.config import ConfigError, load_config
+from l2l_adversarial.app.checkpoint import load_checkpoint
+from l2l_adversarial.app.config import ConfigError, load_config
+from l2l_adversarial.app.reproducibility import CUBLAS_WORKSPACE, apply_deterministic_settings
+from l2l_adversarial.app.training import CHECKPOINT, train
 from l2l_adversarial.data import CIFAR100Meta, Digits, FewShotTasks, MiniImageNet
 from l2l_adversarial.data._images import uint8_to_float
 from l2l_adversarial.data.device import ImageTable, image_table
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.data.tasks import _global_random_state
-from l2l_adversarial.reproducibility import CUBLAS_WORKSPACE, apply_deterministic_settings
-from l2l_adversarial.training import CHECKPOINT, train
 from l2l_adversarial.validation import value_checks, value_checks_enabled
 
 

@@ -11,15 +11,8 @@ import torch
 from matplotlib.axes import Axes
 
 from l2l_adversarial import MLP, Task
-from l2l_adversarial import report as report_module
-from l2l_adversarial.evaluation import (
-    EvaluationResult,
-    GradientLearner,
-    ScenarioResult,
-    evaluate,
-    paper_scenarios,
-)
-from l2l_adversarial.report import (
+from l2l_adversarial.app import report as report_module
+from l2l_adversarial.app.report import (
     format_compact_table,
     format_table,
     load_paper_tables,
@@ -32,6 +25,13 @@ from l2l_adversarial.report import (
     table_json,
     table_number,
     write_report,
+)
+from l2l_adversarial.evaluation import (
+    EvaluationResult,
+    GradientLearner,
+    ScenarioResult,
+    evaluate,
+    paper_scenarios,
 )
 
 SHIPPED = (

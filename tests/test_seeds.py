@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
+from l2l_adversarial.app.seeds import compare, compare_all, summarise
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, ScenarioResult
-from l2l_adversarial.seeds import compare, compare_all, summarise
 
 
 def run(method, seed, accuracies, *, ci95=1.0, tasks=None, evaluation_seed=2018):
@@ -109,7 +109,7 @@ def test_unequal_seed_counts_cannot_be_paired():
 
 
 def test_figures_draw_the_spread_across_seeds(tmp_path):
-    from l2l_adversarial.report import plot_curves, plot_robustness
+    from l2l_adversarial.app.report import plot_curves, plot_robustness
 
     def curved(method, seed, level):
         result = run(method, seed, {CA: [level, level + 10.0], CC: [90.0, 80.0]})

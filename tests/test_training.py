@@ -8,9 +8,9 @@ import pytest
 import torch
 from data_factories import SyntheticTasks
 
-from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2l_adversarial.config import load_config
-from l2l_adversarial.training import CHECKPOINT, RunFolderError, build_learner, train
+from l2l_adversarial.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2l_adversarial.app.config import load_config
+from l2l_adversarial.app.training import CHECKPOINT, RunFolderError, build_learner, train
 
 
 def config(method: str = "adml", **train: object) -> dict:

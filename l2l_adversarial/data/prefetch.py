@@ -16,7 +16,7 @@ when it needs it.
 On CUDA, host tasks are put in pinned memory while being built and copied with
 ``non_blocking=True``; tasks already on the device (``FewShotTasks(device=...)``) stay there.
 
-``check`` (e.g. the training loop's value checks, :func:`l2l_adversarial.training.check_values`)
+``check`` (e.g. the training loop's value checks)
 runs on every meta-batch where it is built, in the thread or the worker process, before the
 copy to the device: host tasks are then read in host memory, and the loop itself reads nothing.
 What it raises reaches the loop unchanged, when the loop asks for that meta-batch.

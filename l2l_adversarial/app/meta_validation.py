@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from l2l_adversarial.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from l2l_adversarial.app.config import ConfigError
+from l2l_adversarial.app.files import append_csv_row, atomic_open
 from l2l_adversarial.attacks import FGSM
-from l2l_adversarial.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2l_adversarial.config import ConfigError
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
-from l2l_adversarial.files import append_csv_row, atomic_open
 from l2l_adversarial.task import Task
 
 if TYPE_CHECKING:
-    from l2l_adversarial.training import Trainer
+    from l2l_adversarial.app.training import Trainer
 
 __all__ = ["BEST_CHECKPOINT", "VALIDATION_FIELDS", "VALIDATION_LOG", "MetaValidator"]
 
@@ -66,7 +66,7 @@ SCENARIOS = (Scenario(0.0, 0.0), Scenario(0.0, 1.0))
 
 
 class MetaValidator:
-    """Validates a :class:`~l2l_adversarial.training.Trainer`'s learner while it trains.
+    """Validates a :class:`~l2l_adversarial.app.training.Trainer`'s learner while it trains.
 
     Args:
         config: the run's validated config (``train.validate_every``, ``train.eps``,

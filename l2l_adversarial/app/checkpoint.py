@@ -30,8 +30,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from l2l_adversarial.app.files import atomic_open
 from l2l_adversarial.errors import UserError
-from l2l_adversarial.files import atomic_open
 
 __all__ = [
     "CheckpointError",

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from l2l_adversarial import __version__
 from l2l_adversarial.algorithms import MatchingNetwork
-from l2l_adversarial.checkpoint import (
+from l2l_adversarial.app.checkpoint import (
     CheckpointError,
     check_finite_weights,
     load_checkpoint,
@@ -40,7 +40,19 @@ from l2l_adversarial.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from l2l_adversarial.config import config_changes, describe_changes, dump_config
+from l2l_adversarial.app.config import config_changes, describe_changes, dump_config
+from l2l_adversarial.app.factory import build_learner, resolve_device
+from l2l_adversarial.app.files import append_csv_row, write_atomic
+from l2l_adversarial.app.reproducibility import apply_deterministic_settings
+from l2l_adversarial.app.run_folder import (
+    RunFolderError,
+    has_results,
+    move_aside,
+    remove_aside,
+    restore_aside,
+    writer_lock,
+)
+from l2l_adversarial.app.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.data.prefetch import Check, MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
@@ -50,19 +62,7 @@ from l2l_adversarial.distributed import (
 )
 from l2l_adversarial.engines import fitting_chunk_size, meta_step, resolve_engine
 from l2l_adversarial.errors import TrainingDivergedError
-from l2l_adversarial.factory import build_learner, resolve_device
-from l2l_adversarial.files import append_csv_row, write_atomic
-from l2l_adversarial.reproducibility import apply_deterministic_settings
-from l2l_adversarial.run_folder import (
-    RunFolderError,
-    has_results,
-    move_aside,
-    remove_aside,
-    restore_aside,
-    writer_lock,
-)
 from l2l_adversarial.seeding import derive_seed
-from l2l_adversarial.signals import Interrupted, deferred_signals, interrupt_on_signals
 from l2l_adversarial.task import Task
 from l2l_adversarial.validation import (
     check_meta_batch,
@@ -92,7 +92,7 @@ ATTACK_STREAM = 2
 class TrainingMonitor(Protocol):
     """Watches a run: ``start`` before the first iteration (after a resume too), ``step``
     after every iteration, ``close`` at the end (see
-    :class:`l2l_adversarial.meta_validation.MetaValidator`)."""
+    :class:`l2l_adversarial.app.meta_validation.MetaValidator`)."""
 
     def start(self, trainer: Trainer) -> None: ...
 
@@ -253,7 +253,7 @@ class Trainer:
         """Continue from the run folder's checkpoint; return the config changes accepted.
 
         A change of any setting that alters training (see
-        :func:`l2l_adversarial.config.config_changes`), or of the package version, is refused
+        :func:`l2l_adversarial.app.config.config_changes`), or of the package version, is refused
         unless ``accept_changes`` names it; accepted learning rates replace the saved ones.
         """
         path = self.run_dir / CHECKPOINT
@@ -547,8 +547,8 @@ def train(
     the checkpoint to resume and its settings) is checked before any file is touched;
     replaced results are moved aside and deleted once the new run's first checkpoint is
     written, or put back if it fails before. SIGTERM and SIGUSR1 stop it like Ctrl-C:
-    checkpoint saved, :class:`~l2l_adversarial.signals.Interrupted` raised. ``monitor`` (e.g. a
-    :class:`~l2l_adversarial.meta_validation.MetaValidator`) adds its own files.
+    checkpoint saved, :class:`~l2l_adversarial.app.signals.Interrupted` raised. ``monitor`` (e.g. a
+    :class:`~l2l_adversarial.app.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
     rank, _ = world()

@@ -3,7 +3,7 @@ its training attack, the evaluation attack, the task source, and the display nam
 and datasets. ``train`` and ``evaluate`` build through it alike.
 
 Example:
-    >>> from l2l_adversarial.config import validate_config
+    >>> from l2l_adversarial.app.config import validate_config
     >>> config = validate_config({"method": "adml", "dataset": {"name": "digits"}})
     >>> type(build_learner(config, in_channels=1, image_size=16)).__name__
     'ADML'
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
+from l2l_adversarial.app.config import BUNDLED_DATASETS, METHODS
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.autoattack import AutoAttack
-from l2l_adversarial.config import BUNDLED_DATASETS, METHODS
 from l2l_adversarial.data import make_tasks
 from l2l_adversarial.distributed import cuda_device
 from l2l_adversarial.errors import DeviceError

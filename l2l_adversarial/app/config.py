@@ -168,7 +168,7 @@ SCHEMA: dict[str, Any] = {
             "workers": _integer(min=0, nullable=True, default=None),
             "prefetch": _integer(min=0, nullable=True, default=None),
             # on CUDA: deterministic algorithms, cuDNN without autotuning, a fixed cuBLAS
-            # workspace, for an exact resume (l2l_adversarial.reproducibility)
+            # workspace, for an exact resume (l2l_adversarial.app.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
             # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
             # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)

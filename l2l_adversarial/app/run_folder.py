@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from l2l_adversarial.app.files import default_file_mode
 from l2l_adversarial.errors import UserError
-from l2l_adversarial.files import default_file_mode
 
 __all__ = [
     "RESULT_FILES",

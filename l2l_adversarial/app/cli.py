@@ -30,15 +30,39 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from l2l_adversarial.checkpoint import CheckpointError, check_finite_weights, load_checkpoint
-from l2l_adversarial.config import (
+from l2l_adversarial.app.checkpoint import CheckpointError, check_finite_weights, load_checkpoint
+from l2l_adversarial.app.config import (
     BUNDLED_DATASETS,
     ConfigError,
     config_changes,
     describe_changes,
     load_config,
 )
-from l2l_adversarial.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.app.configs import CONFIG_FOLDER, bundled_configs, config_path
+from l2l_adversarial.app.factory import (
+    DATASET_TITLES,
+    METHOD_NAMES,
+    build_learner,
+    evaluation_attack,
+    resolve_device,
+    task_source,
+)
+from l2l_adversarial.app.meta_validation import BEST_CHECKPOINT, MetaValidator
+from l2l_adversarial.app.report import (
+    ResultsFileError,
+    format_compact_table,
+    format_table,
+    load_results,
+    refuse_overwrite,
+    report_paths,
+    save_results,
+    write_atomic,
+    write_report,
+)
+from l2l_adversarial.app.run_folder import RunFolderError, reader_lock
+from l2l_adversarial.app.seeds import seed_run_dirs, seed_runs
+from l2l_adversarial.app.signals import interrupt_on_signals
+from l2l_adversarial.app.training import CHECKPOINT, train
 from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.distributed import (
     init_from_environment,
@@ -50,30 +74,6 @@ from l2l_adversarial.distributed import (
 )
 from l2l_adversarial.errors import UserError, describe_os_error
 from l2l_adversarial.evaluation import EvaluationResult, Scenario, evaluate, few_shot_learner
-from l2l_adversarial.factory import (
-    DATASET_TITLES,
-    METHOD_NAMES,
-    build_learner,
-    evaluation_attack,
-    resolve_device,
-    task_source,
-)
-from l2l_adversarial.meta_validation import BEST_CHECKPOINT, MetaValidator
-from l2l_adversarial.report import (
-    ResultsFileError,
-    format_compact_table,
-    format_table,
-    load_results,
-    refuse_overwrite,
-    report_paths,
-    save_results,
-    write_atomic,
-    write_report,
-)
-from l2l_adversarial.run_folder import RunFolderError, reader_lock
-from l2l_adversarial.seeds import seed_run_dirs, seed_runs
-from l2l_adversarial.signals import interrupt_on_signals
-from l2l_adversarial.training import CHECKPOINT, train
 
 __all__ = ["main"]
 

@@ -31,10 +31,10 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from l2l_adversarial.app.files import write_atomic
+from l2l_adversarial.app.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
-from l2l_adversarial.files import write_atomic
-from l2l_adversarial.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.validation import check_choice
 
 PAPER_METHODS = ("MAML", "MAML-AD", "ADML", "Matching Nets")
@@ -117,7 +117,7 @@ def load_paper_tables() -> list[dict[str, Any]]:
 
 @functools.cache
 def _paper_tables_text() -> str:
-    resource = resources.files("l2l_adversarial").joinpath("resources", "paper_tables.json")
+    resource = resources.files("l2l_adversarial.app").joinpath("resources", "paper_tables.json")
     return resource.read_text(encoding="utf-8")
 
 
@@ -191,7 +191,7 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
     with ``ours`` and ``paper`` (``{"accuracy", "ci95"}`` or ``None``). A method with runs
     of several training seeds gets their mean accuracy and mean test-task interval, and
     ``seed_std`` (across seeds), ``per_seed`` and ``seeds``; ``comparisons`` then holds the
-    paired method differences of :func:`~l2l_adversarial.seeds.compare_all`.
+    paired method differences of :func:`~l2l_adversarial.app.seeds.compare_all`.
 
     Example:
         >>> table = table_json([], "CIFAR100", shots=5)

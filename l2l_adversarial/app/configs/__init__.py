@@ -14,7 +14,7 @@ import difflib
 import os
 from pathlib import Path
 
-from l2l_adversarial.config import ConfigError
+from l2l_adversarial.app.config import ConfigError
 
 __all__ = ["CONFIG_FOLDER", "bundled_configs", "config_path"]
 
