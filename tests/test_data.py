@@ -27,8 +27,11 @@ from data_factories import (
     truncate_file,
     write_cifar100,
     write_html_page,
+    write_image_folder,
     write_malicious_pickle,
     write_mini_imagenet_cache,
+    write_omniglot,
+    write_tiered_imagenet,
 )
 from learn2learn.data.transforms import FilterLabels, KShots, LoadData, NWays
 from sklearn.datasets import load_digits
@@ -53,6 +56,7 @@ from l2l_adversarial.data import (
     random_class_split,
     safe_load,
 )
+from l2l_adversarial.data.cifar_fs import CIFARFS
 
 MODES = ("train", "validation", "test")
 
@@ -626,20 +630,27 @@ def test_make_tasks_for_every_dataset_name(tmp_path: Path) -> None:
     for mode in MODES:
         write_mini_imagenet_cache(tmp_path, mode, num_classes=5, images_per_class=4, image_size=16)
     write_cifar100(tmp_path, train_per_class=3, test_per_class=1)
-    shapes = {
-        "mini-imagenet": (3, 16, 16),
-        "cifar100": (3, 32, 32),
-        "cifar-fs": (3, 32, 32),
-        "digits": (1, 28, 28),
+    write_tiered_imagenet(tmp_path / "tiered", "test", num_classes=5, images_per_class=3)
+    write_omniglot(tmp_path / "omniglot", alphabets=(10, 5), characters=4, drawers=3)
+    write_image_folder(tmp_path / "folder", classes=25, per_class=3, size=20)
+    shapes: dict[str, tuple[tuple[int, int, int], Path]] = {
+        "mini-imagenet": ((3, 16, 16), tmp_path),
+        "cifar100": ((3, 32, 32), tmp_path),
+        "cifar-fs": ((3, 32, 32), tmp_path),
+        "fc100": ((3, 32, 32), tmp_path),
+        "tiered-imagenet": ((3, 84, 84), tmp_path / "tiered"),
+        "omniglot": ((1, 28, 28), tmp_path / "omniglot"),
+        "image-folder": ((3, 84, 84), tmp_path / "folder"),
+        "digits": ((1, 28, 28), tmp_path),
     }
     assert set(shapes) == set(DATASETS)
-    for name, shape in shapes.items():
-        options: dict[str, Any] = {} if name == "digits" else {"strict": False}
-        task = make_tasks(name, tmp_path, "test", 5, 1, 2, seed=0, num_tasks=3, **options)[2]
+    for name, (shape, root) in shapes.items():
+        options: dict[str, Any] = {} if name in ("digits", "image-folder") else {"strict": False}
+        task = make_tasks(name, root, "test", 5, 1, 2, seed=0, num_tasks=3, **options)[2]
         assert task.support_inputs.shape == (5, *shape) and task.query_inputs.shape == (10, *shape)
     cifar_fs = load_dataset("cifar-fs", tmp_path, "validation", strict=False)
     assert (
-        isinstance(cifar_fs, CIFAR100Meta)
+        isinstance(cifar_fs, CIFARFS)
         and cifar_fs.classes == load_class_split("cifar-fs")["validation"]
     )
     with pytest.raises(ValueError, match="no validation|validation"):
@@ -647,4 +658,4 @@ def test_make_tasks_for_every_dataset_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="root is required"):
         load_dataset("mini-imagenet", None, "train")
     with pytest.raises(ValueError, match="name must be one of"):
-        load_dataset("omniglot", tmp_path)
+        load_dataset("imagenet", tmp_path)

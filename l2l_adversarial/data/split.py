@@ -44,6 +44,23 @@ class Format:
     plan: Callable[[Path, str, list[Path], dict[str, Any]], Plan]
 
 
+def _folder_hint(root: Path) -> str:
+    """A hint when ``root`` looks like a folder of class folders of images."""
+    from l2l_adversarial.data._decode import IMAGE_SUFFIXES
+
+    if not root.is_dir():
+        return ""
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[
+        :5
+    ]:
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir()):
+            return (
+                f" {root} holds class folders of images ({folder.name}/...): to use your own "
+                "images, set dataset.name: image-folder (ImageFolderSplit)."
+            )
+    return ""
+
+
 class ImageSplit(Dataset[tuple[Tensor, int]]):
     """One split of an image dataset, decoded once into a uint8 C x H x W cache.
 
@@ -119,7 +136,7 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
         raise DatasetNotFoundError(
             f"no {self.NAME} {self.mode} split of {which} in {self.root}; looked for:\n{looked}\n"
             f"Put one of these in dataset.root (or point dataset.root at the folder holding "
-            f"them); every format is described in {GUIDE}."
+            f"them); every format is described in {GUIDE}.{_folder_hint(self.root)}"
         )
 
     def check_standard(self, classes: int, per_class: int | None, shape: tuple[int, ...]) -> None:
