@@ -15,6 +15,7 @@ import pytest
 import torch
 from data_factories import (
     CIFAR100_SUPERCLASSES,
+    MiniImageNetFormats,
     dump_python2_pickle,
     truncate_file,
     write_cifar100,
@@ -51,7 +52,7 @@ def assert_same_tasks(first: FewShotTasks, second: FewShotTasks, count: int = 4)
 
 
 @pytest.fixture(scope="module")
-def mini_formats(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def mini_formats(tmp_path_factory: pytest.TempPathFactory) -> MiniImageNetFormats:
     return write_mini_imagenet_formats(
         tmp_path_factory.mktemp("mini"), ("train", "test"), num_classes=4, images_per_class=5
     )
@@ -59,7 +60,9 @@ def mini_formats(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
 # -- MiniImageNet: four formats, one dataset -------------------------------------------------
 @pytest.mark.parametrize("mode", ["train", "test"])
-def test_every_mini_imagenet_format_gives_the_same_rows_and_tasks(mini_formats, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_every_mini_imagenet_format_gives_the_same_rows_and_tasks(
+    mini_formats: MiniImageNetFormats, mode: str
+) -> None:
     datasets = {
         name: MiniImageNet(root, mode, strict=False, cache_dir=False)
         for name, root in mini_formats.roots.items()
@@ -84,7 +87,9 @@ def test_every_mini_imagenet_format_gives_the_same_rows_and_tasks(mini_formats, 
         )
 
 
-def test_a_named_format_is_read_and_a_missing_one_is_listed(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+def test_a_named_format_is_read_and_a_missing_one_is_listed(
+    tmp_path: Path, mini_formats: MiniImageNetFormats
+) -> None:
     root = tmp_path / "both"
     root.mkdir()
     for name in ("ravi", "metaoptnet"):
@@ -116,7 +121,7 @@ def test_a_root_without_any_format_lists_what_was_looked_for(tmp_path: Path) -> 
         assert needed in message
 
 
-def test_strict_applies_to_every_format(mini_formats) -> None:  # type: ignore[no-untyped-def]
+def test_strict_applies_to_every_format(mini_formats: MiniImageNetFormats) -> None:
     for root in mini_formats.roots.values():
         with pytest.raises(DatasetFileError, match=r"expected 20 classes of 600 images"):
             MiniImageNet(root, "test", cache_dir=False)
@@ -125,8 +130,8 @@ def test_strict_applies_to_every_format(mini_formats) -> None:  # type: ignore[n
 # -- the decode cache ---------------------------------------------------------------------------
 def test_the_cache_is_a_memory_map_read_back_without_decoding(
     tmp_path: Path,
-    mini_formats,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    mini_formats: MiniImageNetFormats,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache_dir = tmp_path / "cache"
     first = MiniImageNet(mini_formats.roots["ravi"], "train", strict=False, cache_dir=cache_dir)
@@ -141,10 +146,8 @@ def test_the_cache_is_a_memory_map_read_back_without_decoding(
     again = MiniImageNet(mini_formats.roots["ravi"], "train", strict=False, cache_dir=cache_dir)
     np.testing.assert_array_equal(again.images, first.images)
     table = image_table(again)
-    assert table is not None
-    assert table.images.data_ptr() == torch.from_numpy(np.asarray(again.images)).data_ptr() or (
-        table.images.shape == (20, 3, 84, 84)
-    )
+    assert table is not None and table.images.shape == (20, 3, 84, 84)
+    assert table.images.data_ptr() == again.images.ctypes.data  # the map itself, no copy
 
 
 def _cached(root: Path, cache_dir: Path) -> MiniImageNet:
@@ -154,9 +157,9 @@ def _cached(root: Path, cache_dir: Path) -> MiniImageNet:
 @pytest.mark.parametrize("damage", ["truncate", "alter", "targets", "manifest", "source"])
 def test_a_cache_that_does_not_match_is_rebuilt_with_a_warning(
     tmp_path: Path,
-    mini_formats,
+    mini_formats: MiniImageNetFormats,
     damage: str,
-    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     root = tmp_path / "root"
     root.mkdir()
@@ -191,8 +194,8 @@ def test_a_cache_that_does_not_match_is_rebuilt_with_a_warning(
 
 def test_a_touched_but_unchanged_source_keeps_its_cache(
     tmp_path: Path,
-    mini_formats,
-    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+    mini_formats: MiniImageNetFormats,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     root = mini_formats.roots["metaoptnet"]
     cache_dir = tmp_path / "cache"
@@ -204,7 +207,9 @@ def test_a_touched_but_unchanged_source_keeps_its_cache(
     assert "rebuilding" not in caplog.text
 
 
-def test_the_default_cache_sits_beside_the_data(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+def test_the_default_cache_sits_beside_the_data(
+    tmp_path: Path, mini_formats: MiniImageNetFormats
+) -> None:
     root = tmp_path / "root"
     root.mkdir()
     name = "mini-imagenet-cache-test.pkl"
@@ -214,7 +219,9 @@ def test_the_default_cache_sits_beside_the_data(tmp_path: Path, mini_formats) ->
 
 
 # -- MiniImageNet's bad files ---------------------------------------------------------------------
-def test_torchmeta_files_that_disagree_or_are_broken(tmp_path: Path, mini_formats) -> None:  # type: ignore[no-untyped-def]
+def test_torchmeta_files_that_disagree_or_are_broken(
+    tmp_path: Path, mini_formats: MiniImageNetFormats
+) -> None:
     import h5py
 
     folder = tmp_path / "miniimagenet"
@@ -248,8 +255,8 @@ def test_torchmeta_files_that_disagree_or_are_broken(tmp_path: Path, mini_format
 
 def test_torchmeta_without_h5py_says_how_to_install_it(
     tmp_path: Path,
-    mini_formats,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    mini_formats: MiniImageNetFormats,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(DatasetFileError, match=r"needs h5py.*l2l-adversarial\[hdf5\]"):
@@ -287,7 +294,7 @@ def test_metaoptnet_pickles_mislabelled_wrong_or_malicious(tmp_path: Path) -> No
 
 def test_ravi_csv_and_images_that_are_missing_unreadable_or_malformed(
     tmp_path: Path,
-    mini_formats,  # type: ignore[no-untyped-def]
+    mini_formats: MiniImageNetFormats,
 ) -> None:
     root = tmp_path / "ravi"
     (root / "images").mkdir(parents=True)

@@ -52,7 +52,7 @@ def decode_image(
     """
     try:
         if isinstance(source, str | os.PathLike):
-            handle: io.BufferedIOBase | io.BytesIO | Path = Path(source)
+            handle: io.BytesIO | Path = Path(source)
         else:
             buffer = source.tobytes() if isinstance(source, np.ndarray) else bytes(source)
             handle = io.BytesIO(buffer)

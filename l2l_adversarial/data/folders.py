@@ -344,7 +344,9 @@ class Omniglot(ImageSplit):
 
     def _add_rotations(self) -> None:
         """Each class c becomes c@rot000, c@rot090, c@rot180, c@rot270 (counter-clockwise)."""
-        blocks, targets, classes = [], [], []
+        blocks: list[np.ndarray] = []
+        targets: list[np.ndarray] = []
+        classes: list[str] = []
         for label, name in enumerate(self.classes):
             rows = np.asarray(self.images[self.targets == label])
             for turn in range(4):

@@ -40,8 +40,8 @@ class DatasetInfo:
 
 
 def _split_of(split: str) -> Callable[..., Dataset[tuple[Tensor, int]]]:
-    def make(*args: Any, **kwargs: Any) -> Dataset[tuple[Tensor, int]]:
-        return CIFAR100Meta(*args, split=split, **kwargs)
+    def make(root: Any, mode: str, **kwargs: Any) -> Dataset[tuple[Tensor, int]]:
+        return CIFAR100Meta(root, mode, split, **kwargs)
 
     return make
 

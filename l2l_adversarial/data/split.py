@@ -122,7 +122,7 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
     def _find(self, format: str) -> tuple[Format, list[Path]]:
         names = [candidate.name for candidate in self.FORMATS]
         if format != "auto":
-            check_choice("format", format, names + ["auto"])
+            check_choice("format", format, (*names, "auto"))
         candidates = [f for f in self.FORMATS if format in ("auto", f.name)]
         for candidate in candidates:
             sources = candidate.locate(self.root, self.mode)
