@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
-from l2l_adversarial.app.config import BUNDLED_DATASETS, METHODS
+from l2l_adversarial.app.config import METHODS
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
 from l2l_adversarial.autoattack import AutoAttack
-from l2l_adversarial.data import make_tasks
+from l2l_adversarial.data import DATASET_INFO, make_tasks
 from l2l_adversarial.distributed import cuda_device
 from l2l_adversarial.errors import DeviceError
 from l2l_adversarial.models import CNN4
@@ -39,12 +39,7 @@ __all__ = [
     "task_source",
 ]
 
-DATASET_TITLES = {
-    "mini-imagenet": "MiniImageNet",
-    "cifar100": "CIFAR100",
-    "cifar-fs": "CIFAR-FS",
-    "digits": "Digits",
-}
+DATASET_TITLES = {name: info.title for name, info in DATASET_INFO.items()}
 METHOD_NAMES = {
     "maml": "MAML",
     "maml-ad": "MAML-AD",
@@ -148,9 +143,12 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
 def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
     """The configured dataset's seeded tasks of split ``mode`` (``num_tasks=-1``: a stream)."""
     dataset, task = config["dataset"], config["task"]
-    options: dict[str, Any] = {"strict": dataset["strict"]}
-    if dataset["name"] in BUNDLED_DATASETS:
-        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
+    takes = DATASET_INFO[dataset["name"]].options
+    options: dict[str, Any] = {
+        key: dataset[key]
+        for key in takes
+        if dataset[key] is not None and (key != "rotations" or mode == "train")
+    }
     return make_tasks(
         dataset["name"],
         dataset["root"],
