@@ -1,0 +1,286 @@
+"""Regenerate the figures that README.md and docs/ quote, from the commands that print them.
+
+Each figure sits in a page between two markers,
+
+    <!-- docs-numbers:NAME begin -->
+    ...
+    <!-- docs-numbers:NAME end -->
+
+and this script replaces what is between them with the command's output, preceded by the
+commit, the machine and the date it ran at. A name may appear in several pages (the
+quickstart's table is in README.md and docs/getting-started.md); every occurrence gets the
+same text.
+
+    python scripts/docs_numbers.py                        # quickstart and counts (8-15 min on 2 cores)
+    python scripts/docs_numbers.py --only counts          # one of them
+    python scripts/docs_numbers.py --only gpu --gpu-check gpu-check   # after `make gpu-check` on a GPU
+
+NAME         command                                                               pages
+quickstart   l2l-adversarial quickstart                                            README.md, docs/getting-started.md
+counts       pytest benchmarks/test_meta_iteration.py -k test_meta_iteration \\
+                 --bench-sizes=counts --benchmark-disable -q -s                    docs/performance.md
+gpu          the table `make gpu-check` wrote (gpu-check/gpu-check.md), or         docs/performance.md
+             "unmeasured" when --gpu-check is not given
+
+Commit the pages right after: the commit named is the one whose code ran (HEAD, with a note
+if l2l_adversarial/ or benchmarks/ had uncommitted changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = re.compile(
+    r"(?P<begin><!-- docs-numbers:(?P<name>[\w-]+) begin -->\n)(?P<body>.*?)"
+    r"(?P<end><!-- docs-numbers:(?P=name) end -->)",
+    re.S,
+)
+QUICKSTART_COMMAND = ["quickstart", "--quiet"]
+COUNTS_COMMAND = [
+    "benchmarks/test_meta_iteration.py", "-k", "test_meta_iteration", "--bench-sizes=counts",
+    "--benchmark-disable", "-q", "-s", "-p", "no:cacheprovider",
+]  # fmt: skip
+NAMES = ("quickstart", "counts", "gpu")
+
+
+def pages(repo: Path = REPO) -> list[Path]:
+    """README.md and every Markdown page under docs/."""
+    return [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the body of every marker named in ``blocks`` replaced by its value."""
+
+    def body(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in blocks:
+            return match[0]
+        return match["begin"] + blocks[name].rstrip("\n") + "\n" + match["end"]
+
+    return MARKER.sub(body, text)
+
+
+def write_blocks(blocks: dict[str, str], files: Iterable[Path]) -> list[Path]:
+    """Write ``blocks`` into the markers of ``files``; returns the files changed. Every name
+    must have a marker somewhere."""
+    found: set[str] = set()
+    changed = []
+    for path in files:
+        text = path.read_text()
+        found.update(m["name"] for m in MARKER.finditer(text))
+        new = replace_blocks(text, blocks)
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    missing = sorted(set(blocks) - found)
+    if missing:
+        raise SystemExit(f"no <!-- docs-numbers:NAME begin --> marker for {', '.join(missing)}")
+    return changed
+
+
+# -- provenance --------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def commit() -> str:
+    """HEAD's short hash, and a note when the code that ran differs from it."""
+    head = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--", "l2l_adversarial", "benchmarks")
+    return head + (" with uncommitted changes to the code" if dirty else "")
+
+
+def machine(load_before: float) -> str:
+    """The CPU (model, cores), the GPU, if any, as this process sees them, and the load
+    average (1 minute) before and after the command: other jobs on the machine slow it."""
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        versions = f"torch {torch.__version__}"
+    except ImportError:
+        gpu, versions = "GPU unknown", "torch not importable"
+    load = f", load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    return (
+        f"{os.cpu_count()}-core CPU ({model}), {gpu}{load}; "
+        f"Python {platform.python_version()}, {versions}"
+    )
+
+
+def provenance(command: str, load_before: float) -> str:
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return (
+        f"Generated by `python scripts/docs_numbers.py` on {today} at commit `{commit()}`, "
+        f"{machine(load_before)}: `{command}` printed"
+    )
+
+
+# -- the quickstart ----------------------------------------------------------------------
+def run_quickstart() -> str:
+    """What ``l2l-adversarial quickstart`` prints, run in an empty folder (so the paths it
+    prints are the default ``runs/quickstart/...``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="docs-numbers-") as folder:
+        result = subprocess.run(
+            [sys.executable, "-m", "l2l_adversarial", *QUICKSTART_COMMAND],
+            cwd=folder, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"quickstart failed ({result.returncode}):\n{result.stderr}")
+    return result.stdout
+
+
+def _adversarial_row(output: str, method: str) -> tuple[float, float]:
+    """Clean-support, adversarial-query accuracy and interval of ``method`` in the table."""
+    match = re.search(
+        rf"^\| {re.escape(method)} \| Clean \| [\d.]+ ± [\d.]+ \| ([\d.]+) ± ([\d.]+) \|$",
+        output,
+        re.M,
+    )
+    if match is None:
+        raise SystemExit(f"no '{method} | Clean' row in the quickstart's output:\n{output}")
+    return float(match[1]), float(match[2])
+
+
+def quickstart_block(output: str, origin: str) -> str:
+    """The output as it was printed, and a sentence that compares ADML with the others."""
+    epsilon = re.search(r"^ε = (\S+) pixel levels", output, re.M)
+    if epsilon is None:
+        raise SystemExit(f"no radius line in the quickstart's output:\n{output}")
+    adml, adml_ci = _adversarial_row(output, "ADML")
+    lines = []
+    for other in ("MAML", "MAML-AD"):
+        accuracy, ci = _adversarial_row(output, other)
+        gap = adml - accuracy
+        separated = "more than" if abs(gap) > adml_ci + ci else "within"
+        lines.append(
+            f"{gap:+.1f} points against {other} ({separated} the sum of the two 95 % "
+            f"intervals, {adml_ci + ci:.2f})"
+        )
+    text = "\n".join(line.rstrip() for line in output.strip("\n").splitlines())
+    return (
+        f"{origin}:\n\n```text\n{text}\n```\n\n"
+        f"ADML's Clean-Adversarial accuracy at ε = {epsilon[1]}: {'; '.join(lines)}.\n"
+    )
+
+
+# -- op and sync counts ------------------------------------------------------------------
+def run_counts() -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *COUNTS_COMMAND],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"the counts benchmark failed ({result.returncode}):\n{result.stdout}")
+    return result.stdout
+
+
+def counts_block(output: str, origin: str) -> str:
+    """The ops, launches and syncs columns of the benchmark's ``[counts]`` table."""
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("[counts]"))
+    except StopIteration:
+        raise SystemExit(f"no [counts] table in the benchmark's output:\n{output}") from None
+    header = lines[start + 1].split()
+    if header[-5:] != ["ops", "(x)", "launch", "(x)", "syncs"]:
+        raise SystemExit(f"unexpected columns in the counts table: {lines[start + 1]}")
+    rows = ["| one meta-iteration | ATen ops | x l2l | launches | x l2l | syncs |",
+            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        fields = line.split()
+        name = line[:52].strip()
+        ops, op_ratio, launches, launch_ratio, syncs = fields[-5:]
+        rows.append(f"| {name} | {ops} | {op_ratio} | {launches} | {launch_ratio} | {syncs} |")
+    return f"{origin} (`{lines[start]}`):\n\n" + "\n".join(rows) + "\n"
+
+
+# -- the GPU check -----------------------------------------------------------------------
+UNMEASURED = (
+    "**Unmeasured.** No GPU has been lent to this project yet. On a machine with one, run "
+    "`make gpu-check`, then `python scripts/docs_numbers.py --only gpu --gpu-check gpu-check` "
+    "to put its table here.\n"
+)
+
+
+def gpu_block(folder: Path | None) -> str:
+    if folder is None:
+        return UNMEASURED
+    table = folder / "gpu-check.md"
+    if not table.is_file():
+        raise SystemExit(f"{table} not found: run `make gpu-check` on the GPU machine first")
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return (
+        f"What `make gpu-check` wrote into `{table.name}` (its header names the device), "
+        f"copied by `python scripts/docs_numbers.py` on {today} at commit `{commit()}`:\n\n"
+        f"{table.read_text().strip()}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", default="quickstart,counts",
+        help=f"comma-separated names among {', '.join(NAMES)} (default: quickstart,counts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu-check", type=Path, metavar="DIR",
+        help="folder that `make gpu-check` wrote (gpu-check.md); without it, gpu says unmeasured",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown names {unknown}; choose among {', '.join(NAMES)}")
+
+    def quickstart() -> str:
+        load = os.getloadavg()[0]
+        output = run_quickstart()
+        return quickstart_block(
+            output, provenance("l2l-adversarial " + " ".join(QUICKSTART_COMMAND), load)
+        )
+
+    def counts() -> str:
+        load = os.getloadavg()[0]
+        output = run_counts()
+        return counts_block(output, provenance("pytest " + " ".join(COUNTS_COMMAND), load))
+
+    makers: dict[str, Callable[[], str]] = {
+        "quickstart": quickstart,
+        "counts": counts,
+        "gpu": lambda: gpu_block(args.gpu_check),
+    }
+    blocks = {}
+    for name in names:
+        print(f"docs-numbers: {name} ...", file=sys.stderr, flush=True)
+        blocks[name] = makers[name]()
+    for path in write_blocks(blocks, pages()):
+        print(f"wrote {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
