@@ -135,19 +135,25 @@ def provenance(command: str, load_before: float) -> str:
     )
 
 
+def run(arguments: list[str], cwd: Path) -> str:
+    """What ``python ARGUMENTS`` prints in ``cwd``, this checkout's package imported."""
+    result = subprocess.run(
+        [sys.executable, *arguments], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(arguments)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
 # -- the quickstart ----------------------------------------------------------------------
 def run_quickstart() -> str:
     """What ``l2l-adversarial quickstart`` prints, run in an empty folder (so the paths it
     prints are the default ``runs/quickstart/...``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="docs-numbers-") as folder:
-        result = subprocess.run(
-            [sys.executable, "-m", "l2l_adversarial", *QUICKSTART_COMMAND],
-            cwd=folder, env=env, capture_output=True, text=True,
-        )  # fmt: skip
-    if result.returncode != 0:
-        raise SystemExit(f"quickstart failed ({result.returncode}):\n{result.stderr}")
-    return result.stdout
+        return run(["-m", "l2l_adversarial", *QUICKSTART_COMMAND], Path(folder))
 
 
 def _adversarial_row(output: str, method: str) -> tuple[float, float]:
@@ -185,17 +191,6 @@ def quickstart_block(output: str, origin: str) -> str:
 
 
 # -- op and sync counts ------------------------------------------------------------------
-def run_counts() -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", *COUNTS_COMMAND],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise SystemExit(f"the counts benchmark failed ({result.returncode}):\n{result.stdout}")
-    return result.stdout
-
-
 def counts_block(output: str, origin: str) -> str:
     """The ops, launches and syncs columns of the benchmark's ``[counts]`` table."""
     lines = output.splitlines()
@@ -265,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def counts() -> str:
         load = os.getloadavg()[0]
-        output = run_counts()
+        output = run(["-m", "pytest", *COUNTS_COMMAND], REPO)
         return counts_block(output, provenance("pytest " + " ".join(COUNTS_COMMAND), load))
 
     makers: dict[str, Callable[[], str]] = {
