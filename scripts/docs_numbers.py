@@ -11,14 +11,16 @@ commit, the machine and the date it ran at. A name may appear in several pages (
 quickstart's table is in README.md and docs/getting-started.md); every occurrence gets the
 same text.
 
-    python scripts/docs_numbers.py                        # quickstart and counts (8-15 min on 2 cores)
-    python scripts/docs_numbers.py --only counts          # one of them
+    python scripts/docs_numbers.py                        # quickstart, counts, small (15-25 min on 2 cores)
+    python scripts/docs_numbers.py --only counts          # some of them
     python scripts/docs_numbers.py --only gpu --gpu-check gpu-check   # after `make gpu-check` on a GPU
 
 NAME         command                                                               pages
 quickstart   l2l-adversarial quickstart                                            README.md, docs/getting-started.md
 counts       pytest benchmarks/test_meta_iteration.py -k test_meta_iteration \\
                  --bench-sizes=counts --benchmark-disable -q -s                    docs/performance.md
+small        pytest benchmarks/test_meta_iteration.py -k 'not chunk' \\
+                 --bench-sizes=small --bench-threads=1 -q -s                       docs/performance.md
 gpu          the table `make gpu-check` wrote (gpu-check/gpu-check.md), or         docs/performance.md
              "unmeasured" when --gpu-check is not given
 
@@ -50,7 +52,11 @@ COUNTS_COMMAND = [
     "benchmarks/test_meta_iteration.py", "-k", "test_meta_iteration", "--bench-sizes=counts",
     "--benchmark-disable", "-q", "-s", "-p", "no:cacheprovider",
 ]  # fmt: skip
-NAMES = ("quickstart", "counts", "gpu")
+SMALL_COMMAND = [
+    "benchmarks/test_meta_iteration.py", "-k", "not chunk",
+    "--bench-sizes=small", "--bench-threads=1", "-q", "-s", "-p", "no:cacheprovider",
+]  # fmt: skip
+NAMES = ("quickstart", "counts", "small", "gpu")
 
 
 def pages(repo: Path = REPO) -> list[Path]:
@@ -190,27 +196,67 @@ def quickstart_block(output: str, origin: str) -> str:
     )
 
 
-# -- op and sync counts ------------------------------------------------------------------
-def counts_block(output: str, origin: str) -> str:
-    """The ops, launches and syncs columns of the benchmark's ``[counts]`` table."""
-    lines = output.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("[counts]"))
-    except StopIteration:
-        raise SystemExit(f"no [counts] table in the benchmark's output:\n{output}") from None
-    header = lines[start + 1].split()
-    if header[-5:] != ["ops", "(x)", "launch", "(x)", "syncs"]:
-        raise SystemExit(f"unexpected columns in the counts table: {lines[start + 1]}")
-    rows = ["| one meta-iteration | ATen ops | x l2l | launches | x l2l | syncs |",
-            "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+# -- benchmark tables: op and sync counts, small-size times ---------------------------------
+BENCH_HEADER = (
+    "benchmark median s min s rounds x MAML (min) GFLOP (x) +RSS MB CUDA MB images/s ops (x) "
+    "launch (x) syncs"
+).split()
+BENCH_COLUMNS = [
+    "median s", "min s", "rounds", "x MAML", "x MAML (min)", "GFLOP", "GFLOP x", "+RSS MB",
+    "CUDA MB", "images/s", "ops", "ops x", "launches", "launches x", "syncs",
+]  # fmt: skip
+"""The columns of benchmarks/conftest.py's summary table, in order."""
+Columns = list[tuple[str, str]]  # (heading on the page, column of the benchmark's table)
+COUNTS_COLUMNS: Columns = [("ATen ops", "ops"), ("x l2l", "ops x"), ("launches", "launches"),
+                           ("x l2l", "launches x"), ("syncs", "syncs")]  # fmt: skip
+SMALL_COLUMNS: Columns = [("median s", "median s"), ("min s", "min s"), ("x MAML", "x MAML"),
+                          ("x MAML (min)", "x MAML (min)"), ("GFLOP x", "GFLOP x"),
+                          ("+RSS MB", "+RSS MB")]  # fmt: skip
+PAIRED_HEADER = "benchmark median s x first min max rounds".split()
+
+
+def _table(lines: list[str], start: int, header: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, values) of the rows under ``lines[start]`` (a ``[size] ...`` line) down to the
+    first blank line; the next line must be ``header``."""
+    if lines[start + 1].split() != header:
+        raise SystemExit(f"unexpected columns under {lines[start]!r}: {lines[start + 1]}")
+    rows = []
     for line in lines[start + 2 :]:
         if not line.strip():
             break
-        fields = line.split()
-        name = line[:52].strip()
-        ops, op_ratio, launches, launch_ratio, syncs = fields[-5:]
-        rows.append(f"| {name} | {ops} | {op_ratio} | {launches} | {launch_ratio} | {syncs} |")
-    return f"{origin} (`{lines[start]}`):\n\n" + "\n".join(rows) + "\n"
+        rows.append((line[:52].strip(), line[52:].split()))
+    return rows
+
+
+def benchmark_block(
+    output: str, origin: str, size: str, columns: Columns, paired: bool = False
+) -> str:
+    """``columns`` of the ``[size]`` table that the benchmarks print at the end of a run, as
+    Markdown; with ``paired``, the paired rounds' table of that size too."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"[{size}]")]
+    if not starts:
+        raise SystemExit(f"no [{size}] table in the benchmark's output:\n{output}")
+    rows = [
+        "| one meta-iteration | " + " | ".join(heading for heading, _ in columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+    ]
+    for name, values in _table(lines, starts[0], BENCH_HEADER):
+        named = dict(zip(BENCH_COLUMNS, values, strict=True))
+        rows.append(f"| {name} | " + " | ".join(named[column] for _, column in columns) + " |")
+    text = f"{origin} (`{lines[starts[0]]}`):\n\n" + "\n".join(rows) + "\n"
+    if paired:
+        if len(starts) < 2:
+            raise SystemExit(f"no paired rounds of [{size}] in the benchmark's output")
+        rows = ["| paired rounds | median s | x first, median | min | max | rounds |",
+                "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        rows += [f"| {name} | " + " | ".join(values) + " |"
+                 for name, values in _table(lines, starts[1], PAIRED_HEADER)]  # fmt: skip
+        text += (
+            "\nThe same run's paired rounds (the three alternate round by round; each round's "
+            "ratio to the first row, then their median, min and max):\n\n" + "\n".join(rows) + "\n"
+        )
+    return text
 
 
 # -- the GPU check -----------------------------------------------------------------------
@@ -238,8 +284,8 @@ def gpu_block(folder: Path | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", default="quickstart,counts",
-        help=f"comma-separated names among {', '.join(NAMES)} (default: quickstart,counts)",
+        "--only", default="quickstart,counts,small",
+        help=f"comma-separated names among {', '.join(NAMES)} (default: all but gpu)",
     )  # fmt: skip
     parser.add_argument(
         "--gpu-check", type=Path, metavar="DIR",
@@ -258,14 +304,17 @@ def main(argv: list[str] | None = None) -> int:
             output, provenance("l2l-adversarial " + " ".join(QUICKSTART_COMMAND), load)
         )
 
-    def counts() -> str:
+    def benchmark(command: list[str], size: str, columns: Columns, paired: bool = False) -> str:
         load = os.getloadavg()[0]
-        output = run(["-m", "pytest", *COUNTS_COMMAND], REPO)
-        return counts_block(output, provenance("pytest " + " ".join(COUNTS_COMMAND), load))
+        output = run(["-m", "pytest", *command], REPO)
+        shown = " ".join(f"'{a}'" if " " in a else a for a in command)
+        origin = provenance(f"pytest {shown}", load)
+        return benchmark_block(output, origin, size, columns, paired)
 
     makers: dict[str, Callable[[], str]] = {
         "quickstart": quickstart,
-        "counts": counts,
+        "counts": lambda: benchmark(COUNTS_COMMAND, "counts", COUNTS_COLUMNS),
+        "small": lambda: benchmark(SMALL_COMMAND, "small", SMALL_COLUMNS, paired=True),
         "gpu": lambda: gpu_block(args.gpu_check),
     }
     blocks = {}
