@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskOps
-from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.attacks import FGSM, PIXEL_LEVEL, Attack, pixel_levels
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
@@ -94,8 +94,6 @@ Model = Callable[[Tensor], Tensor]
 PROTOCOLS = ("paper", "adapted")
 DEFAULT_EPSILONS = (2.0, 0.2)
 """The paper's meta-test radii, in 8-bit pixel levels (multiplied by ``pixel_scale``)."""
-PIXEL_LEVEL = 1 / 255
-"""Default ``pixel_scale``: one 8-bit level of images scaled to [0, 1]."""
 DEFAULT_NUM_TASKS = 600
 """Number of test tasks the paper averages over."""
 Z_95 = 1.96
@@ -510,7 +508,7 @@ def _check_arguments(
 def _attacks(
     make_attack: Callable[[float], Attack], epsilons: Sequence[float], pixel_scale: float
 ) -> list[Attack]:
-    attacks = [make_attack(e * pixel_scale) for e in epsilons]
+    attacks = [make_attack(pixel_levels(e, pixel_scale)) for e in epsilons]
     for attack in attacks:
         if not isinstance(attack, Attack):
             raise TypeError(
