@@ -205,7 +205,8 @@ SCHEMA: dict[str, Any] = {
             # workspace, for an exact resume (l2l_adversarial.app.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
             # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
-            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            # GPU measurement says otherwise; vmap (experimental) batches the tasks (gradient
+            # methods only)
             "engine": {
                 "type": "string",
                 "allowed": ["auto", "sequential", "vmap"],
@@ -235,7 +236,7 @@ SCHEMA: dict[str, Any] = {
             # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
             "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
-            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap
+            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap (experimental)
             # adapts and scores chunk_size tasks at once (gradient methods only)
             "engine": {
                 "type": "string",
