@@ -62,7 +62,28 @@ from l2l_adversarial.validation import (
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Tensor], Tensor]
 
-__all__ = ["Attack", "FGSM", "FFGSM", "PGD", "is_classification_loss"]
+__all__ = [
+    "PIXEL_LEVEL",
+    "Attack",
+    "FGSM",
+    "FFGSM",
+    "PGD",
+    "is_classification_loss",
+    "pixel_levels",
+]
+
+PIXEL_LEVEL = 1 / 255
+"""One 8-bit pixel level of images scaled to [0, 1]: the unit of the paper's eps."""
+
+
+def pixel_levels(levels: float, scale: float = PIXEL_LEVEL) -> float:
+    """A radius (or step) given in 8-bit pixel levels, in input units: ``levels * scale``.
+
+    Example:
+        >>> pixel_levels(2) == 2 * PIXEL_LEVEL  # the paper's eps = 2
+        True
+    """
+    return levels * scale
 
 
 def _check_eps(name: str, value: float) -> float:

@@ -13,20 +13,5 @@ Example:
     torch.Size([])
 """
 
-from l2l_adversarial.runtime.engine import (
-    ENGINES,
-    fitting_chunk_size,
-    meta_batch_objective,
-    meta_step,
-    resolve_engine,
-)
-from l2l_adversarial.runtime.layouts import vmap_obstacle
-
-__all__ = [
-    "ENGINES",
-    "fitting_chunk_size",
-    "meta_batch_objective",
-    "meta_step",
-    "resolve_engine",
-    "vmap_obstacle",
-]
+from l2l_adversarial.runtime.engine import *  # noqa: F403
+from l2l_adversarial.runtime.engine import __all__  # noqa: F401

@@ -24,14 +24,19 @@ Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` b
 ``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
 and seed give identical results, and every method sees the same random starts.
 
-Tasks run in chunks (``chunk_size``): each chunk's values are checked with one host read and
-its results read with one; ``engine="vmap"`` adapts, attacks and scores a whole chunk at once
-(:mod:`l2l_adversarial.stacked`: folded or vmapped; gradient-based learners), the same
-protocol code as task by task (``engine="sequential"``, the reference and the default).
+The clean support adaptation is shared by every epsilon, and one adaptation serves both
+query scenarios of a support scenario. Tasks run in chunks (``chunk_size``): each chunk's
+values (finite inputs inside the attacks' data range, labels, balanced shots) are checked with
+one host read and its results read with one; the next chunk of a thread-safe task source
+(``tasks.thread_safe``: :class:`~l2l_adversarial.data.FewShotTasks` on an image table) is
+built in a background thread meanwhile. Gradient-based learners run through the task runtime
+(:mod:`l2l_adversarial.runtime`): task by task (``engine="sequential"``, the reference and
+the default) or a whole chunk at once (``engine="vmap"``), the same protocol code either way;
+other learners (Matching Networks) through their own models, task by task.
 
 Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` evaluates tasks
 ``r, r + world_size, ...`` and the per-task results are gathered in task order, so every rank
-returns the same :class:`EvaluationResult` as one process would.
+returns the same :class:`EvaluationResult` as one process would: call it on every rank.
 
 Example:
     >>> import torch
@@ -54,7 +59,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -62,9 +67,8 @@ from learn2learn.algorithms import MAML
 from torch import Tensor, nn
 
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
-from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
 from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskOps
-from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.attacks import FGSM, PIXEL_LEVEL, Attack, pixel_levels
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
@@ -90,8 +94,6 @@ Model = Callable[[Tensor], Tensor]
 PROTOCOLS = ("paper", "adapted")
 DEFAULT_EPSILONS = (2.0, 0.2)
 """The paper's meta-test radii, in 8-bit pixel levels (multiplied by ``pixel_scale``)."""
-PIXEL_LEVEL = 1 / 255
-"""Default ``pixel_scale``: one 8-bit level of images scaled to [0, 1]."""
 DEFAULT_NUM_TASKS = 600
 """Number of test tasks the paper averages over."""
 Z_95 = 1.96
@@ -219,11 +221,22 @@ class GradientLearner(FewShotLearner):
         return [self.functional.at(params) for params in [self.theta(), *stepped]]
 
 
+class Conditioned(Protocol):
+    """A learner whose adaptation is conditioning on the support set (Matching Networks):
+    ``support_model(support, labels)`` classifies support samples in the clean support set's
+    context, ``query_model(support, labels)`` classifies queries given a support set."""
+
+    def support_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model: ...
+
+    def query_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model: ...
+
+
 class MatchingLearner(FewShotLearner):
-    """Matching Networks at meta-test: adaptation is conditioning on the support set.
+    """A :class:`Conditioned` learner at meta-test (Matching Networks): adaptation is
+    conditioning on the support set.
 
     The support set is attacked as queries classified against the clean support set
-    (:meth:`MatchingNetwork.support_model`); the curves have one point.
+    (``support_model``); the curves have one point.
 
     Example:
         >>> from l2l_adversarial import MatchingNetwork
@@ -232,11 +245,11 @@ class MatchingLearner(FewShotLearner):
         1
     """
 
-    def __init__(self, network: MatchingNetwork) -> None:
+    def __init__(self, network: Conditioned) -> None:
         self.network = network
 
     def __repr__(self) -> str:
-        return f"MatchingLearner(fce={self.network.fce})"
+        return f"MatchingLearner(fce={getattr(self.network, 'fce', None)})"
 
     def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
         return self.network.support_model(support_inputs, support_labels)
@@ -247,9 +260,9 @@ class MatchingLearner(FewShotLearner):
 
 def few_shot_learner(learner: nn.Module, lr: float, steps: int) -> FewShotLearner:
     """How a meta-trained learner adapts at meta-test: SGD from theta (``lr``, ``steps``), or
-    conditioning on the support set for Matching Networks."""
-    if isinstance(learner, MatchingNetwork):
-        return MatchingLearner(learner)
+    conditioning on the support set for :class:`Conditioned` learners (Matching Networks)."""
+    if callable(getattr(learner, "query_model", None)):
+        return MatchingLearner(cast(Conditioned, learner))
     return GradientLearner(learner, lr=lr, steps=steps)
 
 
@@ -423,51 +436,29 @@ def evaluate(
         learner: the method, e.g. ``GradientLearner(model, lr=0.01, steps=10)``.
         tasks: the test tasks, the same for every method (all with the same ways and shots).
         method: name shown in reports: "MAML", "MAML-AD", "ADML", "Matching Nets", "AQ", ...
-        epsilons: attack radii in 8-bit pixel levels; the paper: 2 and 0.2.
-        make_attack: builds the attack for a radius in input units (``epsilon * pixel_scale``):
-            ``FGSM`` (the paper), ``functools.partial(PGD, steps=20)``, ...
-        pixel_scale: input units per pixel level: 1/255 for images in [0, 1].
+        epsilons: attack radii in 8-bit pixel levels (the paper: 2 and 0.2), attacked with
+            ``make_attack(epsilon * pixel_scale)``: ``FGSM`` (the paper),
+            ``functools.partial(PGD, steps=20)``, ...; ``pixel_scale`` 1/255 for [0, 1].
         protocol: ``"paper"`` (all attacks against theta) or ``"adapted"`` (query attacked
             against the scored, adapted model); see the module docstring.
         scenarios: default :func:`paper_scenarios` for the tasks' shots.
         seed: seeds attacks with a random start, per task: ``derive_seed(seed, index)``.
-        dataset: recorded for the report ("MiniImageNet", "CIFAR100").
-        device: move every task there first (where the learner's model lives).
-        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every chunk with the
-            number of tasks this process evaluated (``len(rank_indices(len(tasks)))`` in all
-            under torchrun).
+        dataset, device: recorded for the report; where every task is moved (the model's).
+        progress: e.g. ``tqdm.tqdm(total=len(tasks))``, updated with the tasks this process
+            evaluated after every chunk.
         engine: ``"sequential"`` (task by task, any learner: the reference), ``"vmap"``
-            (a chunk of tasks at once, :mod:`l2l_adversarial.stacked`: gradient-based
-            learners; the same results in float64, in float32 up to the sign of near-zero
-            attack gradients) or
-            ``"auto"`` (``"sequential"``: see :mod:`l2l_adversarial.engines`).
+            (experimental: a chunk at once, gradient-based learners; the same results in
+            float64, in float32 up to the sign of near-zero attack gradients) or ``"auto"``
+            (``"sequential"``; :mod:`l2l_adversarial.runtime`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.
-
-    The clean support adaptation is shared by every epsilon, and one adaptation serves both
-    query scenarios of a support scenario. Under torchrun the tasks are split over the ranks
-    (see the module docstring); call it on every rank. The next chunk of a thread-safe task
-    source (``tasks.thread_safe``: :class:`~l2l_adversarial.data.FewShotTasks` gathering from
-    an image table) is built in a background thread while a chunk is evaluated. Each chunk's
-    values (finite inputs inside the attacks' data range, labels, balanced shots) are checked
-    with one host read and its results read with one: at most two for ``chunk_size`` tasks.
     """
     _check_arguments(learner, tasks, method, epsilons, pixel_scale, protocol, seed, chunk_size)
     engine = resolve_engine(learner, engine)
-    ways, shots = _task_shape(tasks[0])
-    scenarios = list(paper_scenarios(shots) if scenarios is None else scenarios)
-    if not scenarios:
-        raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
+    ways, shots, scenarios = _setting(tasks[0], scenarios)
     epsilons = [float(e) for e in epsilons]
-    attacks = [make_attack(e * pixel_scale) for e in epsilons]
-    for attack in attacks:
-        if not isinstance(attack, Attack):
-            raise TypeError(
-                f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
-            )
-    protocol_run = _Protocol(attacks, scenarios, protocol, ways, shots)
-    target = torch.device(device) if device is not None else tasks[0].support_inputs.device
-    per_task = protocol_run.run(learner, tasks, engine, seed, chunk_size, target, progress)
+    run = _Protocol(_attacks(make_attack, epsilons, pixel_scale), scenarios, protocol, ways, shots)
+    per_task = run.run(learner, tasks, engine, seed, chunk_size, device, progress)
     return EvaluationResult(
         method=method,
         ways=ways,
@@ -477,7 +468,7 @@ def evaluate(
         seed=seed,
         learner=repr(learner),
         pixel_scale=float(pixel_scale),
-        attacks=[repr(a) for a in attacks],
+        attacks=[repr(a) for a in run.attacks],
         dataset=dataset,
         scenarios=_results(per_task, epsilons, scenarios),
         engine=engine,
@@ -514,6 +505,18 @@ def _check_arguments(
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
+def _attacks(
+    make_attack: Callable[[float], Attack], epsilons: Sequence[float], pixel_scale: float
+) -> list[Attack]:
+    attacks = [make_attack(pixel_levels(e, pixel_scale)) for e in epsilons]
+    for attack in attacks:
+        if not isinstance(attack, Attack):
+            raise TypeError(
+                f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
+            )
+    return attacks
+
+
 def _results(
     per_task: Sequence[Curves], epsilons: Sequence[float], scenarios: Sequence[Scenario]
 ) -> list[ScenarioResult]:
@@ -546,9 +549,9 @@ Curves = dict[tuple[int, Scenario], tuple[list[float], list[float]]]
 """Per (epsilon index, scenario): a task's query losses and accuracies after every step."""
 
 
-def _task_shape(task: Task) -> tuple[int, int]:
+def _setting(task: Task, scenarios: Sequence[Scenario] | None) -> tuple[int, int, list[Scenario]]:
     """(ways, shots) of the first task, with one host read (the chunks' value checks then
-    hold every task, this one included, to them)."""
+    hold every task, this one included, to them), and the scenarios (default: the paper's)."""
     if not isinstance(task, tuple) or len(task) != 4:
         raise TypeError(f"tasks[0] must be a Task, got {type(task).__name__}")
     check_task_metadata(task, where="tasks[0]")
@@ -565,7 +568,10 @@ def _task_shape(task: Task) -> tuple[int, int]:
             f"tasks[0] has {[counts[c] for c in range(ways)]} support samples per class: the "
             "evaluation needs the same number of shots for every class"
         )
-    return ways, counts[0]
+    scenarios = list(paper_scenarios(counts[0]) if scenarios is None else scenarios)
+    if not scenarios:
+        raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
+    return ways, counts[0], scenarios
 
 
 def _check_chunk(
@@ -654,10 +660,12 @@ class _Protocol:
         engine: str,
         seed: int,
         chunk_size: int,
-        device: torch.device,
+        device: torch.device | str | None,
         progress: SupportsUpdate | None,
     ) -> list[Curves]:
-        """Every task's curves, in task order (gathered from every rank under torchrun)."""
+        """Every task's curves, in task order (gathered from every rank under torchrun), on
+        ``device`` (default: where the first task is)."""
+        device = torch.device(device) if device is not None else tasks[0].support_inputs.device
         mine = list(rank_indices(len(tasks)))
         chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
         prefetch = 2 if getattr(tasks, "thread_safe", False) else 0

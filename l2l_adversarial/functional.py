@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -223,15 +224,8 @@ class FunctionalModel:
                 stepped.append(params)
         return stepped
 
-    def adapt(
-        self,
-        params: Params,
-        inputs: Tensor,
-        labels: Tensor,
-        lr: float,
-        steps: int,
-        first_order: bool = False,
-    ) -> Params:
-        """``steps`` gradient-descent steps on ``(inputs, labels)`` starting from ``params``."""
-        stepped = self.trajectory(params, inputs, labels, lr, steps, first_order)
+    def adapt(self, params: Params, *args: Any, **kwargs: Any) -> Params:
+        """The fast weights after the last of :meth:`trajectory`'s steps (same arguments):
+        ``steps`` gradient-descent steps on ``(inputs, labels)`` from ``params``."""
+        stepped = self.trajectory(params, *args, **kwargs)
         return stepped[-1] if stepped else params

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import struct
@@ -254,3 +255,233 @@ class SyntheticTasks:
             return (0.9 * prototypes[labels] + noise).clamp(0, 1), labels
 
         return Task(*draw(self.shots), *draw(self.queries))
+
+
+# -- every format of a dataset, holding the same images ---------------------------------------
+def random_images(count: int, size: int, seed: int, channels: int = 3) -> np.ndarray:
+    """Smooth random uint8 images (count, size, size, channels): blocks of 4 x 4 pixels plus
+    noise, so that JPEG keeps them recognisable."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(count, -(-size // 4), -(-size // 4), channels))
+    images = blocks.repeat(4, axis=1).repeat(4, axis=2)[:, :size, :size]
+    noise = rng.integers(-12, 13, size=images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
+
+
+def encode_image(array: np.ndarray, suffix: str = ".png") -> bytes:
+    """``array`` (H x W x C or H x W uint8) encoded by Pillow as PNG or JPEG (quality 90)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    image.save(buffer, format="PNG" if suffix == ".png" else "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decode_like_the_package(data: bytes) -> np.ndarray:
+    """H x W x C pixels of encoded ``data`` by the package's decoder (Pillow, RGB)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass
+class MiniImageNetFormats:
+    """What :func:`write_mini_imagenet_formats` wrote: one root per format and the pixels."""
+
+    roots: dict[str, Path]
+    #: per class name, its images (H x W x 3) as decoded from the JPEG files
+    pixels: dict[str, np.ndarray]
+
+
+def write_mini_imagenet_formats(
+    root: str | os.PathLike[str],
+    modes: tuple[str, ...] = ("train", "validation", "test"),
+    *,
+    num_classes: int = 4,
+    images_per_class: int = 5,
+    image_size: int = 84,
+    seed: int = 0,
+) -> MiniImageNetFormats:
+    """The same images in all four MiniImageNet formats, each in its own folder of ``root``.
+
+    The images are written as JPEG (Ravi & Larochelle's ``images/`` + csv) and their decoded
+    pixels go into learn2learn's pickle, torchmeta's hdf5 + json and MetaOptNet's Python 2
+    pickle, each file ordering images and classes differently (as real copies do).
+    """
+    import h5py
+
+    root = Path(root)
+    roots = {
+        "learn2learn": root / "learn2learn",
+        "torchmeta": root / "torchmeta",
+        "metaoptnet": root / "metaoptnet",
+        "ravi": root / "ravi",
+    }
+    split_names = {"train": "train", "validation": "val", "test": "test"}
+    metaoptnet_names = {"train": "train_phase_train", "validation": "val", "test": "test"}
+    pixels: dict[str, np.ndarray] = {}
+    (roots["ravi"] / "images").mkdir(parents=True, exist_ok=True)
+    for number, mode in enumerate(modes):
+        rng = np.random.default_rng(seed + number)
+        names = [f"n{2000000 + 101 * (number * 100 + i):08d}" for i in range(num_classes)]
+        images = random_images(num_classes * images_per_class, image_size, seed + 10 * number)
+        rows = [["filename", "label"]]
+        decoded = []
+        for index, image in enumerate(images):
+            name = names[index // images_per_class]
+            filename = f"{name}{index:08d}.jpg"
+            data = encode_image(image, ".jpg")
+            (roots["ravi"] / "images" / filename).write_bytes(data)
+            rows.append([filename, name])
+            decoded.append(decode_like_the_package(data))
+        all_pixels = np.stack(decoded)
+        for i, name in enumerate(names):
+            pixels[name] = all_pixels[i * images_per_class : (i + 1) * images_per_class]
+        shuffled = [rows[0]] + [rows[1 + i] for i in rng.permutation(len(rows) - 1)]
+        with (roots["ravi"] / f"{split_names[mode]}.csv").open("w", newline="") as file:
+            file.write("\n".join(",".join(row) for row in shuffled) + "\n")
+        labels = np.repeat(np.arange(num_classes), images_per_class)
+        # learn2learn: rows shuffled, class_dict in reverse name order
+        order = rng.permutation(len(labels))
+        class_dict = {
+            names[c]: [int(np.flatnonzero(order == i)[0]) for i in np.flatnonzero(labels == c)]
+            for c in reversed(range(num_classes))
+        }
+        roots["learn2learn"].mkdir(parents=True, exist_ok=True)
+        with (roots["learn2learn"] / f"mini-imagenet-cache-{mode}.pkl").open("wb") as file:
+            pickle.dump({"image_data": all_pixels[order], "class_dict": class_dict}, file, 4)
+        # torchmeta: one dataset per class, each class's images reversed
+        folder = roots["torchmeta"] / "miniimagenet"
+        folder.mkdir(parents=True, exist_ok=True)
+        with h5py.File(folder / f"{split_names[mode]}_data.hdf5", "w") as file:
+            group = file.create_group("datasets")
+            for name in names:
+                group.create_dataset(name, data=pixels[name][::-1])
+        (folder / f"{split_names[mode]}_labels.json").write_text(json.dumps(sorted(names)))
+        # MetaOptNet: Python 2 pickle, other shuffle, labels numbered from 64 * number
+        order = rng.permutation(len(labels))
+        record = {
+            "data": all_pixels[order],
+            "labels": [int(64 * number + labels[i]) for i in order],
+            "catname2label": {name: 64 * number + c for c, name in enumerate(names)},
+        }
+        dump_python2_pickle(
+            record,
+            roots["metaoptnet"]
+            / "miniImageNet"
+            / f"miniImageNet_category_split_{metaoptnet_names[mode]}.pickle",
+        )
+    return MiniImageNetFormats(roots, pixels)
+
+
+def write_metaoptnet_cifar(
+    root: str | os.PathLike[str], files: CIFAR100Files, split: str, seed: int = 0
+) -> Path:
+    """MetaOptNet's ``CIFAR_FS_*.pickle`` or ``FC100_*.pickle`` (Python 2) in ``root``, holding
+    the images of ``files`` (written by :func:`write_cifar100`) of the split's classes,
+    shuffled; labels are CIFAR-100 fine label ids."""
+    from l2l_adversarial.data.cifar_fs import few_shot_cifar_split
+
+    rng = np.random.default_rng(seed)
+    prefix = {"cifar-fs": "CIFAR_FS", "fc100": "FC100"}[split]
+    rows = np.concatenate([files.data["train"], files.data["test"]])
+    fine = np.concatenate([files.fine_labels["train"], files.fine_labels["test"]])
+    for mode, classes in few_shot_cifar_split(split).items():
+        ids = [CIFAR100_FINE_LABEL_NAMES.index(name) for name in classes]
+        keep = rng.permutation(np.flatnonzero(np.isin(fine, ids)))
+        record = {
+            "data": rows[keep].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
+            "labels": fine[keep].tolist(),
+        }
+        name = {"train": "train", "validation": "val", "test": "test"}[mode]
+        dump_python2_pickle(record, Path(root) / f"{prefix}_{name}.pickle")
+    return Path(root)
+
+
+def write_tiered_imagenet(
+    root: str | os.PathLike[str],
+    mode: str = "train",
+    *,
+    num_classes: int = 4,
+    images_per_class: int = 3,
+    image_size: int = 84,
+    seed: int = 0,
+    names: bool = True,
+    as_arrays: bool = True,
+) -> np.ndarray:
+    """Ren et al.'s ``{split}_images_png.pkl`` + ``{split}_labels.pkl`` (Python 2 pickles).
+
+    Images are PNG-encoded (each a uint8 array of shape (n, 1), as OpenCV's imencode gives,
+    or a byte string with ``as_arrays=False``); returns the images (N, H, W, 3) in file order.
+    """
+    rng = np.random.default_rng(seed)
+    split = {"train": "train", "validation": "val", "test": "test"}[mode]
+    labels = rng.permutation(np.repeat(np.arange(num_classes), images_per_class))
+    images = random_images(len(labels), image_size, seed)
+    encoded = [encode_image(image) for image in images]
+    items: list[Any] = (
+        [np.frombuffer(data, np.uint8).reshape(-1, 1).copy() for data in encoded]
+        if as_arrays
+        else encoded
+    )
+    record: dict[str, Any] = {
+        "label_specific": labels.astype(np.int64),
+        "label_general": (labels // 2).astype(np.int64),
+    }
+    if names:
+        record["label_specific_str"] = [f"n{3000000 + 7 * c:08d}" for c in range(num_classes)]
+        record["label_general_str"] = [f"n{4000000 + g:08d}" for g in range(num_classes)]
+    dump_python2_pickle(items, Path(root) / f"{split}_images_png.pkl")
+    dump_python2_pickle(record, Path(root) / f"{split}_labels.pkl")
+    return images
+
+
+def write_omniglot(
+    root: str | os.PathLike[str],
+    *,
+    alphabets: tuple[int, int] = (3, 2),
+    characters: int = 4,
+    drawers: int = 3,
+    seed: int = 0,
+) -> Path:
+    """torchvision's ``root/omniglot-py/images_background`` and ``images_evaluation``:
+    ``<alphabet>/character<NN>/<id>_<drawer>.png``, 105 x 105 one-bit images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "omniglot-py"
+    for set_name, count in zip(("images_background", "images_evaluation"), alphabets, strict=True):
+        for a in range(count):
+            alphabet = folder / set_name / f"Alphabet_{set_name[7]}{a}"
+            for c in range(1, characters + 1):
+                character = alphabet / f"character{c:02d}"
+                character.mkdir(parents=True, exist_ok=True)
+                for d in range(1, drawers + 1):
+                    strokes = rng.random((105, 105)) > 0.2
+                    Image.fromarray(strokes).convert("1").save(
+                        character / f"{a:02d}{c:02d}_{d:02d}.png"
+                    )
+    return folder
+
+
+def write_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    classes: int = 6,
+    per_class: int = 4,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """``root/<class>/<images>``: mixed PNG and JPEG files of ``size`` pixels, plus a stray
+    text file (ignored) in one class folder."""
+    root = Path(root)
+    images = random_images(classes * per_class, size, seed)
+    for index, image in enumerate(images):
+        folder = root / f"class_{index // per_class:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if index % 2 else ".JPG"
+        (folder / f"image_{index:03d}{suffix}").write_bytes(encode_image(image, suffix.lower()))
+    (root / "class_00" / "notes.txt").write_text("not an image")
+    return root

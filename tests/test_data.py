@@ -27,8 +27,11 @@ from data_factories import (
     truncate_file,
     write_cifar100,
     write_html_page,
+    write_image_folder,
     write_malicious_pickle,
     write_mini_imagenet_cache,
+    write_omniglot,
+    write_tiered_imagenet,
 )
 from learn2learn.data.transforms import FilterLabels, KShots, LoadData, NWays
 from sklearn.datasets import load_digits
@@ -53,6 +56,7 @@ from l2l_adversarial.data import (
     random_class_split,
     safe_load,
 )
+from l2l_adversarial.data.cifar_fs import CIFARFS
 
 MODES = ("train", "validation", "test")
 
@@ -145,13 +149,19 @@ def test_mini_imagenet_items_labels_and_classes(tmp_path: Path) -> None:
     names_sorted = sorted(cache.class_dict)
     assert list(cache.class_dict) != names_sorted  # the file lists classes unsorted
     assert dataset.classes == names_sorted and len(dataset) == 24
+    # Rows come in label order; within a class, in the order of their pixels' digest.
+    assert (np.diff(dataset.targets) >= 0).all()
     for name, rows in cache.class_dict.items():
-        for row in rows:
-            image, label = dataset[row]
-            assert isinstance(label, int) and dataset.classes[label] == name
+        label = dataset.classes.index(name)
+        own = np.flatnonzero(dataset.targets == label)
+        expected = {cache.images[row].transpose(2, 0, 1).tobytes() for row in rows}
+        assert {dataset.images[row].tobytes() for row in own} == expected
+        for row in own:
+            image, got = dataset[int(row)]
+            assert isinstance(got, int) and got == label
             assert image.dtype == torch.float32 and image.shape == (3, 84, 84)
-            expected = torch.from_numpy(cache.images[row].astype(np.float32) / 255).permute(2, 0, 1)
-            torch.testing.assert_close(image, expected, rtol=0, atol=1e-7)
+            reference = torch.from_numpy(dataset.images[row].astype(np.float32) / 255)
+            torch.testing.assert_close(image, reference, rtol=0, atol=1e-7)
     assert dataset.images.dtype == np.uint8  # kept as uint8 in memory
 
 
@@ -161,7 +171,9 @@ def test_mini_imagenet_transform_and_storage_is_read_only(tmp_path: Path) -> Non
     image, _ = dataset[0]
     assert image.shape == (3, 8, 8)
     image.fill_(7.0)  # a returned item is a copy
-    np.testing.assert_array_equal(dataset.images, cache.images)
+    assert sorted(row.tobytes() for row in dataset.images) == sorted(
+        row.transpose(2, 0, 1).tobytes() for row in cache.images
+    )
     assert not dataset.images.flags.writeable and not dataset.targets.flags.writeable
 
 
@@ -251,7 +263,10 @@ def test_mini_imagenet_download_uses_learn2learn_and_moves_file_in_when_valid(
     dataset = MiniImageNet(root, "test", download=True, strict=False)
     assert len(calls) == 1 and "zenodo.org" in calls[0][0] and calls[0][0].endswith("test.pkl")
     assert Path(calls[0][1]).parent == root  # downloaded next to its final place
-    assert sorted(p.name for p in root.iterdir()) == ["mini-imagenet-cache-test.pkl"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".l2l-adversarial-cache",  # the decoded cache (tests/test_data_formats.py)
+        "mini-imagenet-cache-test.pkl",
+    ]
     assert len(dataset) == 15
     MiniImageNet(root, "test", download=True, strict=False)  # present: no second download
     assert len(calls) == 1
@@ -556,8 +571,12 @@ def test_sampling_never_modifies_the_dataset(tmp_path: Path) -> None:
     cache = write_mini_imagenet_cache(tmp_path, "train", num_classes=3, images_per_class=4)
     images = MiniImageNet(tmp_path, "train", strict=False)
     task = FewShotTasks(images, 3, 1, 2, seed=0).sample()
+    before = np.array(images.images)
     task.support_inputs.zero_()
-    np.testing.assert_array_equal(images.images, cache.images)
+    np.testing.assert_array_equal(images.images, before)
+    assert sorted(row.tobytes() for row in before) == sorted(
+        row.transpose(2, 0, 1).tobytes() for row in cache.images
+    )
 
 
 def test_tasks_accept_tensors_and_datasets_without_targets() -> None:
@@ -611,20 +630,27 @@ def test_make_tasks_for_every_dataset_name(tmp_path: Path) -> None:
     for mode in MODES:
         write_mini_imagenet_cache(tmp_path, mode, num_classes=5, images_per_class=4, image_size=16)
     write_cifar100(tmp_path, train_per_class=3, test_per_class=1)
-    shapes = {
-        "mini-imagenet": (3, 16, 16),
-        "cifar100": (3, 32, 32),
-        "cifar-fs": (3, 32, 32),
-        "digits": (1, 28, 28),
+    write_tiered_imagenet(tmp_path / "tiered", "test", num_classes=5, images_per_class=3)
+    write_omniglot(tmp_path / "omniglot", alphabets=(10, 5), characters=4, drawers=3)
+    write_image_folder(tmp_path / "folder", classes=25, per_class=3, size=20)
+    shapes: dict[str, tuple[tuple[int, int, int], Path]] = {
+        "mini-imagenet": ((3, 16, 16), tmp_path),
+        "cifar100": ((3, 32, 32), tmp_path),
+        "cifar-fs": ((3, 32, 32), tmp_path),
+        "fc100": ((3, 32, 32), tmp_path),
+        "tiered-imagenet": ((3, 84, 84), tmp_path / "tiered"),
+        "omniglot": ((1, 28, 28), tmp_path / "omniglot"),
+        "image-folder": ((3, 84, 84), tmp_path / "folder"),
+        "digits": ((1, 28, 28), tmp_path),
     }
     assert set(shapes) == set(DATASETS)
-    for name, shape in shapes.items():
-        options: dict[str, Any] = {} if name == "digits" else {"strict": False}
-        task = make_tasks(name, tmp_path, "test", 5, 1, 2, seed=0, num_tasks=3, **options)[2]
+    for name, (shape, root) in shapes.items():
+        options: dict[str, Any] = {} if name in ("digits", "image-folder") else {"strict": False}
+        task = make_tasks(name, root, "test", 5, 1, 2, seed=0, num_tasks=3, **options)[2]
         assert task.support_inputs.shape == (5, *shape) and task.query_inputs.shape == (10, *shape)
     cifar_fs = load_dataset("cifar-fs", tmp_path, "validation", strict=False)
     assert (
-        isinstance(cifar_fs, CIFAR100Meta)
+        isinstance(cifar_fs, CIFARFS)
         and cifar_fs.classes == load_class_split("cifar-fs")["validation"]
     )
     with pytest.raises(ValueError, match="no validation|validation"):
@@ -632,4 +658,4 @@ def test_make_tasks_for_every_dataset_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="root is required"):
         load_dataset("mini-imagenet", None, "train")
     with pytest.raises(ValueError, match="name must be one of"):
-        load_dataset("omniglot", tmp_path)
+        load_dataset("imagenet", tmp_path)

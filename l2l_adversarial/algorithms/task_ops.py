@@ -123,6 +123,8 @@ class TaskOps(ABC):
     Attacks on theta are kept in :attr:`recorded`; made with ``replay=`` (an earlier pass's
     :attr:`recorded`), the ops return those samples again instead of attacking theta:
     Algorithm 1's second update reuses the adversarial samples made before the first.
+    Random starts come from ``starts`` (default: the attack's own generator), task
+    ``first_task`` being the first (or only) task the ops run.
     """
 
     def __init__(
@@ -130,8 +132,9 @@ class TaskOps(ABC):
         learner: OpsLearner,
         replay: Sequence[Tensor] | None = None,
         starts: RandomStarts | None = None,
+        first_task: int = 0,
     ) -> None:
-        self.learner = learner
+        self.learner, self.first_task = learner, first_task
         self.recorded: list[Tensor] = []
         self._replay = None if replay is None else list(replay)
         self.starts: RandomStarts = _AttacksOwn() if starts is None else starts
@@ -188,19 +191,7 @@ class TaskOps(ABC):
 
 
 class SequentialOps(TaskOps):
-    """The operations on one task, with ``torch.autograd``: the reference engine.
-
-    ``task`` is the task's index for :class:`RandomStarts`."""
-
-    def __init__(
-        self,
-        learner: OpsLearner,
-        replay: Sequence[Tensor] | None = None,
-        starts: RandomStarts | None = None,
-        task: int = 0,
-    ) -> None:
-        super().__init__(learner, replay, starts)
-        self.task = task
+    """The operations on one task, with ``torch.autograd``: the reference engine."""
 
     def _params(self, params: Params | None) -> Params:
         return self.learner.meta_parameters() if params is None else params
@@ -215,7 +206,7 @@ class SequentialOps(TaskOps):
         functional, params = self.learner.functional, self._params(against)
         adversarial = []
         for inputs, labels, query in sets:
-            with self.starts.generator(self.task, stream) as generator:
+            with self.starts.generator(self.first_task, stream) as generator:
                 drawing = attack if generator is None else attack.drawing_from(generator)
                 if not query:
                     adversarial.append(drawing(functional.at(params), inputs, labels))

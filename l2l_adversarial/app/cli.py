@@ -47,7 +47,9 @@ examples:
   l2l-adversarial train mini-imagenet-5w1s-adml -o dataset.root=~/data
   l2l-adversarial evaluate runs/mini-imagenet-5w1s-adml
   l2l-adversarial report runs/*/evaluation.json --output report
-  torchrun --standalone --nproc_per_node=2 -m l2l_adversarial train CONFIG"""
+  torchrun --standalone --nproc_per_node=2 -m l2l_adversarial train CONFIG
+  l2l-adversarial train CONFIG -o train.engine=vmap   batch each meta-batch's tasks
+                                                 (experimental; evaluate.engine likewise)"""
 
 
 def _guide(*pages: str) -> str:

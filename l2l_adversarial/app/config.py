@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from cerberus import Validator
 
+from l2l_adversarial.data.registry import DATASET_INFO
+from l2l_adversarial.data.registry import DATASETS as _DATA_DATASETS
 from l2l_adversarial.errors import UserError
 
 __all__ = [
@@ -42,8 +44,20 @@ __all__ = [
 ]
 
 METHODS = ("maml", "maml-ad", "adml", "aq", "matching-nets")
-DATASETS = ("mini-imagenet", "cifar100", "cifar-fs", "digits")
-BUNDLED_DATASETS = ("digits",)  # ship inside an installed package: no root needed
+DATASETS = _DATA_DATASETS  # the data package's registry: one list of names
+# ship inside an installed package: no root needed
+BUNDLED_DATASETS = tuple(name for name, info in DATASET_INFO.items() if info.bundled)
+# dataset keys that only some datasets take (DATASET_INFO says which), with their defaults
+_DATASET_OPTIONS = {
+    "format": "auto",
+    "cache_dir": None,
+    "image_size": None,
+    "channels": None,
+    "rotations": False,
+    "split_file": None,
+    "split_ratio": None,
+    "split_seed": 0,
+}
 TWO_OPTIMIZER_METHODS = ("adml",)
 """Methods with two meta-updates, ``train.meta_update: sequential`` (ADML's Algorithm 1,
 line 11: beta1, then beta2); the others have one meta-objective and one optimizer."""
@@ -110,8 +124,25 @@ SCHEMA: dict[str, Any] = {
             "download": {"type": "boolean", "default": False},
             # false accepts caches of non-standard size (e.g. resized images, fewer classes)
             "strict": {"type": "boolean", "default": True},
-            # digits only: side of the upsampled images (the quickstart uses 16)
-            "image_size": _integer(min=16, nullable=True, default=None),
+            # which on-disk format to read (docs/data-formats.md); auto: the one found in root
+            "format": {"type": "string", "default": "auto"},
+            # the decoded uint8 cache's folder; null: root/.l2l-adversarial-cache (or ~/.cache)
+            "cache_dir": {"type": "string", "nullable": True, "default": None},
+            # digits, omniglot, image-folder: side of the (resized) images; digits' quickstart 16
+            "image_size": _integer(min=8, nullable=True, default=None),
+            # image-folder: 3 (RGB, default) or 1 (grey)
+            "channels": _integer(allowed=[1, 3], nullable=True, default=None),
+            # omniglot: the training classes rotated by 90, 180, 270 degrees as extra classes
+            "rotations": {"type": "boolean", "default": False},
+            # image-folder: class split from a JSON/YAML file, else a seeded ratio of classes
+            "split_file": {"type": "string", "nullable": True, "default": None},
+            "split_ratio": {
+                "type": "list",
+                "items": [_number(min=0, max=1)] * 3,
+                "nullable": True,
+                "default": None,
+            },
+            "split_seed": _integer(min=0, default=0),
             # the split kept on the training device as stored (uint8), tasks gathered there
             "device_resident": {"type": "boolean", "default": False},
         }
@@ -175,7 +206,8 @@ SCHEMA: dict[str, Any] = {
             # workspace, for an exact resume (l2l_adversarial.app.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
             # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
-            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            # GPU measurement says otherwise; vmap (experimental) batches the tasks (gradient
+            # methods only)
             "engine": {
                 "type": "string",
                 "allowed": ["auto", "sequential", "vmap"],
@@ -205,7 +237,7 @@ SCHEMA: dict[str, Any] = {
             # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
             "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
-            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap
+            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap (experimental)
             # adapts and scores chunk_size tasks at once (gradient methods only)
             "engine": {
                 "type": "string",
@@ -301,17 +333,32 @@ def _source_of(key: str, sources: Mapping[str, str]) -> str:
 
 
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
-    if dataset["name"] in BUNDLED_DATASETS:
-        return
-    if dataset["image_size"] is not None:
+    name = dataset["name"]
+    info = DATASET_INFO[name]
+    for key, default in _DATASET_OPTIONS.items():
+        if dataset[key] != default and key not in info.options:
+            takers = [n for n, i in DATASET_INFO.items() if key in i.options]
+            raise ConfigError(
+                f"dataset.{key} applies to {', '.join(takers)} only, not {name!r}; remove it "
+                "(docs/data-formats.md lists each dataset's keys)"
+            )
+    if dataset["format"] != "auto" and dataset["format"] not in info.formats:
+        accepted = ", ".join(["auto", *info.formats])
         raise ConfigError(
-            f"dataset.image_size applies to the bundled digits only, not {dataset['name']!r}; "
-            "remove it (the paper's images are used at their stored size)"
+            f"dataset.format {dataset['format']!r} is not a format of {name!r} (accepted: "
+            f"{accepted}); docs/data-formats.md describes each"
+        )
+    if name in BUNDLED_DATASETS:
+        return
+    if dataset["download"] and not info.downloadable:
+        raise ConfigError(
+            f"dataset.download: {name!r} cannot be downloaded; put its files in dataset.root "
+            "(docs/data-formats.md says where each comes from)"
         )
     root = dataset["root"]
     if root is None:
         raise ConfigError(
-            f"dataset.root is required for dataset {dataset['name']!r}: set it to the folder "
+            f"dataset.root is required for dataset {name!r}: set it to the folder "
             "holding the data files (or dataset.download=true to fetch them when online)"
         )
     if not Path(root).expanduser().is_dir() and not dataset["download"]:
@@ -432,6 +479,8 @@ NEUTRAL_KEYS = (
     "device",
     "dataset.root",
     "dataset.download",
+    "dataset.format",  # every format of a dataset gives the same images and tasks
+    "dataset.cache_dir",
     "train.iterations",
     "train.log_every",
     "train.checkpoint_every",

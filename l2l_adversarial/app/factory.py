@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
-from l2l_adversarial.app.config import BUNDLED_DATASETS, METHODS
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.app.config import METHODS
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
-from l2l_adversarial.data import make_tasks
+from l2l_adversarial.data import DATASET_INFO, make_tasks
 from l2l_adversarial.distributed import cuda_device
 from l2l_adversarial.errors import DeviceError
 from l2l_adversarial.models import CNN4
@@ -39,12 +39,7 @@ __all__ = [
     "task_source",
 ]
 
-DATASET_TITLES = {
-    "mini-imagenet": "MiniImageNet",
-    "cifar100": "CIFAR100",
-    "cifar-fs": "CIFAR-FS",
-    "digits": "Digits",
-}
+DATASET_TITLES = {name: info.title for name, info in DATASET_INFO.items()}
 METHOD_NAMES = {
     "maml": "MAML",
     "maml-ad": "MAML-AD",
@@ -77,7 +72,7 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     loaded, and training's divergence guard stops a non-finite loss with the setting to
     change, where a diverged inner loop would make the attack raise instead.
     """
-    eps = eps_255 / 255
+    eps = pixel_levels(eps_255)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     if name == "fgsm":
         return FGSM(eps=eps, check_values=False)
@@ -140,7 +135,7 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
     if settings["attack"] == "pgd":
         step = settings["pgd_step_size"]
         return functools.partial(
-            PGD, steps=settings["pgd_steps"], step_size=None if step is None else step / 255
+            PGD, steps=settings["pgd_steps"], step_size=None if step is None else pixel_levels(step)
         )
     return AutoAttack if settings["attack"] == "autoattack" else FGSM
 
@@ -148,9 +143,12 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
 def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
     """The configured dataset's seeded tasks of split ``mode`` (``num_tasks=-1``: a stream)."""
     dataset, task = config["dataset"], config["task"]
-    options: dict[str, Any] = {"strict": dataset["strict"]}
-    if dataset["name"] in BUNDLED_DATASETS:
-        options = {} if dataset["image_size"] is None else {"image_size": dataset["image_size"]}
+    takes = DATASET_INFO[dataset["name"]].options
+    options: dict[str, Any] = {
+        key: dataset[key]
+        for key in takes
+        if dataset[key] is not None and (key != "rotations" or mode == "train")
+    }
     return make_tasks(
         dataset["name"],
         dataset["root"],

@@ -3,8 +3,8 @@
 Per-sample ``dataset[i]`` converts one uint8 image at a time on the host. An
 :class:`ImageTable` instead holds the whole split as one tensor (uint8 stays uint8: 813 MB
 for MiniImageNet's train split, 118 MB for CIFAR-100's paper train split), laid out
-N x C x H x W (MiniImageNet's H x W x C cache is transposed once, into a copy of its own),
-and makes a task with one ``index_select`` and one float conversion, on whatever device the
+N x C x H x W as the datasets store it (on the CPU the table is the dataset's own array or
+memory map, not a copy), and makes a task with one ``index_select`` and one float conversion, on whatever device the
 table lives on. The values are bit-identical to the per-sample path: the conversion is the
 same correctly rounded ``float32(x) / 255`` division (on the CPU by numpy, which converts
 and divides in one pass; on CUDA by torch with a 0-dim tensor on the device, since CUDA
@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 
 from l2l_adversarial.data.cifar100 import CIFAR100Meta
 from l2l_adversarial.data.digits import Digits
-from l2l_adversarial.data.mini_imagenet import MiniImageNet
+from l2l_adversarial.data.split import ImageSplit
 
 __all__ = ["ImageTable", "image_table"]
 
@@ -39,10 +39,9 @@ __all__ = ["ImageTable", "image_table"]
 class ImageTable:
     """All images of a split in one tensor; :meth:`gather` returns float32 N x C x H x W rows.
 
-    ``channels_last``: rows come H x W x C (MiniImageNet's cache); the table keeps them
-    C x H x W (a copy: on the host, MiniImageNet's train split then takes 813 MB more memory
-    beside the dataset's own array; on a device the transposed copy replaces the uploaded
-    one, so both are there only while the table is built). ``scale``: uint8 rows are
+    ``channels_last``: rows come H x W x C; the table keeps them C x H x W (a transposed
+    copy). The package's datasets all store C x H x W already: their CPU table shares their
+    array (or memory map) and copies nothing. ``scale``: uint8 rows are
     returned as float32 in [0, 1] (``x / 255``); otherwise rows are returned as stored (a
     copy).
     """
@@ -87,7 +86,9 @@ class ImageTable:
 def image_table(dataset: Any, device: torch.device | str = "cpu") -> ImageTable | None:
     """An :class:`ImageTable` that gives exactly ``dataset[i][0]`` for every row ``i``, or None.
 
-    Known layouts: :class:`MiniImageNet`, :class:`CIFAR100Meta` and :class:`Digits` without a
+    Known layouts: every :class:`~l2l_adversarial.data.split.ImageSplit` (MiniImageNet,
+    CIFAR-FS, FC100, tieredImageNet, Omniglot, image folders), :class:`CIFAR100Meta` and
+    :class:`Digits` without a
     ``transform`` (a transform may draw random numbers per sample: those datasets keep the
     per-sample path), and a ``TensorDataset`` of (inputs, labels); a learn2learn
     ``MetaDataset`` is unwrapped.
@@ -98,12 +99,8 @@ def image_table(dataset: Any, device: torch.device | str = "cpu") -> ImageTable 
         if len(dataset.tensors) != 2:
             return None
         return ImageTable(dataset.tensors[0], channels_last=False, scale=False, device=device)
-    if (
-        not isinstance(dataset, MiniImageNet | CIFAR100Meta | Digits)
-        or dataset.transform is not None
-    ):
+    if not isinstance(dataset, ImageSplit | CIFAR100Meta | Digits) or dataset.transform is not None:
         return None
     if isinstance(dataset, Digits):
         return ImageTable(dataset.images, channels_last=False, scale=False, device=device)
-    channels_last = isinstance(dataset, MiniImageNet)
-    return ImageTable(dataset.images, channels_last=channels_last, scale=True, device=device)
+    return ImageTable(dataset.images, channels_last=False, scale=True, device=device)

@@ -6,7 +6,12 @@ import pickle
 
 from l2l_adversarial.errors import UserError
 
-__all__ = ["DatasetDownloadError", "DatasetFileError", "UnsafePickleError"]
+__all__ = [
+    "DatasetDownloadError",
+    "DatasetFileError",
+    "DatasetNotFoundError",
+    "UnsafePickleError",
+]
 
 
 class DatasetFileError(UserError, ValueError):
@@ -19,3 +24,7 @@ class UnsafePickleError(DatasetFileError, pickle.UnpicklingError):
 
 class DatasetDownloadError(UserError, RuntimeError):
     """Every download attempt failed; no partial file was left behind."""
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """No file of any known format of a dataset is where it was looked for."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,15 +12,73 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from l2l_adversarial.data.cifar100 import CIFAR100Meta
+from l2l_adversarial.data.cifar_fs import CIFARFS, FC100
 from l2l_adversarial.data.digits import Digits
+from l2l_adversarial.data.folders import ImageFolderSplit, Omniglot
 from l2l_adversarial.data.mini_imagenet import MiniImageNet
 from l2l_adversarial.data.tasks import FewShotTasks
+from l2l_adversarial.data.tiered_imagenet import TieredImageNet
 from l2l_adversarial.validation import check_choice
 
-__all__ = ["DATASETS", "load_dataset", "make_tasks"]
+__all__ = ["DATASETS", "DATASET_INFO", "DatasetInfo", "load_dataset", "make_tasks"]
 
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset name stands for: its class, title, formats and the options it takes."""
+
+    title: str
+    make: Callable[..., Dataset[tuple[Tensor, int]]]
+    #: the values of ``format=`` besides ``"auto"`` (empty: one format, no choice)
+    formats: tuple[str, ...] = ()
+    #: keyword options the dataset class accepts (besides root, mode, transform)
+    options: tuple[str, ...] = ()
+    #: shipped inside an installed package: no root needed
+    bundled: bool = False
+    #: ``download=True`` can fetch it
+    downloadable: bool = False
+
+
+def _split_of(split: str) -> Callable[..., Dataset[tuple[Tensor, int]]]:
+    def make(root: Any, mode: str, **kwargs: Any) -> Dataset[tuple[Tensor, int]]:
+        return CIFAR100Meta(root, mode, split, **kwargs)
+
+    return make
+
+
+_CACHED = ("strict", "format", "cache_dir")
+#: Every dataset name accepted by :func:`load_dataset`, :func:`make_tasks` and the config.
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "mini-imagenet": DatasetInfo(
+        "MiniImageNet",
+        MiniImageNet,
+        tuple(f.name for f in MiniImageNet.FORMATS),
+        _CACHED,
+        downloadable=True,
+    ),
+    "cifar100": DatasetInfo("CIFAR100", _split_of("paper"), (), ("strict",), downloadable=True),
+    "cifar-fs": DatasetInfo(
+        "CIFAR-FS", CIFARFS, tuple(f.name for f in CIFARFS.FORMATS), _CACHED, downloadable=True
+    ),
+    "fc100": DatasetInfo(
+        "FC100", FC100, tuple(f.name for f in FC100.FORMATS), _CACHED, downloadable=True
+    ),
+    "tiered-imagenet": DatasetInfo(
+        "tieredImageNet", TieredImageNet, tuple(f.name for f in TieredImageNet.FORMATS), _CACHED
+    ),
+    "omniglot": DatasetInfo(
+        "Omniglot", Omniglot, (), ("strict", "image_size", "rotations", "cache_dir")
+    ),
+    "image-folder": DatasetInfo(
+        "Image folder",
+        ImageFolderSplit,
+        (),
+        ("image_size", "channels", "split_file", "split_ratio", "split_seed", "cache_dir"),
+    ),
+    "digits": DatasetInfo("Digits", Digits, (), ("image_size",), bundled=True),
+}
 #: Dataset names accepted by :func:`load_dataset` and :func:`make_tasks`.
-DATASETS = ("mini-imagenet", "cifar100", "cifar-fs", "digits")
+DATASETS = tuple(DATASET_INFO)
 
 
 def load_dataset(
@@ -31,19 +90,26 @@ def load_dataset(
     transform: Callable[[Tensor], Tensor] | None = None,
     **options: Any,
 ) -> Dataset[tuple[Tensor, int]]:
-    """One split of a dataset by name.
+    """One split of a dataset by name (:data:`DATASET_INFO` lists them).
 
     ``"mini-imagenet"``: :class:`MiniImageNet`; ``"cifar100"``: :class:`CIFAR100Meta` with
-    ``split="paper"``; ``"cifar-fs"``: :class:`CIFAR100Meta` with ``split="cifar-fs"``;
-    ``"digits"``: :class:`Digits` (bundled; ``root`` and ``download`` are ignored and there is
-    no ``"validation"`` mode). ``options`` go to the dataset class (``strict=False``,
-    ``image_size=...``).
+    ``split="paper"``; ``"cifar-fs"`` / ``"fc100"``: :class:`~.cifar_fs.CIFARFS` /
+    :class:`~.cifar_fs.FC100`; ``"tiered-imagenet"``: :class:`~.tiered_imagenet.TieredImageNet`;
+    ``"omniglot"``: :class:`~.folders.Omniglot`; ``"image-folder"``:
+    :class:`~.folders.ImageFolderSplit` (your own ``root/<class>/<images>``); ``"digits"``:
+    :class:`Digits` (bundled; ``root`` and ``download`` are ignored and there is no
+    ``"validation"`` mode). ``options`` go to the dataset class (``strict=False``,
+    ``format="ravi"``, ``image_size=...``; :data:`DATASET_INFO` says which).
 
     Example::
 
         test = load_dataset("cifar100", "~/data", "test", download=True)
     """
     check_choice("name", name, DATASETS)
+    info = DATASET_INFO[name]
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        raise TypeError(f"dataset {name!r} takes the options {list(info.options)}, not {unknown}")
     if name == "digits":
         if mode == "validation":
             raise ValueError(
@@ -55,10 +121,9 @@ def load_dataset(
         raise ValueError(
             f"root is required for {name!r}: the directory that holds (or will hold) its files"
         )
-    if name == "mini-imagenet":
-        return MiniImageNet(root, mode, transform=transform, download=download, **options)
-    split = "paper" if name == "cifar100" else "cifar-fs"
-    return CIFAR100Meta(root, mode, split=split, transform=transform, download=download, **options)
+    if info.downloadable:
+        options["download"] = download
+    return info.make(root, mode, transform=transform, **options)
 
 
 def make_tasks(

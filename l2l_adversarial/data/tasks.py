@@ -29,10 +29,15 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from l2l_adversarial.data.device import image_table
+from l2l_adversarial.errors import UserError
 from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
 
-__all__ = ["FewShotTasks", "as_meta_dataset", "fixed_tasks"]
+__all__ = ["FewShotTasks", "TaskSizeError", "as_meta_dataset", "fixed_tasks"]
+
+
+class TaskSizeError(UserError, ValueError):
+    """The dataset has too few classes, or too few samples per class, for the task size."""
 
 
 def _dataset_labels(dataset: Any) -> list[int] | None:
@@ -169,12 +174,14 @@ class FewShotTasks:
         per_class = shots + query_shots
         counts = {label: len(rows) for label, rows in self.meta_dataset.labels_to_indices.items()}
         if len(counts) < ways:
-            raise ValueError(
-                f"ways={ways} but the dataset has only {len(counts)} classes; lower ways"
+            raise TaskSizeError(
+                f"ways={ways} but the dataset has only {len(counts)} classes; lower ways "
+                "(task.ways), or give this split more classes (an image folder's "
+                "dataset.split_ratio or dataset.split_file; docs/data-formats.md)"
             )
         short = sorted(label for label, count in counts.items() if count < per_class)
         if short:
-            raise ValueError(
+            raise TaskSizeError(
                 f"every class needs shots + query_shots = {per_class} samples, but class(es) "
                 f"{short[:10]} have only {min(counts[label] for label in short)}; lower shots "
                 "or query_shots, or drop the small classes from the dataset"
@@ -186,7 +193,7 @@ class FewShotTasks:
         if device is not None and self.table is None:
             raise ValueError(
                 f"device={str(device)!r} keeps the images on the device, which needs a "
-                "MiniImageNet, CIFAR100Meta, Digits (without transform) or TensorDataset; "
+                "dataset of this package (without transform) or a TensorDataset; "
                 f"got {type(self.meta_dataset.dataset).__name__}: pass device=None"
             )
         self._next_index = 0

@@ -9,26 +9,15 @@ attacking a stack of tasks in one call, each task's random-start stream
 only the operations of :class:`~l2l_adversarial.algorithms.task_ops.TaskOps`.
 """
 
-from l2l_adversarial.runtime.engine import (
-    ENGINES,
-    fitting_chunk_size,
-    meta_batch_objective,
-    meta_step,
-    resolve_engine,
-)
-from l2l_adversarial.runtime.layouts import vmap_obstacle
+from l2l_adversarial.runtime import engine
+from l2l_adversarial.runtime.engine import *  # noqa: F403
 from l2l_adversarial.runtime.stacked_ops import StackedOps, attack_stacked
 from l2l_adversarial.runtime.streams import GeneratorStates, SeededStarts
 
 __all__ = [
-    "ENGINES",
+    *engine.__all__,
     "GeneratorStates",
     "SeededStarts",
     "StackedOps",
     "attack_stacked",
-    "fitting_chunk_size",
-    "meta_batch_objective",
-    "meta_step",
-    "resolve_engine",
-    "vmap_obstacle",
 ]

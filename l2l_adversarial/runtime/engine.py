@@ -56,6 +56,7 @@ __all__ = [
     "meta_batch_objective",
     "meta_step",
     "resolve_engine",
+    "vmap_obstacle",
 ]
 
 ENGINES = ("auto", "sequential", "vmap")

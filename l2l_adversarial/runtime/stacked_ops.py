@@ -20,8 +20,6 @@ from torch.func import vmap
 from l2l_adversarial.algorithms.task_ops import (
     AdaptSet,
     AttackSet,
-    OpsLearner,
-    RandomStarts,
     ScoreSet,
     TaskObjective,
     TaskOps,
@@ -39,19 +37,9 @@ class StackedOps(TaskOps):
     """The operations on a stack of tasks (leading dimension ``T``).
 
     Parameters other than theta (``None``) carry the task dimension; losses and accuracies
-    come back as ``[T]`` tensors. ``offset`` is the index of the stack's first task for
-    :class:`~l2l_adversarial.algorithms.task_ops.RandomStarts`.
+    come back as ``[T]`` tensors; task ``t`` of the stack draws its random starts as task
+    ``first_task + t``.
     """
-
-    def __init__(
-        self,
-        learner: OpsLearner,
-        replay: Sequence[Tensor] | None = None,
-        starts: RandomStarts | None = None,
-        offset: int = 0,
-    ) -> None:
-        super().__init__(learner, replay, starts)
-        self.offset = offset
 
     def _stacked(self, params: Params | None) -> tuple[Params, bool]:
         """``(params, per_task)``: theta is shared by the stack, other parameters are not."""
@@ -131,7 +119,7 @@ class StackedOps(TaskOps):
             noise = []
             for t in range(tasks):
                 for x, _, _ in sets:
-                    with self.starts.generator(self.offset + t, stream) as generator:
+                    with self.starts.generator(self.first_task + t, stream) as generator:
                         noise.append(attack.uniform_noise(x[t], generator or attack.generator))
             attack = attack.with_start_noise(torch.cat(noise))
         return attack_stacked(
@@ -152,7 +140,7 @@ class StackedOps(TaskOps):
         for t in range(sets[0][0].shape[0]):
             model = functional.at({n: p[t] for n, p in params.items()} if per_task else params)
             for slot, (inputs, labels, _) in enumerate(sets):
-                with self.starts.generator(self.offset + t, stream) as generator:
+                with self.starts.generator(self.first_task + t, stream) as generator:
                     drawing = attack if generator is None else attack.drawing_from(generator)
                     per_set[slot].append(drawing(model, inputs[t], labels[t]))
         return [torch.stack(samples) for samples in per_set]

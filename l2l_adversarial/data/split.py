@@ -1,0 +1,175 @@
+"""The base of the image datasets that read several on-disk formats through the decode cache.
+
+A dataset class lists its :class:`Format` objects; :class:`ImageSplit` finds the format in
+``root`` (or takes the one named), decodes the split once into the memory-mapped cache
+(:mod:`l2l_adversarial.data.cache`) and serves ``(image, label)`` pairs from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from l2l_adversarial.data._images import as_root, check_mode, uint8_to_float
+from l2l_adversarial.data.cache import Decoded, Plan, cache_folder, load_decoded
+from l2l_adversarial.data.errors import DatasetFileError, DatasetNotFoundError
+from l2l_adversarial.validation import check_choice
+
+__all__ = ["Format", "ImageSplit"]
+
+#: Where the data guide lives (named by error messages).
+GUIDE = "docs/data-formats.md"
+
+
+@dataclass(frozen=True)
+class Format:
+    """One on-disk format of a dataset.
+
+    ``locate(root, mode)`` returns the source files of the split (every file whose content
+    the decoded images depend on) or None when the format is not there; ``expected(root,
+    mode)`` says what was looked for; ``plan(root, mode, sources, options)`` opens the
+    sources and returns the :class:`~l2l_adversarial.data.cache.Plan` to decode.
+    """
+
+    name: str
+    locate: Callable[[Path, str], list[Path] | None]
+    expected: Callable[[Path, str], str]
+    plan: Callable[[Path, str, list[Path], dict[str, Any]], Plan]
+
+
+def _folder_hint(root: Path) -> str:
+    """A hint when ``root`` looks like a folder of class folders of images."""
+    from l2l_adversarial.data._decode import IMAGE_SUFFIXES
+
+    if not root.is_dir():
+        return ""
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[
+        :5
+    ]:
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir()):
+            return (
+                f" {root} holds class folders of images ({folder.name}/...): to use your own "
+                "images, set dataset.name: image-folder (ImageFolderSplit)."
+            )
+    return ""
+
+
+class ImageSplit(Dataset[tuple[Tensor, int]]):
+    """One split of an image dataset, decoded once into a uint8 C x H x W cache.
+
+    ``images`` (N x C x H x W uint8, read-only, usually a memory map), ``targets`` (int64),
+    ``classes`` (``classes[label]`` names a label, sorted by name) and ``format`` (the format
+    read). Each item is a new float32 C x H x W tensor in [0, 1], passed through
+    ``transform``.
+    """
+
+    #: the dataset's name in messages and cache keys
+    NAME: ClassVar[str] = "dataset"
+    #: the formats, in the order auto-detection tries them
+    FORMATS: ClassVar[tuple[Format, ...]] = ()
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        mode: str,
+        *,
+        format: str = "auto",
+        transform: Callable[[Tensor], Tensor] | None = None,
+        cache_dir: str | os.PathLike[str] | bool | None = None,
+        options: dict[str, Any] | None = None,
+        key_suffix: str = "",
+    ) -> None:
+        check_mode(mode)
+        self.root = as_root(root, self.NAME)
+        self.mode = mode
+        self.transform = transform
+        self.options = dict(options or {})
+        chosen, sources = self._find(format)
+        #: the format read, by name
+        self.format: str = chosen.name
+        key = f"{self.NAME}-{mode}-{chosen.name}{key_suffix}{self._key_extra()}"
+        decoded = load_decoded(
+            key=key,
+            root=self.root,
+            sources=sources,
+            plan=lambda: chosen.plan(self.root, mode, sources, self.options),
+            cache_dir=cache_folder(self.root, cache_dir),
+        )
+        self._set(decoded)
+
+    def _key_extra(self) -> str:
+        """More of the cache's name, known once the sources are found (default: nothing)."""
+        return ""
+
+    def _set(self, decoded: Decoded) -> None:
+        #: uint8 array (N, C, H, W), read-only (a memory map unless ``cache_dir=False``).
+        self.images: np.ndarray = decoded.images
+        #: int64 label of every row, read-only.
+        self.targets: np.ndarray = decoded.targets
+        #: class names; ``classes[label]`` names a label.
+        self.classes: list[str] = decoded.classes
+        self.class_to_idx = {name: label for label, name in enumerate(self.classes)}
+        #: the cache's images file, or None when decoded into memory
+        self.cache_path = decoded.cache_path
+
+    def _find(self, format: str) -> tuple[Format, list[Path]]:
+        names = [candidate.name for candidate in self.FORMATS]
+        if format != "auto":
+            check_choice("format", format, (*names, "auto"))
+        candidates = [f for f in self.FORMATS if format in ("auto", f.name)]
+        for candidate in candidates:
+            sources = candidate.locate(self.root, self.mode)
+            if sources is not None:
+                return candidate, sources
+        looked = "\n".join(
+            f"  - {candidate.name}: {candidate.expected(self.root, self.mode)}"
+            for candidate in candidates
+        )
+        which = "any known format" if format == "auto" else f"format {format!r}"
+        raise DatasetNotFoundError(
+            f"no {self.NAME} {self.mode} split of {which} in {self.root}; looked for:\n{looked}\n"
+            f"Put one of these in dataset.root (or point dataset.root at the folder holding "
+            f"them); every format is described in {GUIDE}.{_folder_hint(self.root)}"
+        )
+
+    def check_standard(self, classes: int, per_class: int | None, shape: tuple[int, ...]) -> None:
+        """Raise :class:`DatasetFileError` unless the split has the standard sizes."""
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        problems = []
+        if len(self.classes) != classes:
+            problems.append(f"{len(self.classes)} classes instead of {classes}")
+        if per_class is not None and len(counts) and (counts != per_class).any():
+            problems.append(
+                f"{counts.min()} to {counts.max()} images per class instead of {per_class}"
+            )
+        if tuple(self.images.shape[1:]) != shape:
+            problems.append(f"images of {tuple(self.images.shape[1:])} instead of {shape}")
+        if problems:
+            raise DatasetFileError(
+                f"the {self.NAME} {self.mode} split read from {self.root} ({self.format}) has "
+                f"{'; '.join(problems)}: not the standard {self.NAME}. Check that dataset.root "
+                "holds the right files, or pass strict=False (dataset.strict: false) to accept "
+                "a non-standard copy."
+            )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = uint8_to_float(self.images[index], channels_last=False)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.root)!r}, {self.mode!r}, format={self.format!r}: "
+            f"{len(self)} images of {len(self.classes)} classes, {tuple(self.images.shape[1:])})"
+        )
