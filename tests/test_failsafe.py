@@ -196,7 +196,8 @@ def cases() -> list[Case]:
     add("data", "root is a file", overwrite("-o", "dataset.name=cifar100", "-o", "dataset.image_size=null",
         "-o", "dataset.root={run}/config.yaml"), r"error: dataset.root '.*' does not exist")  # fmt: skip
     add("data", "image_size on mini-imagenet", overwrite("-o", "dataset.name=mini-imagenet",
-        "-o", "dataset.root={tmp}"), r"error: dataset.image_size applies to the bundled digits")  # fmt: skip
+        "-o", "dataset.root={tmp}"),
+        r"error: dataset.image_size applies to .*digits only, not 'mini-imagenet'")  # fmt: skip
     for name, content in {"empty cache": b"", "garbage cache": b"\x00" * 64,
                           "text cache": b"not a pickle"}.items():  # fmt: skip
 
@@ -211,7 +212,9 @@ def cases() -> list[Case]:
         (tmp / "data").mkdir()
 
     add("data", "cache missing", overwrite("-o", "dataset.name=mini-imagenet", "-o", "dataset.image_size=null",
-        "-o", "dataset.root={tmp}/data"), r"error: .*mini-imagenet-cache-train.pkl", setup=no_cache)  # fmt: skip
+        "-o", "dataset.root={tmp}/data"),
+        r"error: no mini-imagenet train split of any known format in .*; looked for:$",
+        setup=no_cache, mentions=["mini-imagenet-cache-train.pkl", "docs/data-formats.md"])  # fmt: skip
 
     # -- resume with other settings -------------------------------------------------------
     changed = ["seed=1", "train.meta_lr=0.002", "train.inner_lr=0.2", "train.eps=4",
