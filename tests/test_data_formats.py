@@ -503,3 +503,32 @@ def test_image_folder_names_every_unreadable_file(tmp_path: Path) -> None:
     assert not list((root / CACHE_FOLDER).glob("*.json"))  # no cache left behind
     with pytest.raises(DatasetNotFoundError, match="no class subfolders"):
         ImageFolderSplit(root / "class_00", "train")
+
+
+# -- the config keys ------------------------------------------------------------------------------
+def test_config_dataset_keys_are_checked_against_the_registry(tmp_path: Path) -> None:
+    from l2l_adversarial.app.config import DATASETS, ConfigError, load_config
+    from l2l_adversarial.app.factory import DATASET_TITLES
+    from l2l_adversarial.data import DATASET_INFO
+
+    assert DATASETS == tuple(DATASET_INFO) and set(DATASET_TITLES) == set(DATASET_INFO)
+    root = f"dataset.root={tmp_path}"
+    config = load_config(
+        None, ["dataset.name=image-folder", root, "dataset.split_ratio=[0.5,0.25,0.25]"]
+    )
+    assert config["dataset"]["split_ratio"] == [0.5, 0.25, 0.25]
+    assert load_config(None, ["dataset.name=mini-imagenet", root, "dataset.format=ravi"])
+    for overrides, message in (
+        (["dataset.name=mini-imagenet", "dataset.format=hdf5"], "not a format of 'mini-imagenet'"),
+        (
+            ["dataset.name=image-folder", "dataset.rotations=true"],
+            "rotations applies to omniglot only",
+        ),
+        (["dataset.name=cifar-fs", "dataset.image_size=28"], "image_size applies to"),
+        (["dataset.name=omniglot", "dataset.format=ravi"], "format applies to mini-imagenet"),
+        (["dataset.name=tiered-imagenet", "dataset.download=true"], "cannot be downloaded"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*overrides, root])
+    with pytest.raises(ConfigError, match="unallowed value"):
+        load_config(None, ["dataset.name=imagefolder", root])
