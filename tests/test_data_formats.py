@@ -532,3 +532,22 @@ def test_config_dataset_keys_are_checked_against_the_registry(tmp_path: Path) ->
             load_config(None, [*overrides, root])
     with pytest.raises(ConfigError, match="unallowed value"):
         load_config(None, ["dataset.name=imagefolder", root])
+
+
+def test_fc100_downloads_cifar_100_with_torchvision_only_when_nothing_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    calls: list[str] = []
+
+    class FakeCIFAR100:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append(root)
+            write_cifar100(root, train_per_class=2, test_per_class=1)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    test = FC100(tmp_path / "data", "test", download=True, strict=False)
+    assert test.format == "cifar-100-python" and len(test) == 20 * 3 and len(calls) == 1
+    FC100(tmp_path / "data", "validation", download=True, strict=False)
+    assert len(calls) == 1

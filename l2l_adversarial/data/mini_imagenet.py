@@ -394,11 +394,7 @@ class MiniImageNet(ImageSplit):
         check_mode(mode)
         folder = as_root(root, "MiniImageNet")
         path = self.file_path(folder, mode)
-        if (
-            download
-            and format in ("auto", "learn2learn")
-            and not any(f.locate(folder, mode) for f in self.FORMATS if format in ("auto", f.name))
-        ):
+        if download and format in ("auto", "learn2learn") and self.missing(folder, mode, format):
             _download(path, mode, strict)
         self.strict = strict
         super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)

@@ -104,6 +104,11 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
         )
         self._set(decoded)
 
+    @classmethod
+    def missing(cls, root: Path, mode: str, format: str) -> bool:
+        """Whether no format (or not the one named) is in ``root``: a download is due."""
+        return not any(f.locate(root, mode) for f in cls.FORMATS if format in ("auto", f.name))
+
     def _key_extra(self) -> str:
         """More of the cache's name, known once the sources are found (default: nothing)."""
         return ""
