@@ -551,3 +551,15 @@ def test_fc100_downloads_cifar_100_with_torchvision_only_when_nothing_is_there(
     assert test.format == "cifar-100-python" and len(test) == 20 * 3 and len(calls) == 1
     FC100(tmp_path / "data", "validation", download=True, strict=False)
     assert len(calls) == 1
+
+
+def test_a_pickled_split_maps_its_cache_again(tmp_path: Path) -> None:
+    write_tiered_imagenet(tmp_path, "test")
+    dataset = TieredImageNet(tmp_path, "test", strict=False)
+    data = pickle.dumps(dataset)
+    assert len(data) < dataset.images.nbytes / 4  # the images are not in the pickle
+    copy = pickle.loads(data)
+    assert isinstance(copy.images, np.memmap) and copy.classes == dataset.classes
+    np.testing.assert_array_equal(copy.images, dataset.images)
+    in_memory = TieredImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory)).images, dataset.images)

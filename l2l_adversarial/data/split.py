@@ -164,6 +164,19 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
                 "a non-standard copy."
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for worker processes) without the images: the copy maps the cache file
+        again instead of carrying (and copying) the whole split."""
+        state = dict(self.__dict__)
+        if self.cache_path is not None:
+            state["images"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.images is None:
+            self.images = np.load(self.cache_path, mmap_mode="r", allow_pickle=False)
+
     def __len__(self) -> int:
         return len(self.targets)
 
