@@ -503,3 +503,63 @@ def test_image_folder_names_every_unreadable_file(tmp_path: Path) -> None:
     assert not list((root / CACHE_FOLDER).glob("*.json"))  # no cache left behind
     with pytest.raises(DatasetNotFoundError, match="no class subfolders"):
         ImageFolderSplit(root / "class_00", "train")
+
+
+# -- the config keys ------------------------------------------------------------------------------
+def test_config_dataset_keys_are_checked_against_the_registry(tmp_path: Path) -> None:
+    from l2l_adversarial.app.config import DATASETS, ConfigError, load_config
+    from l2l_adversarial.app.factory import DATASET_TITLES
+    from l2l_adversarial.data import DATASET_INFO
+
+    assert DATASETS == tuple(DATASET_INFO) and set(DATASET_TITLES) == set(DATASET_INFO)
+    root = f"dataset.root={tmp_path}"
+    config = load_config(
+        None, ["dataset.name=image-folder", root, "dataset.split_ratio=[0.5,0.25,0.25]"]
+    )
+    assert config["dataset"]["split_ratio"] == [0.5, 0.25, 0.25]
+    assert load_config(None, ["dataset.name=mini-imagenet", root, "dataset.format=ravi"])
+    for overrides, message in (
+        (["dataset.name=mini-imagenet", "dataset.format=hdf5"], "not a format of 'mini-imagenet'"),
+        (
+            ["dataset.name=image-folder", "dataset.rotations=true"],
+            "rotations applies to omniglot only",
+        ),
+        (["dataset.name=cifar-fs", "dataset.image_size=28"], "image_size applies to"),
+        (["dataset.name=omniglot", "dataset.format=ravi"], "format applies to mini-imagenet"),
+        (["dataset.name=tiered-imagenet", "dataset.download=true"], "cannot be downloaded"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*overrides, root])
+    with pytest.raises(ConfigError, match="unallowed value"):
+        load_config(None, ["dataset.name=imagefolder", root])
+
+
+def test_fc100_downloads_cifar_100_with_torchvision_only_when_nothing_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    calls: list[str] = []
+
+    class FakeCIFAR100:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append(root)
+            write_cifar100(root, train_per_class=2, test_per_class=1)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    test = FC100(tmp_path / "data", "test", download=True, strict=False)
+    assert test.format == "cifar-100-python" and len(test) == 20 * 3 and len(calls) == 1
+    FC100(tmp_path / "data", "validation", download=True, strict=False)
+    assert len(calls) == 1
+
+
+def test_a_pickled_split_maps_its_cache_again(tmp_path: Path) -> None:
+    write_tiered_imagenet(tmp_path, "test")
+    dataset = TieredImageNet(tmp_path, "test", strict=False)
+    data = pickle.dumps(dataset)
+    assert len(data) < dataset.images.nbytes / 4  # the images are not in the pickle
+    copy = pickle.loads(data)
+    assert isinstance(copy.images, np.memmap) and copy.classes == dataset.classes
+    np.testing.assert_array_equal(copy.images, dataset.images)
+    in_memory = TieredImageNet(tmp_path, "test", strict=False, cache_dir=False)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory)).images, dataset.images)

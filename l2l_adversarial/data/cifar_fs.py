@@ -76,18 +76,15 @@ class _FewShotCIFAR(ImageSplit):
         check_mode(mode)
         folder = as_root(root, self.NAME)
         self.strict = strict
-        if download and format in ("auto", "cifar-100-python"):
-            if not any(
-                f.locate(folder, mode) for f in self.formats() if format in ("auto", f.name)
-            ):
-                _download(folder)
+        if (
+            download
+            and format in ("auto", "cifar-100-python")
+            and self.missing(folder, mode, format)
+        ):
+            _download(folder)
         super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)
         if strict:
             self.check_standard(self.STANDARD_CLASSES[mode], self.IMAGES_PER_CLASS, (3, 32, 32))
-
-    @classmethod
-    def formats(cls) -> tuple[Format, ...]:
-        return cls.FORMATS
 
     @classmethod
     def _pickle_name(cls, mode: str) -> str:

@@ -34,7 +34,7 @@ from l2l_adversarial.data._decode import decode_image
 from l2l_adversarial.data._images import MODES, as_root, check_mode
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
-from l2l_adversarial.data.safe_pickle import safe_load
+from l2l_adversarial.data.safe_pickle import python2_text, safe_load
 from l2l_adversarial.data.split import GUIDE, Format, ImageSplit
 
 __all__ = ["MiniImageNet", "open_hdf5"]
@@ -225,9 +225,9 @@ def _metaoptnet_expected(root: Path, mode: str) -> str:
 def metaoptnet_record(
     path: Path, keys: tuple[str, ...], hint: str
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read a MetaOptNet pickle (Python 2, latin-1): (data N x H x W x 3 uint8, int labels,
-    the whole record)."""
-    record = safe_load(path, encoding="latin1", how_to_obtain=hint)
+    """Read a MetaOptNet pickle (Python 2; its byte strings as latin-1 text): (data
+    N x H x W x 3 uint8, int labels, the whole record)."""
+    record = python2_text(safe_load(path, encoding="bytes", how_to_obtain=hint))
     if not isinstance(record, dict) or not set(keys) <= set(record):
         found = sorted(map(str, record)) if isinstance(record, dict) else type(record).__name__
         raise DatasetFileError(
@@ -394,11 +394,7 @@ class MiniImageNet(ImageSplit):
         check_mode(mode)
         folder = as_root(root, "MiniImageNet")
         path = self.file_path(folder, mode)
-        if (
-            download
-            and format in ("auto", "learn2learn")
-            and not any(f.locate(folder, mode) for f in self.FORMATS if format in ("auto", f.name))
-        ):
+        if download and format in ("auto", "learn2learn") and self.missing(folder, mode, format):
             _download(path, mode, strict)
         self.strict = strict
         super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)

@@ -25,7 +25,7 @@ import numpy as np
 
 from l2l_adversarial.data.errors import DatasetFileError, UnsafePickleError
 
-__all__ = ["ALLOWED_GLOBALS", "safe_load"]
+__all__ = ["ALLOWED_GLOBALS", "python2_text", "safe_load"]
 
 _NUMPY_FUNCTIONS = (
     ("multiarray", "_reconstruct"),
@@ -131,3 +131,24 @@ def safe_load(
                 f"interrupted download or a different file. Delete it and download it again. "
                 f"{hint}"
             ) from err
+
+
+def python2_text(value: Any) -> Any:
+    """A Python 2 pickle read with ``encoding="bytes"``: byte-string dict keys, and byte
+    strings in lists of names, as latin-1 text (as ``encoding="latin1"`` would give).
+
+    ``encoding="bytes"`` keeps numpy arrays' data as bytes: ``"latin1"`` first decodes it
+    into a ``str`` that numpy encodes back, holding every array twice while loading.
+
+    >>> python2_text({b"data": 1, b"names": [b"a", b"b"]})
+    {'data': 1, 'names': ['a', 'b']}
+    """
+    if isinstance(value, dict):
+        return {
+            (key.decode("latin-1") if isinstance(key, bytes) else key): python2_text(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list) and value and all(isinstance(item, bytes) for item in value[:8]):
+        if all(len(item) < 256 for item in value[:8]):  # names, not encoded images
+            return [item.decode("latin-1") if isinstance(item, bytes) else item for item in value]
+    return value

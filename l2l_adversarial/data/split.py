@@ -104,6 +104,11 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
         )
         self._set(decoded)
 
+    @classmethod
+    def missing(cls, root: Path, mode: str, format: str) -> bool:
+        """Whether no format (or not the one named) is in ``root``: a download is due."""
+        return not any(f.locate(root, mode) for f in cls.FORMATS if format in ("auto", f.name))
+
     def _key_extra(self) -> str:
         """More of the cache's name, known once the sources are found (default: nothing)."""
         return ""
@@ -158,6 +163,19 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
                 "holds the right files, or pass strict=False (dataset.strict: false) to accept "
                 "a non-standard copy."
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for worker processes) without the images: the copy maps the cache file
+        again instead of carrying (and copying) the whole split."""
+        state = dict(self.__dict__)
+        if self.cache_path is not None:
+            state["images"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.images is None:
+            self.images = np.load(self.cache_path, mmap_mode="r", allow_pickle=False)
 
     def __len__(self) -> int:
         return len(self.targets)

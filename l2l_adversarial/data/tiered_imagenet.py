@@ -4,8 +4,8 @@ Format ``"png-pickles"`` (Ren et al.'s release, read by learn2learn and MetaOptN
 ``{train,val,test}_images_png.pkl`` (a list of PNG-encoded images, each a uint8 array or a
 byte string) and ``{train,val,test}_labels.pkl`` (a dict with ``label_specific``, one int
 per image, and optionally ``label_specific_str``, the class names), in ``root`` or
-``root/tiered-imagenet``. Python 2 pickles, read as latin-1 through the restricted
-unpickler. PNG is decoded by Pillow as RGB (learn2learn's loader, through OpenCV, keeps BGR).
+``root/tiered-imagenet``. Python 2 pickles, read through the restricted unpickler (byte
+strings kept as bytes, names as latin-1 text). PNG is decoded by Pillow as RGB (learn2learn's loader, through OpenCV, keeps BGR).
 
 At full size the train split's 448,695 images take 9.5 GB as uint8; they are decoded once
 into the memory-mapped cache (the PNG pickle is held in memory only while decoding) and
@@ -25,7 +25,7 @@ from torch import Tensor
 from l2l_adversarial.data._decode import decode_image
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetFileError
-from l2l_adversarial.data.safe_pickle import safe_load
+from l2l_adversarial.data.safe_pickle import python2_text, safe_load
 from l2l_adversarial.data.split import GUIDE, Format, ImageSplit
 
 __all__ = ["TieredImageNet"]
@@ -55,7 +55,7 @@ def _expected(root: Path, mode: str) -> str:
 def _plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -> Plan:
     images_path, labels_path = sources
     hint = f"Obtain tieredImageNet's PNG pickles again (Ren et al.'s release); see {GUIDE}."
-    record = safe_load(labels_path, encoding="latin1", how_to_obtain=hint)
+    record = python2_text(safe_load(labels_path, encoding="bytes", how_to_obtain=hint))
     if not isinstance(record, dict) or "label_specific" not in record:
         found = sorted(map(str, record)) if isinstance(record, dict) else type(record).__name__
         raise DatasetFileError(
@@ -78,7 +78,7 @@ def _plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -
             )
     else:
         names_of = [f"class{label:04d}" for label in range(int(labels.max(initial=-1)) + 1)]
-    images = safe_load(images_path, encoding="latin1", how_to_obtain=hint)
+    images = safe_load(images_path, encoding="bytes", how_to_obtain=hint)
     if not isinstance(images, list | np.ndarray) or len(images) != len(labels):
         count = len(images) if isinstance(images, list | np.ndarray) else type(images).__name__
         raise DatasetFileError(

@@ -312,10 +312,11 @@ class _MetaBatch:
                 objective = self.learner.task_objective(task, self.steps, ops)
                 if not replay:
                     recorded.append(ops.recorded)
-                size = task.support_labels.shape[0] if self.engine == "vmap" else 1
-                if self.engine == "vmap":
-                    objective = type(objective)(*(v.mean(0) for v in objective))
-                yield objective, size / count
+                if self.engine == "sequential":
+                    yield objective, 1 / count
+                else:  # the chunk's mean, weighted by its share of the tasks
+                    mean = type(objective)(*(v.mean(0) for v in objective))
+                    yield mean, task.support_labels.shape[0] / count
 
     def _runs(self) -> Iterator[tuple[int, Task]]:
         """``(index of the first task, task or stack of tasks)`` for each run of the engine."""
