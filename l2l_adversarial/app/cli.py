@@ -23,7 +23,7 @@ from pathlib import Path
 
 from l2l_adversarial.app.config import ConfigError
 from l2l_adversarial.app.configs import describe_bundled_configs
-from l2l_adversarial.app.quickstart import QUICKSTART_ITERATIONS, QUICKSTART_TASKS, run_quickstart
+from l2l_adversarial.app.quickstart import QUICKSTART_ITERATIONS, QUICKSTART_TASKS, Quickstart
 from l2l_adversarial.app.report import report_results
 from l2l_adversarial.app.runs import CHECKPOINTS, evaluate_runs, train_runs
 from l2l_adversarial.app.signals import interrupt_on_signals
@@ -80,9 +80,8 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_quickstart(args: argparse.Namespace) -> int:
-    run_quickstart(Path(args.output), iterations=args.iterations, tasks=args.tasks,
-                   seed=args.seed, overrides=args.set, overwrite=args.overwrite,
-                   progress=not args.quiet)  # fmt: skip
+    Quickstart(Path(args.output), iterations=args.iterations, tasks=args.tasks, seed=args.seed,
+               overrides=args.set, overwrite=args.overwrite, progress=not args.quiet).run()  # fmt: skip
     return 0
 
 

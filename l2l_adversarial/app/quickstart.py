@@ -7,7 +7,7 @@ radius, the robustness curves at all the candidates, the training curves.
 
 Example::
 
-    run_quickstart(Path("runs/quickstart"))   # prints the table, writes evaluation.json
+    Quickstart(Path("runs/quickstart")).run()   # prints the table, writes evaluation.json
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ __all__ = [
     "EPS_RULE_RATIO",
     "QUICKSTART_ITERATIONS",
     "QUICKSTART_TASKS",
+    "Quickstart",
     "choose_epsilon",
-    "run_quickstart",
 ]
 
 QUICKSTART = [
@@ -102,6 +102,34 @@ class Quickstart:
     overwrite: bool = False
     progress: bool = True
 
+    def run(self) -> None:
+        """Train MAML, pick the radius at which FGSM breaks it, train MAML-AD and ADML at
+        that radius, evaluate all three on the same seeded digits tasks, print the table,
+        write the figures (``output/report``), the results (``evaluation.json``) and
+        ``quickstart.json``."""
+        # A tiny model: one intra-op thread is fastest (two measured 2-15x slower on a 2-core VM).
+        torch.set_num_threads(1)
+        output = self.output
+        refuse_overwrite([output / "evaluation.json", output / "quickstart.json"], self.overwrite)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for method in QUICKSTART_METHODS:  # every setting checked before any file is written
+            self.config(method, QUICKSTART_RADII[0])
+        epsilon, rule = self.train_all()
+        results, checkpoints, runs = self.evaluate_all(epsilon)
+        save_results(results, output / "evaluation.json", checkpoints)
+        report = write_report(results, output / "report", "Digits", results[0].shots,
+                              epsilon=epsilon, training_runs=runs)  # fmt: skip
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        summary = {"epsilon": epsilon, "rule_ratio": EPS_RULE_RATIO, "rule_row": rule,
+                   "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
+                   "cpu_seconds": round(cpu, 1)}  # fmt: skip
+        write_atomic(output / "quickstart.json", json.dumps(summary, indent=1) + "\n")
+        _print_rule(epsilon, rule, self.config(BASELINE, epsilon)["train"]["validation_tasks"])
+        _print_results(results, epsilon, self.iterations, self.tasks)
+        print("figures: " + ", ".join(str(p) for p in report if p.suffix == ".png"))
+        print(f"quickstart finished in {seconds:.0f} s ({cpu:.0f} s CPU, "
+              f"{torch.get_num_threads()} torch thread); results in {output}")  # fmt: skip
+
     def config(self, method: str, epsilon: float | None) -> dict[str, Any]:
         """MAML trains without a radius; all three are evaluated at ``epsilon``."""
         overrides = [*QUICKSTART, f"method={method}", f"train.iterations={self.iterations}",
@@ -154,45 +182,6 @@ class Quickstart:
             )
             checkpoints.append(checkpoint)
         return results, checkpoints, runs
-
-
-def run_quickstart(
-    output: Path,
-    *,
-    iterations: int = QUICKSTART_ITERATIONS,
-    tasks: int = QUICKSTART_TASKS,
-    seed: int = 0,
-    overrides: Sequence[str] = (),
-    overwrite: bool = False,
-    progress: bool = True,
-) -> None:
-    """Train MAML, pick the radius at which FGSM breaks it, train MAML-AD and ADML at that
-    radius, evaluate all three on the same seeded digits tasks, print the table, write the
-    figures (``output/report``), the results (``evaluation.json``) and ``quickstart.json``."""
-    # A tiny model: one intra-op thread is fastest (two measured 2-15x slower on a 2-core VM).
-    torch.set_num_threads(1)
-    quickstart = Quickstart(output, iterations=iterations, tasks=tasks, seed=seed,
-                            overrides=overrides, overwrite=overwrite, progress=progress)  # fmt: skip
-    refuse_overwrite([output / "evaluation.json", output / "quickstart.json"], overwrite)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for method in QUICKSTART_METHODS:  # every setting checked before any file is written
-        quickstart.config(method, QUICKSTART_RADII[0])
-    epsilon, rule = quickstart.train_all()
-    results, checkpoints, runs = quickstart.evaluate_all(epsilon)
-    save_results(results, output / "evaluation.json", checkpoints)
-    report = write_report(results, output / "report", "Digits", results[0].shots,
-                          epsilon=epsilon, training_runs=runs)  # fmt: skip
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    summary = {"epsilon": epsilon, "rule_ratio": EPS_RULE_RATIO, "rule_row": rule,
-               "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
-               "cpu_seconds": round(cpu, 1)}  # fmt: skip
-    write_atomic(output / "quickstart.json", json.dumps(summary, indent=1) + "\n")
-    validation_tasks = quickstart.config(BASELINE, epsilon)["train"]["validation_tasks"]
-    _print_rule(epsilon, rule, validation_tasks)
-    _print_results(results, epsilon, iterations, tasks)
-    print("figures: " + ", ".join(str(p) for p in report if p.suffix == ".png"))
-    print(f"quickstart finished in {seconds:.0f} s ({cpu:.0f} s CPU, "
-          f"{torch.get_num_threads()} torch thread); results in {output}")  # fmt: skip
 
 
 def _print_rule(epsilon: float, rule: dict[str, Any], validation_tasks: int) -> None:
