@@ -1,15 +1,8 @@
 """The ``l2l-adversarial`` command line (also ``python -m l2l_adversarial``): it parses the
 arguments and calls the application (:mod:`~l2l_adversarial.app.runs`,
 :mod:`~l2l_adversarial.app.quickstart`, :mod:`~l2l_adversarial.app.report`,
-:mod:`~l2l_adversarial.app.configs`); :func:`main` turns errors into exit codes.
-
-Example:
-    l2l-adversarial configs                       # the bundled configs (the paper's settings)
-    l2l-adversarial train mini-imagenet-5w1s-adml -o dataset.root=~/data   # or a YAML file's path
-    l2l-adversarial evaluate runs/mini-imagenet-5w1s-adml
-    l2l-adversarial report runs/*/evaluation.json --output report/
-    l2l-adversarial quickstart
-    torchrun --standalone --nproc_per_node=2 -m l2l_adversarial train CONFIG   # 2 processes
+:mod:`~l2l_adversarial.app.configs`); :func:`main` turns errors into exit codes. ``--help``
+prints plain text: :data:`DESCRIPTION`, the commands, :data:`EXAMPLES` and the guide's pages.
 """
 
 from __future__ import annotations
