@@ -25,3 +25,15 @@ GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The documentation site (MkDocs, Material theme, mkdocstrings): docs/ and mkdocs.yml, built into site/.
+# docs-numbers reruns the commands whose output the README and docs/ quote (8-15 min on 2 cores).
+.PHONY: docs docs-serve docs-numbers
+docs:
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
+docs-numbers:
+	$(PYTHON) scripts/docs_numbers.py

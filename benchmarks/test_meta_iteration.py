@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, PGD, AdversarialQuerying, engines
+from l2l_adversarial import ADML, FGSM, MAML, MAMLAD, AdversarialQuerying, engines
 from l2l_adversarial.algorithms.base import MetaLearner
 from l2l_adversarial.validation import value_checks
 
@@ -33,7 +33,7 @@ Iteration = Callable[[], None]
 
 
 class OwnForward(nn.Module):
-    """A model with a forward pass of its own: :mod:`l2l_adversarial.stacked` cannot fold it."""
+    """A model with a forward pass of its own: :mod:`l2l_adversarial.runtime.layouts` cannot fold it."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -95,7 +95,7 @@ def engine_step(
     with value checks off, as ``train`` runs it (it checks each meta-batch where the data
     pipeline builds it, :func:`l2l_adversarial.app.training.check_values`); ``folded=False``: CNN4
     behind a forward pass of its own, which the vmap engine runs vmapped instead of folded
-    (:mod:`l2l_adversarial.stacked`), as it runs any model outside the layers it folds."""
+    (:mod:`l2l_adversarial.runtime.layouts`), as it runs any model outside the layers it folds."""
 
     def make(workload: Workload) -> Iteration:
         options.setdefault("channels_last", engine == "sequential")
@@ -136,11 +136,6 @@ METHODS: dict[str, Callable[[Workload], Iteration]] = {
     },
     "adml (sequential, channels_last=False)": engine_step(
         "adml", "sequential", channels_last=False
-    ),
-    # PGD with one eps-step from the clean input is FGSM, through the generic path (attack,
-    # then adapt): the difference to the sequential ADML row is the shared support pass.
-    "adml (sequential, no shared support pass)": engine_step(
-        "adml", "sequential", attack=PGD(eps=EPS, steps=1, step_size=EPS, random_start=False)
     ),
 }
 

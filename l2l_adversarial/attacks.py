@@ -62,7 +62,28 @@ from l2l_adversarial.validation import (
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Tensor], Tensor]
 
-__all__ = ["Attack", "FGSM", "FFGSM", "PGD", "is_classification_loss"]
+__all__ = [
+    "PIXEL_LEVEL",
+    "Attack",
+    "FGSM",
+    "FFGSM",
+    "PGD",
+    "is_classification_loss",
+    "pixel_levels",
+]
+
+PIXEL_LEVEL = 1 / 255
+"""One 8-bit pixel level of images scaled to [0, 1]: the unit of the paper's eps."""
+
+
+def pixel_levels(levels: float, scale: float = PIXEL_LEVEL) -> float:
+    """A radius (or step) given in 8-bit pixel levels, in input units: ``levels * scale``.
+
+    Example:
+        >>> pixel_levels(2) == 2 * PIXEL_LEVEL  # the paper's eps = 2
+        True
+    """
+    return levels * scale
 
 
 def _check_eps(name: str, value: float) -> float:
@@ -85,6 +106,15 @@ class Attack(ABC):
 
     start_noise: Tensor | None = None
     """A random start given beforehand (:meth:`with_start_noise`); ``None``: drawn."""
+    draws_random: bool = False
+    """Whether the attack draws random numbers from :attr:`generator` (a random start drawn
+    with :meth:`uniform_noise`, or a seed)."""
+    batchable: bool = False
+    """Whether one call can attack a stack of tasks: the attack treats the rows of a batch
+    through the model's summed loss alone (signed input gradients, per-row projection), so
+    the task runtime attacks every task of a stack in one call."""
+    generator: torch.Generator | None = None
+    """Where the random start is drawn from (``None``: PyTorch's global generator)."""
 
     def __init__(
         self,
@@ -216,6 +246,22 @@ class Attack(ABC):
         input check can hold them to; ``None`` for normalised inputs."""
         return self.data_range if self.mean is None else None
 
+    def drawing_from(self, generator: torch.Generator) -> Attack:
+        """A copy that draws its random numbers from ``generator``; an attack that draws none
+        is returned itself.
+
+        Example:
+            >>> a, b = (PGD(eps=0.1).drawing_from(torch.Generator().manual_seed(0)) for _ in "ab")
+            >>> x = torch.zeros(2, 3)
+            >>> torch.equal(a.uniform_noise(x, a.generator), b.uniform_noise(x, b.generator))
+            True
+        """
+        if not self.draws_random:
+            return self
+        copied = copy.copy(self)
+        copied.generator = generator
+        return copied
+
     def with_start_noise(self, noise: Tensor) -> Attack:
         """A copy whose random start is ``noise`` (drawn beforehand with :meth:`uniform_noise`):
         a stack of tasks attacked in one call keeps each task's own seeded start.
@@ -303,6 +349,8 @@ class FGSM(Attack):
         >>> attack = FGSM(eps=2 / 255)  # the paper's eps = 2 for 8-bit images in [0, 1]
     """
 
+    batchable = True
+
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
         gradient = self.input_gradient(forward, pixels, labels)
         return (pixels + self.eps * gradient.sign()).clamp(*self.data_range)
@@ -317,6 +365,9 @@ class FFGSM(Attack):
     Example:
         >>> attack = FFGSM(eps=2 / 255, generator=torch.Generator().manual_seed(0))
     """
+
+    batchable = True
+    draws_random = True
 
     def __init__(
         self,
@@ -350,6 +401,8 @@ class PGD(Attack):
         >>> attack = PGD(eps=2 / 255, steps=10)
     """
 
+    batchable = True
+
     def __init__(
         self,
         eps: float,
@@ -366,7 +419,7 @@ class PGD(Attack):
         self.steps = steps
         default_step = 2.5 * self.eps / steps
         self.step_size = _check_eps("step_size", default_step if step_size is None else step_size)
-        self.random_start = bool(random_start)
+        self.random_start = self.draws_random = bool(random_start)
         self.generator = generator
 
     def __repr__(self) -> str:

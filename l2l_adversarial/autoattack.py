@@ -62,6 +62,8 @@ class AutoAttack(Attack):
             ``std``); the losses are the ensemble's own (cross-entropy, DLR, margin).
     """
 
+    draws_random = True  # the ensemble's seed, drawn from generator when there is one
+
     def __init__(
         self,
         eps: float,

@@ -24,14 +24,19 @@ Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` b
 ``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
 and seed give identical results, and every method sees the same random starts.
 
-Tasks run in chunks (``chunk_size``): each chunk's values are checked with one host read and
-its results read with one; ``engine="vmap"`` adapts, attacks and scores a whole chunk at once
-(:mod:`l2l_adversarial.stacked`: folded or vmapped; gradient-based learners), the same
-protocol code as task by task (``engine="sequential"``, the reference and the default).
+The clean support adaptation is shared by every epsilon, and one adaptation serves both
+query scenarios of a support scenario. Tasks run in chunks (``chunk_size``): each chunk's
+values (finite inputs inside the attacks' data range, labels, balanced shots) are checked with
+one host read and its results read with one; the next chunk of a thread-safe task source
+(``tasks.thread_safe``: :class:`~l2l_adversarial.data.FewShotTasks` on an image table) is
+built in a background thread meanwhile. Gradient-based learners run through the task runtime
+(:mod:`l2l_adversarial.runtime`): task by task (``engine="sequential"``, the reference and
+the default) or a whole chunk at once (``engine="vmap"``), the same protocol code either way;
+other learners (Matching Networks) through their own models, task by task.
 
 Under ``torchrun`` (``torch.distributed`` initialised), rank ``r`` evaluates tasks
 ``r, r + world_size, ...`` and the per-task results are gathered in task order, so every rank
-returns the same :class:`EvaluationResult` as one process would.
+returns the same :class:`EvaluationResult` as one process would: call it on every rank.
 
 Example:
     >>> import torch
@@ -54,30 +59,28 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
-from torch.func import vmap
 
-from l2l_adversarial import stacked
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
-from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
-from l2l_adversarial.attacks import FGSM, Attack
+from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskOps
+from l2l_adversarial.attacks import FGSM, PIXEL_LEVEL, Attack, pixel_levels
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
-from l2l_adversarial.engines import (
-    ENGINES,
-    attack_stacked,
-    batches_attack,
-    random_start,
-    vmap_obstacle,
-)
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
-from l2l_adversarial.task import Task, per_class_prefix
-from l2l_adversarial.transforms import QUERY_STREAM, SUPPORT_STREAM, derive_seed, seeded
+from l2l_adversarial.runtime import SeededStarts, StackedOps, resolve_engine
+from l2l_adversarial.task import Task
+from l2l_adversarial.transforms import (
+    QUERY_STREAM,
+    SUPPORT_STREAM,
+    derive_seed,
+    keep_adversarial_rows,
+    seeded,
+)
 from l2l_adversarial.validation import (
     check_choice,
     check_meta_batch,
@@ -91,8 +94,6 @@ Model = Callable[[Tensor], Tensor]
 PROTOCOLS = ("paper", "adapted")
 DEFAULT_EPSILONS = (2.0, 0.2)
 """The paper's meta-test radii, in 8-bit pixel levels (multiplied by ``pixel_scale``)."""
-PIXEL_LEVEL = 1 / 255
-"""Default ``pixel_scale``: one 8-bit level of images scaled to [0, 1]."""
 DEFAULT_NUM_TASKS = 600
 """Number of test tasks the paper averages over."""
 Z_95 = 1.96
@@ -196,9 +197,14 @@ class GradientLearner(FewShotLearner):
     def __repr__(self) -> str:
         return f"GradientLearner(lr={self.lr:g}, steps={self.steps})"
 
+    first_order = True  # meta-testing keeps no graph
+    attack: Attack | None = None
+
     def theta(self) -> Params:
         """The meta-learned parameters, detached."""
         return {name: p.detach() for name, p in self.functional.parameters().items()}
+
+    meta_parameters = theta  # what the task runtime's operations start from
 
     def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
         return self.functional.at(self.theta())
@@ -208,25 +214,29 @@ class GradientLearner(FewShotLearner):
         return self.functional.query_layout(query_inputs)
 
     def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
-        params = self.theta()
-        models = [self.functional.at(params)]
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                params = {name: p.detach().requires_grad_() for name, p in params.items()}
-                loss = self.functional.loss_fn(
-                    self.functional(params, support_inputs), support_labels
-                )
-                stepped = self.functional.step(params, loss, self.lr, first_order=True)
-                params = {name: p.detach() for name, p in stepped.items()}
-                models.append(self.functional.at(params))
-        return models
+        with torch.no_grad():
+            stepped = self.functional.trajectory(
+                self.theta(), support_inputs, support_labels, self.lr, self.steps
+            )
+        return [self.functional.at(params) for params in [self.theta(), *stepped]]
+
+
+class Conditioned(Protocol):
+    """A learner whose adaptation is conditioning on the support set (Matching Networks):
+    ``support_model(support, labels)`` classifies support samples in the clean support set's
+    context, ``query_model(support, labels)`` classifies queries given a support set."""
+
+    def support_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model: ...
+
+    def query_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model: ...
 
 
 class MatchingLearner(FewShotLearner):
-    """Matching Networks at meta-test: adaptation is conditioning on the support set.
+    """A :class:`Conditioned` learner at meta-test (Matching Networks): adaptation is
+    conditioning on the support set.
 
     The support set is attacked as queries classified against the clean support set
-    (:meth:`MatchingNetwork.support_model`); the curves have one point.
+    (``support_model``); the curves have one point.
 
     Example:
         >>> from l2l_adversarial import MatchingNetwork
@@ -235,11 +245,11 @@ class MatchingLearner(FewShotLearner):
         1
     """
 
-    def __init__(self, network: MatchingNetwork) -> None:
+    def __init__(self, network: Conditioned) -> None:
         self.network = network
 
     def __repr__(self) -> str:
-        return f"MatchingLearner(fce={self.network.fce})"
+        return f"MatchingLearner(fce={getattr(self.network, 'fce', None)})"
 
     def initial_model(self, support_inputs: Tensor, support_labels: Tensor) -> Model:
         return self.network.support_model(support_inputs, support_labels)
@@ -250,9 +260,9 @@ class MatchingLearner(FewShotLearner):
 
 def few_shot_learner(learner: nn.Module, lr: float, steps: int) -> FewShotLearner:
     """How a meta-trained learner adapts at meta-test: SGD from theta (``lr``, ``steps``), or
-    conditioning on the support set for Matching Networks."""
-    if isinstance(learner, MatchingNetwork):
-        return MatchingLearner(learner)
+    conditioning on the support set for :class:`Conditioned` learners (Matching Networks)."""
+    if callable(getattr(learner, "query_model", None)):
+        return MatchingLearner(cast(Conditioned, learner))
     return GradientLearner(learner, lr=lr, steps=steps)
 
 
@@ -426,35 +436,55 @@ def evaluate(
         learner: the method, e.g. ``GradientLearner(model, lr=0.01, steps=10)``.
         tasks: the test tasks, the same for every method (all with the same ways and shots).
         method: name shown in reports: "MAML", "MAML-AD", "ADML", "Matching Nets", "AQ", ...
-        epsilons: attack radii in 8-bit pixel levels; the paper: 2 and 0.2.
-        make_attack: builds the attack for a radius in input units (``epsilon * pixel_scale``):
-            ``FGSM`` (the paper), ``functools.partial(PGD, steps=20)``, ...
-        pixel_scale: input units per pixel level: 1/255 for images in [0, 1].
+        epsilons: attack radii in 8-bit pixel levels (the paper: 2 and 0.2), attacked with
+            ``make_attack(epsilon * pixel_scale)``: ``FGSM`` (the paper),
+            ``functools.partial(PGD, steps=20)``, ...; ``pixel_scale`` 1/255 for [0, 1].
         protocol: ``"paper"`` (all attacks against theta) or ``"adapted"`` (query attacked
             against the scored, adapted model); see the module docstring.
         scenarios: default :func:`paper_scenarios` for the tasks' shots.
         seed: seeds attacks with a random start, per task: ``derive_seed(seed, index)``.
-        dataset: recorded for the report ("MiniImageNet", "CIFAR100").
-        device: move every task there first (where the learner's model lives).
-        progress: e.g. ``tqdm.tqdm(total=len(tasks))``; updated after every chunk with the
-            number of tasks this process evaluated (``len(rank_indices(len(tasks)))`` in all
-            under torchrun).
+        dataset, device: recorded for the report; where every task is moved (the model's).
+        progress: e.g. ``tqdm.tqdm(total=len(tasks))``, updated with the tasks this process
+            evaluated after every chunk.
         engine: ``"sequential"`` (task by task, any learner: the reference), ``"vmap"``
-            (a chunk of tasks at once, :mod:`l2l_adversarial.stacked`: gradient-based
-            learners; the same results in float64, in float32 up to the sign of near-zero
-            attack gradients) or
-            ``"auto"`` (``"sequential"``: see :mod:`l2l_adversarial.engines`).
+            (experimental: a chunk at once, gradient-based learners; the same results in
+            float64, in float32 up to the sign of near-zero attack gradients) or ``"auto"``
+            (``"sequential"``; :mod:`l2l_adversarial.runtime`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.
-
-    The clean support adaptation is shared by every epsilon, and one adaptation serves both
-    query scenarios of a support scenario. Under torchrun the tasks are split over the ranks
-    (see the module docstring); call it on every rank. The next chunk of a thread-safe task
-    source (``tasks.thread_safe``: :class:`~l2l_adversarial.data.FewShotTasks` gathering from
-    an image table) is built in a background thread while a chunk is evaluated. Each chunk's
-    values (finite inputs inside the attacks' data range, labels, balanced shots) are checked
-    with one host read and its results read with one: at most two for ``chunk_size`` tasks.
     """
+    _check_arguments(learner, tasks, method, epsilons, pixel_scale, protocol, seed, chunk_size)
+    engine = resolve_engine(learner, engine)
+    ways, shots, scenarios = _setting(tasks[0], scenarios)
+    epsilons = [float(e) for e in epsilons]
+    run = _Protocol(_attacks(make_attack, epsilons, pixel_scale), scenarios, protocol, ways, shots)
+    per_task = run.run(learner, tasks, engine, seed, chunk_size, device, progress)
+    return EvaluationResult(
+        method=method,
+        ways=ways,
+        shots=shots,
+        num_tasks=len(tasks),
+        protocol=protocol,
+        seed=seed,
+        learner=repr(learner),
+        pixel_scale=float(pixel_scale),
+        attacks=[repr(a) for a in run.attacks],
+        dataset=dataset,
+        scenarios=_results(per_task, epsilons, scenarios),
+        engine=engine,
+    )
+
+
+def _check_arguments(
+    learner: FewShotLearner,
+    tasks: Sequence[Task],
+    method: str,
+    epsilons: Sequence[float],
+    pixel_scale: float,
+    protocol: str,
+    seed: int,
+    chunk_size: int,
+) -> None:
     check_choice("protocol", protocol, PROTOCOLS)
     if not isinstance(learner, FewShotLearner):
         raise TypeError(
@@ -465,68 +495,32 @@ def evaluate(
         raise ValueError(f"method must be a non-empty name such as 'ADML', got {method!r}")
     if len(tasks) == 0:
         raise ValueError("tasks is empty: pass the list of test tasks to evaluate on")
-    epsilons = [float(e) for e in epsilons]
-    if not epsilons or not all(math.isfinite(e) and e >= 0 for e in epsilons):
-        raise ValueError(f"epsilons must be a non-empty list of numbers >= 0, got {epsilons}")
+    values = [float(e) for e in epsilons]
+    if not values or not all(math.isfinite(e) and e >= 0 for e in values):
+        raise ValueError(f"epsilons must be a non-empty list of numbers >= 0, got {values}")
     if not (math.isfinite(pixel_scale) and pixel_scale > 0):
         raise ValueError(f"pixel_scale must be a number > 0 (1/255 for [0, 1]), got {pixel_scale}")
     derive_seed(seed)  # validates
-    engine = _resolve_engine(learner, engine)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    ways, shots = _task_shape(tasks[0])
-    scenarios = list(paper_scenarios(shots) if scenarios is None else scenarios)
-    if not scenarios:
-        raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
-    attacks = [make_attack(e * pixel_scale) for e in epsilons]
+
+
+def _attacks(
+    make_attack: Callable[[float], Attack], epsilons: Sequence[float], pixel_scale: float
+) -> list[Attack]:
+    attacks = [make_attack(pixel_levels(e, pixel_scale)) for e in epsilons]
     for attack in attacks:
         if not isinstance(attack, Attack):
             raise TypeError(
                 f"make_attack must return an l2l_adversarial Attack, got {type(attack).__name__}"
             )
-    data_range = attacks[0].input_range
+    return attacks
 
-    mine = list(rank_indices(len(tasks)))
-    chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
-    target = torch.device(device) if device is not None else tasks[0].support_inputs.device
-    prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
-    per_rank: list[Curves] = []
-    with MetaBatches(
-        tasks, chunks.__getitem__, 0, len(chunks), device=target, prefetch=prefetch
-    ) as batches:
-        for batch in batches:
-            indices, chunk = [index for index, _ in batch], [task for _, task in batch]
-            chunk = _check_chunk(chunk, indices, ways, shots, data_range, engine)
-            seeds = [derive_seed(seed, index) for index in indices]
-            with value_checks(False):
-                if engine == "vmap":
-                    assert isinstance(learner, GradientLearner)
-                    stacked = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
-                    curves = _scenario_curves(
-                        _StackedTasks(learner, seeds), stacked, attacks, scenarios, protocol
-                    )
-                    found = [
-                        {key: (v[0][t], v[1][t]) for key, v in curves.items()}
-                        for t in range(len(chunk))
-                    ]
-                else:
-                    found = [
-                        _scenario_curves(
-                            _TaskByTask(learner, task_seed), task, attacks, scenarios, protocol
-                        )
-                        for task, task_seed in zip(chunk, seeds, strict=True)
-                    ]
-            per_rank += _read(found)  # the chunk's one host read of results
-            if progress is not None:
-                progress.update(len(chunk))
-    per_task = gather_strided(per_rank, len(tasks))
 
-    lengths = {len(curves[key][0]) for curves in per_task for key in curves}
-    if len(lengths) != 1:
-        raise ValueError(
-            f"{learner!r}.adapt returned {sorted(lengths)} models for different support sets: "
-            "every adaptation must return the same number of steps"
-        )
+def _results(
+    per_task: Sequence[Curves], epsilons: Sequence[float], scenarios: Sequence[Scenario]
+) -> list[ScenarioResult]:
+    """The table entries and curves from every task's curves."""
     results = []
     for e, epsilon in enumerate(epsilons):
         for scenario in scenarios:
@@ -548,47 +542,16 @@ def evaluate(
                     task_accuracies=accuracies[:, -1].tolist(),
                 )
             )
-    return EvaluationResult(
-        method=method,
-        ways=ways,
-        shots=shots,
-        num_tasks=len(tasks),
-        protocol=protocol,
-        seed=seed,
-        learner=repr(learner),
-        pixel_scale=float(pixel_scale),
-        attacks=[repr(a) for a in attacks],
-        dataset=dataset,
-        scenarios=results,
-        engine=engine,
-    )
+    return results
 
 
 Curves = dict[tuple[int, Scenario], tuple[list[float], list[float]]]
 """Per (epsilon index, scenario): a task's query losses and accuracies after every step."""
 
 
-def _resolve_engine(learner: FewShotLearner, engine: str) -> str:
-    check_choice("engine", engine, ENGINES)
-    if engine != "vmap":
-        return "sequential"
-    if not isinstance(learner, GradientLearner):
-        raise ValueError(
-            f"engine='vmap' adapts gradient-based learners (GradientLearner: MAML, MAML-AD, "
-            f"ADML, AQ), not {learner!r}; use engine='sequential' (or 'auto')"
-        )
-    obstacle = vmap_obstacle(learner.functional.module)
-    if obstacle:
-        raise ValueError(
-            f"engine='vmap' cannot evaluate {type(learner.functional.module).__name__}: "
-            f"{obstacle}. Use engine='sequential' (or 'auto')."
-        )
-    return engine
-
-
-def _task_shape(task: Task) -> tuple[int, int]:
+def _setting(task: Task, scenarios: Sequence[Scenario] | None) -> tuple[int, int, list[Scenario]]:
     """(ways, shots) of the first task, with one host read (the chunks' value checks then
-    hold every task, this one included, to them)."""
+    hold every task, this one included, to them), and the scenarios (default: the paper's)."""
     if not isinstance(task, tuple) or len(task) != 4:
         raise TypeError(f"tasks[0] must be a Task, got {type(task).__name__}")
     check_task_metadata(task, where="tasks[0]")
@@ -605,7 +568,10 @@ def _task_shape(task: Task) -> tuple[int, int]:
             f"tasks[0] has {[counts[c] for c in range(ways)]} support samples per class: the "
             "evaluation needs the same number of shots for every class"
         )
-    return ways, counts[0]
+    scenarios = list(paper_scenarios(counts[0]) if scenarios is None else scenarios)
+    if not scenarios:
+        raise ValueError("scenarios is empty: leave it None for the paper's scenarios")
+    return ways, counts[0], scenarios
 
 
 def _check_chunk(
@@ -613,7 +579,7 @@ def _check_chunk(
     indices: Sequence[int],
     ways: int,
     shots: int,
-    data_range: tuple[float, float] | None,
+    attacks: Sequence[Attack],
     engine: str,
 ) -> list[Task]:
     """Metadata of every task, then its values with one host read (see :func:`evaluate`);
@@ -638,6 +604,7 @@ def _check_chunk(
                 f"engine='vmap' stacks the tasks of a chunk, but {name} has other tensor shapes "
                 f"than {names[0]}: use engine='sequential' (or 'auto')"
             )
+    data_range = attacks[0].input_range
     check_meta_batch(checked, data_range=data_range, shots=shots, names=names)
     return checked
 
@@ -662,93 +629,146 @@ def _read(found: Sequence[Mapping[tuple[int, Scenario], tuple[Tensor, Tensor]]])
 
 
 class _EvaluationOps(Protocol):
-    """What the meta-test protocol does to one task (:class:`_TaskByTask`) or a stack of
-    tasks (:class:`_StackedTasks`); their models are opaque to it."""
-
-    def query_layout(self, inputs: Tensor) -> Tensor: ...
+    """What the meta-test protocol does to one task or a stack of tasks; models are opaque
+    to it."""
 
     def initial_model(self, inputs: Tensor, labels: Tensor) -> Any: ...
 
     def adapt(self, inputs: Tensor, labels: Tensor) -> list[Any]: ...
 
     def perturb(
-        self,
-        attack: Attack,
-        model: Any,
-        inputs: Tensor,
-        labels: Tensor,
-        fraction: float,
-        stream: tuple[int, ...],
+        self, attack: Attack, model: Any, inputs: Tensor, labels: Tensor, stream: tuple[int, ...]
     ) -> Tensor: ...
 
     def score(self, model: Any, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
-def _scenario_curves(
-    ops: _EvaluationOps,
-    task: Task,
-    attacks: Sequence[Attack],
-    scenarios: Sequence[Scenario],
-    protocol: str,
-) -> dict[tuple[int, Scenario], tuple[Tensor, Tensor]]:
-    """The protocol of Sec. 4.2 on one task or a stack: per (epsilon index, scenario), the
-    query losses and accuracies after every adaptation step (last dimension), on the device."""
-    support_x, support_y, query_x, query_y = task
-    query_x = ops.query_layout(query_x)
-    initial = ops.initial_model(support_x, support_y)
-    by_support: dict[float, list[Scenario]] = {}
-    for scenario in scenarios:
-        by_support.setdefault(scenario.support_fraction, []).append(scenario)
+@dataclass
+class _Protocol:
+    """The meta-test protocol of Sec. 4.2 for some attacks and scenarios."""
 
-    clean_models: list[Any] | None = None
-    curves = {}
-    for e, attack in enumerate(attacks):
-        initial_queries: dict[float, Tensor] = {}  # "paper" protocol: one query set per eps
-        for support_fraction, group in by_support.items():
-            if support_fraction == 0 and clean_models is not None:
-                models = clean_models
-            else:
-                support = ops.perturb(
-                    attack, initial, support_x, support_y, support_fraction, (SUPPORT_STREAM,)
+    attacks: Sequence[Attack]
+    scenarios: Sequence[Scenario]
+    protocol: str
+    ways: int
+    shots: int
+
+    def run(
+        self,
+        learner: FewShotLearner,
+        tasks: Sequence[Task],
+        engine: str,
+        seed: int,
+        chunk_size: int,
+        device: torch.device | str | None,
+        progress: SupportsUpdate | None,
+    ) -> list[Curves]:
+        """Every task's curves, in task order (gathered from every rank under torchrun), on
+        ``device`` (default: where the first task is)."""
+        device = torch.device(device) if device is not None else tasks[0].support_inputs.device
+        mine = list(rank_indices(len(tasks)))
+        chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
+        prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
+        per_rank: list[Curves] = []
+        with MetaBatches(
+            tasks, chunks.__getitem__, 0, len(chunks), device=device, prefetch=prefetch
+        ) as batches:
+            for batch in batches:
+                indices, chunk = [index for index, _ in batch], [task for _, task in batch]
+                chunk = _check_chunk(chunk, indices, self.ways, self.shots, self.attacks, engine)
+                seeds = [derive_seed(seed, index) for index in indices]
+                with value_checks(False):
+                    found = self._chunk_curves(learner, chunk, seeds, engine)
+                per_rank += _read(found)  # the chunk's one host read of results
+                if progress is not None:
+                    progress.update(len(chunk))
+        per_task = gather_strided(per_rank, len(tasks))
+        lengths = {len(curves[key][0]) for curves in per_task for key in curves}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"{learner!r}.adapt returned {sorted(lengths)} models for different support "
+                "sets: every adaptation must return the same number of steps"
+            )
+        return per_task
+
+    def _chunk_curves(
+        self, learner: FewShotLearner, chunk: list[Task], seeds: list[int], engine: str
+    ) -> list[dict[tuple[int, Scenario], tuple[Tensor, Tensor]]]:
+        """The curves of a chunk: stacked (vmap) or task by task, through the task runtime's
+        operations for gradient-based learners, through the learner's own models otherwise."""
+        if engine == "vmap":
+            assert isinstance(learner, GradientLearner)
+            stack = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
+            stacked = _RuntimeOps(StackedOps(learner, starts=SeededStarts(seeds)), learner)
+            curves = self.curves(stacked, stack)
+            return [
+                {key: (v[0][t], v[1][t]) for key, v in curves.items()} for t in range(len(chunk))
+            ]
+        found = []
+        for task, task_seed in zip(chunk, seeds, strict=True):
+            if isinstance(learner, GradientLearner):
+                ops: _EvaluationOps = _RuntimeOps(
+                    SequentialOps(learner, starts=SeededStarts([task_seed])),
+                    learner,
                 )
-                models = ops.adapt(support, support_y)
-                if support_fraction == 0:
-                    clean_models = models
-            for scenario in group:
-                fraction = scenario.query_fraction
-                losses, accuracies = [], []
-                for step, model in enumerate(models):
-                    if protocol == "paper":
-                        if fraction not in initial_queries:
-                            initial_queries[fraction] = ops.perturb(
+            else:
+                ops = _LearnersModels(learner, task_seed)
+            found.append(self.curves(ops, task))
+        return found
+
+    def curves(
+        self, ops: _EvaluationOps, task: Task
+    ) -> dict[tuple[int, Scenario], tuple[Tensor, Tensor]]:
+        """Per (epsilon index, scenario): the query losses and accuracies after every
+        adaptation step (last dimension) of one task or a stack, on the device."""
+        support_x, support_y, query_x, query_y = task
+        initial = ops.initial_model(support_x, support_y)
+        by_support: dict[float, list[Scenario]] = {}
+        for scenario in self.scenarios:
+            by_support.setdefault(scenario.support_fraction, []).append(scenario)
+
+        def attacked(attack: Attack, model: Any, x: Tensor, y: Tensor, fraction: float,
+                     stream: tuple[int, ...]) -> Tensor:  # fmt: skip
+            if fraction == 0:
+                return x
+            return keep_adversarial_rows(y, fraction, ops.perturb(attack, model, x, y, stream), x)
+
+        clean_models = ops.adapt(support_x, support_y) if 0.0 in by_support else []
+        curves = {}
+        for e, attack in enumerate(self.attacks):
+            initial_queries: dict[float, Tensor] = {}  # "paper" protocol: one query set per eps
+            for support_fraction, group in by_support.items():
+                models = clean_models
+                if support_fraction > 0:
+                    support = attacked(
+                        attack, initial, support_x, support_y, support_fraction, (SUPPORT_STREAM,)
+                    )
+                    models = ops.adapt(support, support_y)
+                for scenario in group:
+                    fraction, losses, accuracies = scenario.query_fraction, [], []
+                    for step, model in enumerate(models):
+                        if self.protocol == "adapted":
+                            query = attacked(
+                                attack, model, query_x, query_y, fraction, (QUERY_STREAM, step)
+                            )
+                        elif fraction not in initial_queries:
+                            query = initial_queries[fraction] = attacked(
                                 attack, initial, query_x, query_y, fraction, (QUERY_STREAM, 0)
                             )
-                        query = initial_queries[fraction]
-                    else:
-                        query = ops.perturb(
-                            attack, model, query_x, query_y, fraction, (QUERY_STREAM, step)
-                        )
-                    loss, acc = ops.score(model, query, query_y)
-                    losses.append(loss)
-                    accuracies.append(acc)
-                curves[e, scenario] = (torch.stack(losses, -1), torch.stack(accuracies, -1))
-    return curves
+                        else:
+                            query = initial_queries[fraction]
+                        loss, accuracy_ = ops.score(model, query, query_y)
+                        losses.append(loss)
+                        accuracies.append(accuracy_)
+                    curves[e, scenario] = (torch.stack(losses, -1), torch.stack(accuracies, -1))
+        return curves
 
 
-def _keep_rows(mask: Tensor, adversarial: Tensor, inputs: Tensor) -> Tensor:
-    """``adversarial`` rows where ``mask``, the clean ``inputs`` (bit for bit) elsewhere."""
-    rows = mask.view(*mask.shape, *([1] * (inputs.dim() - mask.dim())))
-    return torch.where(rows, adversarial.to(inputs.dtype), inputs.detach())
-
-
-class _TaskByTask:
-    """One task through the learner's own models: any :class:`FewShotLearner`."""
+class _LearnersModels:
+    """One task through a :class:`FewShotLearner`'s own models (any learner)."""
 
     def __init__(self, learner: FewShotLearner, task_seed: int) -> None:
         self.learner, self.task_seed = learner, task_seed
-
-    def query_layout(self, inputs: Tensor) -> Tensor:
-        return self.learner.query_layout(inputs)
 
     def initial_model(self, inputs: Tensor, labels: Tensor) -> Model:
         return self.learner.initial_model(inputs, labels)
@@ -760,100 +780,47 @@ class _TaskByTask:
         return models
 
     def perturb(
-        self,
-        attack: Attack,
-        model: Model,
-        inputs: Tensor,
-        labels: Tensor,
-        fraction: float,
-        stream: tuple[int, ...],
+        self, attack: Attack, model: Model, inputs: Tensor, labels: Tensor, stream: tuple[int, ...]
     ) -> Tensor:
-        if fraction == 0:
-            return inputs
-        adversarial = seeded(attack, derive_seed(self.task_seed, *stream))(model, inputs, labels)
-        return _keep_rows(per_class_prefix(labels, fraction), adversarial, inputs)
+        if stream[0] == QUERY_STREAM:
+            inputs = self.learner.query_layout(inputs)
+        return seeded(attack, derive_seed(self.task_seed, *stream))(model, inputs, labels)
 
     @torch.no_grad()
     def score(self, model: Model, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(inputs)
+        logits = model(self.learner.query_layout(inputs))
         return nn.functional.cross_entropy(logits, labels), accuracy(logits, labels)
 
 
-class _Stacked(NamedTuple):
-    """A model of :class:`_StackedTasks`: parameters shared by the stack (theta) or per task."""
+class _RuntimeOps:
+    """A gradient-based learner through the task runtime's operations, on one task
+    (:class:`~l2l_adversarial.algorithms.task_ops.SequentialOps`) or a stack
+    (:class:`~l2l_adversarial.runtime.stacked_ops.StackedOps`); a model is its parameters
+    (``None``: theta)."""
 
-    params: Params
-    per_task: bool
+    def __init__(self, ops: TaskOps, learner: GradientLearner) -> None:
+        self.ops, self.lr, self.steps = ops, learner.lr, learner.steps
 
+    def initial_model(self, inputs: Tensor, labels: Tensor) -> None:
+        return None
 
-class _StackedTasks:
-    """A stack of tasks (leading dimension ``T``) run by :mod:`l2l_adversarial.stacked`
-    (folded into channels, or vmapped): each adaptation step one pass for all tasks, each
-    score one pass, each attack one call (:func:`~l2l_adversarial.engines.attack_stacked`;
-    FGSM, FFGSM, PGD, each task from its own seeded random start), other attacks task by
-    task."""
-
-    def __init__(self, learner: GradientLearner, task_seeds: Sequence[int]) -> None:
-        self.functional, self.lr, self.steps = learner.functional, learner.lr, learner.steps
-        self.theta = _Stacked(learner.theta(), False)
-        self.task_seeds = task_seeds
-
-    def query_layout(self, inputs: Tensor) -> Tensor:
-        return inputs
-
-    def initial_model(self, inputs: Tensor, labels: Tensor) -> _Stacked:
-        return self.theta
-
-    def adapt(self, inputs: Tensor, labels: Tensor) -> list[_Stacked]:
-        if self.steps == 0:
-            return [self.theta]
-        with torch.no_grad():
-            stepped = stacked.adapt(
-                self.functional, self.theta.params, False, inputs, labels, self.lr, self.steps,
-                trajectory=True,
-            )  # fmt: skip
-        return [self.theta, *(_Stacked(params, True) for params in stepped)]
+    @torch.no_grad()
+    def adapt(self, inputs: Tensor, labels: Tensor) -> list[Params | None]:
+        return [None, *self.ops.adapt([(inputs, labels, self.lr)], self.steps, trajectory=True)]
 
     def perturb(
         self,
         attack: Attack,
-        model: _Stacked,
+        model: Params | None,
         inputs: Tensor,
         labels: Tensor,
-        fraction: float,
         stream: tuple[int, ...],
     ) -> Tensor:
-        if fraction == 0:
-            return inputs
-        seeds = [derive_seed(task_seed, *stream) for task_seed in self.task_seeds]
-        if batches_attack(attack):
-            if random_start(attack):  # each task's own, seeded
-                noise = [
-                    attack.uniform_noise(x, torch.Generator().manual_seed(s))
-                    for x, s in zip(inputs, seeds, strict=True)
-                ]
-                attack = attack.with_start_noise(torch.cat(noise))
-            (adversarial,) = attack_stacked(
-                attack, self.functional, model.params, model.per_task, [(inputs, labels)]
-            )
-        else:
-            adversarial = torch.stack(
-                [
-                    seeded(attack, s)(
-                        self.functional.at(self._task_params(model, t)), inputs[t], labels[t]
-                    )
-                    for t, s in enumerate(seeds)
-                ]
-            )
-        return _keep_rows(per_class_prefix(labels, fraction), adversarial, inputs)
-
-    @staticmethod
-    def _task_params(model: _Stacked, task: int) -> Params:
-        if not model.per_task:
-            return model.params
-        return {name: p[task] for name, p in model.params.items()}
+        query = stream[0] == QUERY_STREAM
+        (adversarial,) = self.ops.perturb([(inputs, labels, query)], model, attack, stream)
+        return adversarial
 
     @torch.no_grad()
-    def score(self, model: _Stacked, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        logits = stacked.forward(self.functional, model.params, model.per_task, len(inputs))(inputs)
-        return vmap(nn.functional.cross_entropy)(logits, labels), vmap(accuracy)(logits, labels)
+    def score(self, model: Params | None, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        (objective,) = self.ops.score([(model, inputs, labels)])
+        return objective.loss, objective.accuracy

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,22 +62,22 @@ __all__ = [
     "adversarial_mask",
     "alternate_split",
     "derive_seed",
+    "keep_adversarial_rows",
     "perturb",
     "seeded",
 ]
 
 
 def seeded(attack: Attack, seed: int | None) -> Attack:
-    """``attack``, with its random start drawn from ``torch.Generator().manual_seed(seed)``.
+    """``attack``, with its random numbers drawn from ``torch.Generator().manual_seed(seed)``.
 
-    Attacks without a ``generator`` attribute (``FGSM``) and ``seed=None`` return ``attack``
-    itself; otherwise a shallow copy is returned and ``attack`` is left untouched.
+    Attacks that draw none (``FGSM``) and ``seed=None`` return ``attack`` itself; otherwise a
+    shallow copy is returned and ``attack`` is left untouched
+    (:meth:`~l2l_adversarial.attacks.Attack.drawing_from`).
     """
-    if seed is None or not hasattr(attack, "generator"):
+    if seed is None:
         return attack
-    copied = copy.copy(attack)
-    copied.generator = torch.Generator().manual_seed(seed)
-    return copied
+    return attack.drawing_from(torch.Generator().manual_seed(seed))
 
 
 def adversarial_mask(labels: Tensor, fraction: float) -> Tensor:
@@ -128,8 +127,24 @@ def perturb(
     if not bool(mask.any()):
         return inputs, mask
     adversarial = seeded(attack, seed)(model, inputs, labels)
-    rows = mask.view(-1, *([1] * (inputs.dim() - 1)))
-    return torch.where(rows, adversarial.to(inputs.dtype), inputs.detach()), mask
+    return keep_adversarial_rows(labels, fraction, adversarial, inputs), mask
+
+
+def keep_adversarial_rows(
+    labels: Tensor, fraction: float, adversarial: Tensor, inputs: Tensor
+) -> Tensor:
+    """``adversarial`` rows for the first ``round(fraction * count)`` samples of every class
+    (:func:`~l2l_adversarial.task.per_class_prefix`), the clean ``inputs`` (bit for bit)
+    elsewhere; leading dimensions of ``labels`` are a stack of tasks. No value is read.
+
+    Example:
+        >>> x, y = torch.zeros(4, 2), torch.tensor([0, 0, 1, 1])
+        >>> keep_adversarial_rows(y, 0.5, torch.ones(4, 2), x)[:, 0].tolist()
+        [1.0, 0.0, 1.0, 0.0]
+    """
+    mask = per_class_prefix(labels, fraction)
+    rows = mask.view(*mask.shape, *([1] * (inputs.dim() - mask.dim())))
+    return torch.where(rows, adversarial.to(inputs.dtype), inputs.detach())
 
 
 @dataclass(frozen=True)

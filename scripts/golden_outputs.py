@@ -156,14 +156,29 @@ def application_runs() -> dict[str, object]:
     return out
 
 
-def compare(before: dict, after: dict, path: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        differences = [f"{path}/{k}: only before" for k in before.keys() - after.keys()]
-        differences += [f"{path}/{k}: only after" for k in after.keys() - before.keys()]
-        for key in sorted(before.keys() & after.keys()):
-            differences += compare(before[key], after[key], f"{path}/{key}")
-        return differences
-    return [] if before == after else [f"{path}: {before!r} != {after!r}"]
+def leaves(tree: object, path: str = "") -> dict[str, object]:
+    """Every value of a nested dict by its path; lists of numbers stay whole."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{path}/{key}").items()}
+    if isinstance(tree, list) and tree and isinstance(tree[0], list):
+        return {k: v for i, sub in enumerate(tree) for k, v in leaves(sub, f"{path}[{i}]").items()}
+    return {path: tree}
+
+
+def compare(before: dict, after: dict) -> list[str]:
+    """One line per differing value: numbers with their largest difference."""
+    old, new = leaves(before), leaves(after)
+    lines = [f"{path}: only in one file" for path in sorted(old.keys() ^ new.keys())]
+    for path in sorted(old.keys() & new.keys()):
+        a, b = old[path], new[path]
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            gap = max(abs(x - y) for x, y in zip(a, b, strict=True))
+            lines.append(f"{path}: max difference {gap:.3g}")
+        else:
+            lines.append(f"{path}: {a!r} != {b!r}")
+    return lines
 
 
 def main() -> int:
@@ -175,6 +190,7 @@ def main() -> int:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
         differences = compare(before, after)
         print("\n".join(differences) or "identical")
+        print(f"{len(differences)} of {len(leaves(before))} values differ")
         return 1 if differences else 0
     torch.set_num_threads(1)
     golden = {

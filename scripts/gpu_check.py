@@ -27,7 +27,7 @@ tiny images and model):
    ``l2l-adversarial train`` and ``evaluate`` runs of the bundled configs on generated data
    (CIFAR-100's 32 x 32 images are stood in for by a generated cache of that size).
 
-Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table ready for the README).
+Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table that ``scripts/docs_numbers.py --only gpu --gpu-check DIR`` copies into docs/performance.md).
 Exit code 1 if a check fails, 2 for bad arguments.
 """
 

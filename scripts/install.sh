@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything into ./.venv: torch 2.14.1 + torchvision 0.29.1, learn2learn 0.2.0
 # (a wheel built by scripts/build_learn2learn.sh, which says why), this package in editable
-# mode with its dev extras, and torchmeta (scripts/install_torchmeta.sh). Verified on
+# mode with its dev, tensorboard and docs extras, and torchmeta (scripts/install_torchmeta.sh). Verified on
 # Python 3.11, 3.12 and 3.13 (README, "Set up").
 #
 #   bash scripts/install.sh                                  # python3, into ./.venv
@@ -21,7 +21,7 @@ if ! "$PY" -c 'import learn2learn' 2>/dev/null; then
 fi
 
 "$PY" -m pip install -q --no-deps torchattacks==3.5.1  # test reference; its metadata pins an old requests
-"$PY" -m pip install -q -e '.[dev,tensorboard]'  # tensorboard: the train.tensorboard test
+"$PY" -m pip install -q -e '.[dev,tensorboard,docs]'  # tensorboard: the train.tensorboard test; docs: make docs
 # gym (a learn2learn dependency) prints a deprecation banner from gym-notices on every import;
 # gym imports fine without it.
 "$PY" -m pip uninstall -q -y gym-notices

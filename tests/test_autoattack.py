@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from l2l_adversarial import PGD, Task
-from l2l_adversarial.app.cli import evaluation_attack
 from l2l_adversarial.app.config import load_config
+from l2l_adversarial.app.factory import evaluation_attack
 from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.evaluation import GradientLearner, Scenario, evaluate
 

@@ -3,8 +3,10 @@ on small data (bundled digits, and MiniImageNet caches generated in the exact on
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import torch
 from data_factories import write_mini_imagenet_cache
 
-from l2l_adversarial.app.cli import main
+from l2l_adversarial.app.cli import build_parser, main
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["-o", "model.hidden=8", "-o", "task.query_shots=3", "-o", "train.adaptation_steps=1",
@@ -138,6 +140,40 @@ def test_module_entry_point_prints_help() -> None:
         [sys.executable, "-m", "l2l_adversarial", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+REST_MARKUP = re.compile(r"``|:(func|class|mod|meth|attr|data|exc):|`[^`\n]+`_|\.\. \w+::")
+
+
+def help_texts() -> dict[str, str]:
+    """The ``--help`` of the command and of each subcommand, as printed."""
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = {"l2l-adversarial": parser.format_help()}
+    texts.update({name: sub.format_help() for name, sub in commands.choices.items()})
+    return texts
+
+
+def test_help_is_plain_text_with_every_option_explained_and_the_guide_named() -> None:
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"train", "evaluate", "report", "quickstart", "configs"}
+    for name, text in help_texts().items():
+        assert not REST_MARKUP.search(text), (name, REST_MARKUP.search(text))
+        assert "the documentation: docs/ (mkdocs serve)" in text, name
+        assert re.search(r"\b(getting-started|reproducing|runs)\.md\b", text), name
+        # no sentence cut off: every paragraph of prose ends with a full stop
+        description = text.split("\n\n")[1]
+        assert description.rstrip().endswith("."), (name, description)
+        assert text.rstrip().endswith("(mkdocs serve)."), name
+    for sub in [parser, *commands.choices.values()]:
+        for action in sub._actions:
+            assert action.help and action.help.strip(), (sub.prog, action.dest)
+            assert "\n" not in action.help and not action.help.endswith((",", ";", ":")), (
+                action.help
+            )
+    for choice in commands._choices_actions:  # one line each in the command list
+        assert choice.help and len(choice.help) < 100 and not choice.help.endswith("."), choice
 
 
 def test_train_and_evaluate_several_training_seeds(

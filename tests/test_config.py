@@ -63,6 +63,24 @@ def test_bad_values_are_rejected_naming_the_key(overrides: list[str], message: s
         load_config(None, ["dataset.name=digits", *overrides])
 
 
+@pytest.mark.parametrize("method", ["maml", "maml-ad", "aq", "matching-nets"])
+def test_sequential_meta_update_is_refused_where_it_means_nothing(method: str) -> None:
+    """ADML's two-optimizer update (Algorithm 1, line 11) only: the others were trained with
+    one optimizer while the config said sequential."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            None, ["dataset.name=digits", f"method={method}", "train.meta_update=sequential"]
+        )
+    message = str(refused.value)
+    assert message.startswith("train.meta_update: 'sequential' applies to method adml only; ")
+    assert "Algorithm 1, line 11" in message and f"which {method} does not have" in message
+    assert message.endswith("set train.meta_update=joint or method=adml")
+    config = load_config(
+        None, ["dataset.name=digits", "method=adml", "train.meta_update=sequential"]
+    )
+    assert config["train"]["meta_update"] == "sequential"
+
+
 def test_missing_dataset_root_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dataset.root is required for dataset 'mini-imagenet'"):
         load_config(None, [])

@@ -2,9 +2,8 @@
 
 The reference is each learner's per-task objective on one task (``task_objective`` without
 ops: attack, then adapt, checked against closed forms in test_algorithms.py), averaged over
-the meta-batch by hand. ADML's shared support pass must reproduce the generic path exactly,
-and every engine must give the reference's mean, meta-gradient and training curve to
-floating-point tolerance, with no host-device synchronisation beyond the optimizer's own and
+the meta-batch by hand. Every engine must give the reference's mean, meta-gradient and
+training curve to floating-point tolerance, with no host-device synchronisation beyond the optimizer's own and
 the meta-batch's one value check.
 """
 
@@ -38,6 +37,7 @@ from l2l_adversarial import (
 )
 from l2l_adversarial.algorithms import MetaLearner, SequentialOps
 from l2l_adversarial.app.training import train as train_run
+from l2l_adversarial.runtime import StackedOps
 from l2l_adversarial.validation import value_checks
 
 EPS = 8 / 255
@@ -46,7 +46,7 @@ WAYS = 3
 
 class OwnForward(nn.Module):
     """A model with a forward pass of its own: the vmap engine runs it vmapped, not folded
-    (``l2l_adversarial.stacked.fold_obstacle``)."""
+    (``l2l_adversarial.runtime.layouts.fold_obstacle``)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -113,71 +113,6 @@ def assert_gradients_close(actual: list[Tensor], expected: list[Tensor]) -> None
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12 * scale)
 
 
-# -- the shared support pass ---------------------------------------------------------------
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("steps", [1, 2])
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_shared_support_pass_reproduces_attack_then_adapt(
-    model_name: str, steps: int, first_order: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model, task = make_model(model_name), make_tasks(1)[0]
-
-    def learner(attack: FGSM | PGD) -> ADML:
-        return ADML(
-            model,
-            lr=0.3,
-            clean_lr=0.2,
-            first_order=first_order,
-            adaptation_steps=steps,
-            attack=attack,
-        )
-
-    shared = learner(FGSM(eps=EPS))
-    # PGD with one step of size eps from the clean input is FGSM, through the generic path.
-    generic = learner(PGD(eps=EPS, steps=1, step_size=EPS, random_start=False))
-    assert shared.shares_support_pass and not generic.shares_support_pass
-    generic_ops = SequentialOps(generic)
-    expected = generic.task_objective(task, ops=generic_ops)
-    _, support_adversarial = generic_ops.recorded
-
-    theta = shared.meta_parameters()
-    adversarial, clean_step = shared._fgsm_and_clean_step(theta, *task[:2])
-    assert torch.equal(adversarial, support_adversarial)
-    expected_step = generic.adapt_functional(theta, *task[:2], lr=0.2, steps=1)
-    assert all(torch.equal(clean_step[n], expected_step[n]) for n in theta)
-
-    calls = []
-    original = ADML._fgsm_and_clean_step
-    monkeypatch.setattr(
-        ADML, "_fgsm_and_clean_step", lambda self, *a: calls.append(1) or original(self, *a)
-    )
-    ours = shared.task_objective(task)
-    assert calls == [1]
-    for a, e in zip(ours, expected, strict=True):
-        assert torch.equal(a, e)  # bit for bit
-    # The gradients agree to rounding: the shared graph sums the same terms in another order.
-    assert_gradients_close(meta_gradient(model, ours.total), meta_gradient(model, expected.total))
-    assert shared.meta_loss(*task).item() == expected.total.item()
-
-
-def test_shared_support_pass_is_used_only_where_it_is_exact() -> None:
-    model = make_model("mlp")
-    assert ADML(model, lr=0.1).shares_support_pass  # the default attack: FGSM(2/255)
-    for attack in (
-        FFGSM(eps=EPS),
-        PGD(eps=EPS, steps=1, step_size=EPS, random_start=False),
-        FGSM(eps=0.0),
-        FGSM(eps=EPS, mean=[0.5], std=[0.25]),
-        FGSM(eps=EPS, loss_fn=lambda logits, labels: -logits.gather(1, labels[:, None]).mean()),
-    ):
-        assert not ADML(model, lr=0.1, attack=attack).shares_support_pass, attack
-    with_dropout = nn.Sequential(nn.Flatten(), nn.Linear(256, 8), nn.Dropout(0.5), nn.Linear(8, 3))
-    adml = ADML(with_dropout, lr=0.1)
-    assert not adml.shares_support_pass
-    with_dropout.eval()
-    assert adml.shares_support_pass
-
-
 # -- engines: meta-gradients ---------------------------------------------------------------
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 2])
@@ -213,8 +148,7 @@ def test_random_start_attacks_give_the_same_meta_gradient_in_both_engines(
 ) -> None:
     """Each task's attacks draw from the generator state it had when it left the iterator."""
     attack = attack_class()
-    assert attack.generator is not None and engines.random_start(attack)
-    assert engines.batches_attack(attack)
+    assert attack.generator is not None and attack.draws_random and attack.batchable
     model, tasks = make_model("cnn4"), make_tasks(3)
     learner = LEARNERS[learner_name](model, adaptation_steps=2)
     learner.attack = attack  # type: ignore[union-attr]
@@ -488,7 +422,7 @@ def out_of_memory_above(monkeypatch: pytest.MonkeyPatch, ops: type, tasks: int) 
     score = ops.score
 
     def limited(self: object, sets: list) -> list:
-        if not getattr(self, "batched", False) or sets[0][1].shape[0] > tasks:
+        if not isinstance(self, StackedOps) or sets[0][1].shape[0] > tasks:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return score(self, sets)
 
@@ -510,7 +444,7 @@ def test_a_meta_batch_that_does_not_fit_runs_in_halved_chunks(
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         if fallback:
             with monkeypatch.context() as patch:
-                out_of_memory_above(patch, engines.BatchedOps, 2)
+                out_of_memory_above(patch, StackedOps, 2)
                 with pytest.warns(
                     ResourceWarning, match="4 tasks at once did not fit.*chunks of 2"
                 ):
@@ -539,7 +473,7 @@ def test_out_of_memory_is_raised_where_no_smaller_chunk_exists(
 ) -> None:
     learner = LEARNERS["maml"](make_model("mlp"))
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
-    out_of_memory_above(monkeypatch, engines.BatchedOps, 0)
+    out_of_memory_above(monkeypatch, StackedOps, 0)
     with pytest.warns(ResourceWarning), pytest.raises(torch.OutOfMemoryError):
         engines.meta_step(learner, make_tasks(2), optimizer, engine="vmap")  # 2, then 1
     assert engines.fitting_chunk_size(learner) == 1
@@ -553,7 +487,7 @@ def test_a_resumed_run_batches_as_the_first_one_did(
 ) -> None:
     """The chunk size that fitted is in the checkpoint: the resumed run starts from it (no
     new out-of-memory fallback) and ends bit-identical to the run that was not stopped."""
-    out_of_memory_above(monkeypatch, engines.BatchedOps, 1)
+    out_of_memory_above(monkeypatch, StackedOps, 1)
     cfg = training_config("maml", engine="vmap")
     with pytest.warns(ResourceWarning):
         reference = final_parameters(

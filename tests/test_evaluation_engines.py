@@ -133,7 +133,7 @@ def test_evaluation_syncs_at_most_once_per_task() -> None:
 def test_vmap_evaluator_launches_a_chunks_kernels_once() -> None:
     """Kernel launches (ATen ops that are not views: exact, machine-independent counts) per
     evaluation task fall with the chunk size on the vmap engine, not on the sequential one.
-    The README's meta-testing counts: ``pytest tests/test_evaluation_engines.py -k launches
+    The meta-testing counts of docs/performance.md: ``pytest tests/test_evaluation_engines.py -k launches
     -s`` (issue 11's 5-way 1-shot, 15 queries; one eps, 10 steps, CNN4)."""
     torch.manual_seed(0)
     model = CNN4(ways=5, in_channels=1, hidden=4, image_size=16)
@@ -168,7 +168,7 @@ def test_vmap_engine_refuses_what_it_cannot_batch() -> None:
         0.1,
         1,
     )
-    with pytest.raises(ValueError, match="engine='vmap' adapts gradient-based learners"):
+    with pytest.raises(ValueError, match="engine='vmap' runs gradient-based learners"):
         evaluate(network, tasks, method="Matching Nets", engine="vmap")
     dropout = nn.Sequential(nn.Flatten(), nn.Linear(256, WAYS), nn.Dropout(0.5)).double()
     with pytest.raises(ValueError, match="Dropout"):

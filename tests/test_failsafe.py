@@ -745,7 +745,7 @@ def test_a_signal_during_start_up_ends_with_one_line_and_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from l2l_adversarial.app import cli
+    from l2l_adversarial.app import runs
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -755,7 +755,7 @@ def test_a_signal_during_start_up_ends_with_one_line_and_changes_nothing(
         os.kill(os.getpid(), signum)  # arrives while the data is being loaded
         time.sleep(5)
 
-    monkeypatch.setattr(cli, "task_source", loading)
+    monkeypatch.setattr(runs, "task_source", loading)
     assert main(filled(overwrite(), run)) == 128 + signum
     name = signal.Signals(signum).name
     assert (

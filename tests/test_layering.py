@@ -53,7 +53,7 @@ LOWER_LAYERS = {
     "l2l_adversarial.validation": ["l2l_adversarial.attacks", "l2l_adversarial.algorithms"],
     "l2l_adversarial.attacks": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
     "l2l_adversarial.transforms": ["l2l_adversarial.algorithms", "l2l_adversarial.engines"],
-    "l2l_adversarial.stacked": [
+    "l2l_adversarial.runtime.layouts": [
         "l2l_adversarial.attacks",
         "l2l_adversarial.algorithms",
         "l2l_adversarial.engines",
@@ -118,6 +118,49 @@ def test_the_library_never_imports_the_application() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) > 20  # the library's modules were all imported
+
+
+CONCRETE = {
+    "l2l_adversarial.algorithms": {"ADML", "MAML", "MAMLAD", "AdversarialQuerying", "MatchingNetwork"},
+    "l2l_adversarial.attacks": {"FGSM", "FFGSM", "PGD"},
+    "l2l_adversarial.autoattack": {"AutoAttack"},
+}  # fmt: skip
+"""Concrete learners and attacks: only the application's factory maps names to them."""
+
+
+def imported_names(path: Path) -> set[str]:
+    """``module.name`` for every ``from module import name`` in ``path`` (any depth)."""
+    tree = ast.parse(path.read_text())
+    return {
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "runtime").glob("*.py")), ids=lambda p: p.stem)
+def test_the_runtime_imports_no_concrete_algorithm_or_attack(path: Path) -> None:
+    names = imported_names(path)
+    modules = imports_of(path, {module_name(p) for p in PACKAGE.rglob("*.py")})
+    concrete = sorted(
+        name
+        for name in names
+        for module, classes in CONCRETE.items()
+        if name.startswith(module + ".") and name.rsplit(".", 1)[1] in classes
+    ) + sorted(m for m in modules if m.startswith("l2l_adversarial.algorithms.") and
+               m.rsplit(".", 1)[1] not in ("base", "task_ops"))  # fmt: skip
+    assert not concrete, f"{path.name} imports {concrete}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "algorithms").glob("*.py")), ids=lambda p: p.stem
+)
+def test_algorithms_import_no_runtime(path: Path) -> None:
+    modules = imports_of(path, {module_name(p) for p in PACKAGE.rglob("*.py")})
+    runtime = ("l2l_adversarial.runtime", "l2l_adversarial.engines", "l2l_adversarial.evaluation")
+    pulled = sorted(m for m in modules if m.startswith(runtime))
+    assert not pulled, f"{path.name} imports {pulled}"
 
 
 def module_name(path: Path) -> str:

@@ -11,9 +11,10 @@ from data_factories import SyntheticTasks, write_mini_imagenet_cache
 from test_training import Killed, config, final_parameters, stop_at
 
 from l2l_adversarial.app.checkpoint import load_checkpoint
-from l2l_adversarial.app.cli import evaluate_run, load_trained_learner, main
+from l2l_adversarial.app.cli import main
 from l2l_adversarial.app.config import ConfigError
 from l2l_adversarial.app.meta_validation import BEST_CHECKPOINT, VALIDATION_LOG, MetaValidator
+from l2l_adversarial.app.runs import evaluate_run, load_trained_learner
 from l2l_adversarial.app.training import train
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
 

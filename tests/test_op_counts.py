@@ -47,7 +47,7 @@ def test_batched_meta_iteration_within_its_launch_budget(
 ) -> None:
     """Batched ADML <= 0.5x learn2learn's ATen ops (views included) and kernel launches (ATen
     ops that are not views); MAML, MAML-AD, AQ <= 0.3x both. CNN4 runs folded
-    (``l2l_adversarial.stacked``)."""
+    (``l2l_adversarial.runtime.layouts``)."""
     reference, ours = counts[REFERENCE], counts[f"{method} (meta_step, vmap)"]
     assert ours.ops <= budget * reference.ops, (ours.ops, reference.ops)
     assert ours.launches <= budget * reference.launches, (ours.launches, reference.launches)

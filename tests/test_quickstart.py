@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from l2l_adversarial.app.cli import EPS_RULE_RATIO, choose_epsilon, main
+from l2l_adversarial.app.cli import main
+from l2l_adversarial.app.quickstart import EPS_RULE_RATIO, choose_epsilon
 
 TINY = ["--iterations", "2", "--tasks", "2", "--quiet", "-o", "model.hidden=4",
         "-o", "train.adaptation_steps=1", "-o", "evaluate.adaptation_steps=1",

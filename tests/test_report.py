@@ -35,7 +35,11 @@ from l2l_adversarial.evaluation import (
 )
 
 SHIPPED = (
-    Path(__file__).resolve().parents[1] / "l2l_adversarial" / "resources" / "paper_tables.json"
+    Path(__file__).resolve().parents[1]
+    / "l2l_adversarial"
+    / "app"
+    / "resources"
+    / "paper_tables.json"
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

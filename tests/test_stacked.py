@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial import CNN4, MLP, stacked
+from l2l_adversarial import CNN4, MLP
 from l2l_adversarial.functional import FunctionalModel
+from l2l_adversarial.runtime import layouts as stacked
 
 TASKS, WAYS, SHOTS = 3, 3, 2
 

@@ -9,19 +9,14 @@ Per task, with meta-parameters theta:
 * line 11:   minimise ``L(theta'_adv, D'_c)`` (step beta1) and ``L(theta'_c, D'_adv)`` (step beta2).
 
 Adversarial samples are data: the meta-gradient treats them as constants, as Eq. (1) does.
-
-FGSM on ``D_c`` (line 6) and the first clean step of line 7 both need the gradient of
-``L(theta, D_c)``, one with respect to the support inputs, the other with respect to theta.
-With FGSM, one backward pass gives both (:attr:`ADML.shares_support_pass`); the results are
-identical to two passes. :func:`l2l_adversarial.engines.meta_step` runs a meta-batch, task by
-task or with all tasks and both branches batched by ``torch.func.vmap``.
+The task runtime (:func:`l2l_adversarial.engines.meta_step`) runs a meta-batch of these
+objectives, task by task or batched.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
@@ -32,8 +27,6 @@ from l2l_adversarial.algorithms.base import (
     check_step_size,
 )
 from l2l_adversarial.algorithms.task_ops import TaskOps
-from l2l_adversarial.attacks import FGSM
-from l2l_adversarial.functional import Params
 from l2l_adversarial.task import Task
 from l2l_adversarial.validation import check_choice
 
@@ -82,6 +75,11 @@ class ADML(AdversarialMetaLearner):
         >>> loss.backward(); opt.step()
     """
 
+    two_step_update = (  # line 11 with two optimizers: beta1, then beta2
+        ("adversarial_support_loss", "adversarial_support_accuracy"),
+        ("clean_support_loss", "clean_support_accuracy"),
+    )
+
     def __init__(
         self,
         model: nn.Module,
@@ -97,37 +95,10 @@ class ADML(AdversarialMetaLearner):
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 
-    @property
-    def shares_support_pass(self) -> bool:
-        """Whether FGSM on ``D_c`` and line 7's first clean step come from one backward pass.
-
-        Both are gradients of ``L(theta, D_c)``; one pass gives results identical to two.
-        True for :class:`~l2l_adversarial.attacks.FGSM` with ``eps > 0``, no ``mean``/``std``
-        and this learner's loss, on a model without active dropout (two passes would draw two
-        masks). Other attacks take the generic path: attack, then adapt.
-        """
-        attack = self.attack
-        return (
-            type(attack) is FGSM
-            and attack.eps > 0
-            and attack.mean is None
-            and attack.loss_fn is self.functional.loss_fn
-            and not any(
-                isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training
-                for layer in self.functional.module.modules()
-            )
-        )
-
     def task_objective(
         self, task: Task, steps: int | None = None, ops: TaskOps | None = None
     ) -> ADMLObjective:
         """Lines 5-11 of Algorithm 1 for one task, differentiable in theta.
-
-        Lines 5-6 and 8-9: ``D_adv`` and ``D'_adv`` against theta (with
-        ``attack_target="adapted"``, ``D'_adv`` against theta'_c); line 7: both inner loops;
-        line 11: ``L(theta'_adv, D'_c)`` and ``L(theta'_c, D'_adv)``. On one task with FGSM
-        (:attr:`shares_support_pass`) line 6 and the first clean step of line 7 come from one
-        backward pass; the result is identical.
 
         Example:
             >>> import torch, l2l_adversarial as l2la
@@ -137,38 +108,24 @@ class ADML(AdversarialMetaLearner):
             >>> adml.task_objective(task).total.backward()
         """
         task, steps, ops = self._prepare(task, steps, ops)
-        theta = ops.theta
         support, labels = task.support_inputs, task.support_labels
-        query = (task.query_inputs, task.query_labels, True)
-        initial = self.attack_target == "initial"
-        if not ops.batched and not ops.replaying and self.shares_support_pass:
-            (query_adversarial,) = ops.perturb(theta, [query]) if initial else (None,)
-            support_adversarial, clean_step = self._fgsm_and_clean_step(theta, support, labels)
-            ops.record(support_adversarial)
-            (theta_adv,) = ops.adapt(theta, [(support_adversarial, labels, self.lr)], steps)
-            (theta_c,) = ops.adapt(clean_step, [(support, labels, self.clean_lr)], steps - 1)
-        else:
-            if initial:
-                query_adversarial, support_adversarial = ops.perturb(
-                    theta, [query, (support, labels, False)]
-                )
-            else:
-                query_adversarial, (support_adversarial,) = (
-                    None,
-                    ops.perturb(theta, [(support, labels, False)]),
-                )
-            theta_adv, theta_c = ops.adapt(
-                theta,
-                [(support_adversarial, labels, self.lr), (support, labels, self.clean_lr)],
-                steps,
+        query, query_labels = task.query_inputs, task.query_labels
+        # lines 5-6 and 8-9: D_adv and D'_adv against theta (D'_adv after line 7 if "adapted")
+        if self.attack_target == "initial":
+            query_adversarial, support_adversarial = ops.perturb(
+                [(query, query_labels, True), (support, labels, False)]
             )
-        if query_adversarial is None:
-            (query_adversarial,) = ops.perturb(theta_c, [query])
+        else:
+            (support_adversarial,) = ops.perturb([(support, labels, False)])
+        # line 7: theta'_adv from D_adv (step alpha1), theta'_c from D_c (step alpha2)
+        theta_adv, theta_c = ops.adapt(
+            [(support_adversarial, labels, self.lr), (support, labels, self.clean_lr)], steps
+        )
+        if self.attack_target == "adapted":
+            (query_adversarial,) = ops.perturb([(query, query_labels, True)], against=theta_c)
+        # line 11: L(theta'_adv, D'_c) + L(theta'_c, D'_adv)
         adversarial_branch, clean_branch = ops.score(
-            [
-                (theta_adv, task.query_inputs, task.query_labels),
-                (theta_c, query_adversarial, task.query_labels),
-            ]
+            [(theta_adv, query, query_labels), (theta_c, query_adversarial, query_labels)]
         )
         return ADMLObjective(
             adversarial_branch.loss,
@@ -176,32 +133,3 @@ class ADML(AdversarialMetaLearner):
             adversarial_branch.accuracy,
             clean_branch.accuracy,
         )
-
-    def _fgsm_and_clean_step(
-        self, theta: Params, inputs: Tensor, labels: Tensor
-    ) -> tuple[Tensor, Params]:
-        """FGSM on ``D_c`` against theta (line 6) and ``theta - alpha2 grad L(theta, D_c)``
-        (line 7's first clean step), both from one backward pass of ``L(theta, D_c)``.
-
-        The clean step's graph then also depends on the support inputs, so the meta-gradient's
-        backward pass runs through them too: that gives back part of the pass saved."""
-        attack = self.attack
-        attack.check_range(inputs)  # the check the attack makes itself
-        with torch.enable_grad():
-            pixels = inputs.detach().requires_grad_(True)
-            loss = self.functional.loss_fn(self.functional(theta, pixels), labels)
-            *gradients, input_gradient = torch.autograd.grad(
-                loss,
-                [*theta.values(), pixels],
-                create_graph=not self.first_order,
-                allow_unused=True,
-            )
-        # FGSM.perturb_pixels with the gradient already at hand
-        adversarial = (pixels.detach() + attack.eps * input_gradient.detach().sign()).clamp(
-            *attack.data_range
-        )
-        clean_first_step = {
-            name: p if g is None else p - self.clean_lr * g
-            for (name, p), g in zip(theta.items(), gradients, strict=True)
-        }
-        return adversarial, clean_first_step

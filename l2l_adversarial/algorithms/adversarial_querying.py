@@ -55,9 +55,10 @@ class AdversarialQuerying(AdversarialMetaLearner):
     ) -> TaskObjective:
         """``L(theta', D'_adv)`` for one task, theta' adapted on the clean support set."""
         task, steps, ops = self._prepare(task, steps, ops)
-        theta = ops.theta
-        (adapted,) = ops.adapt(theta, [(task.support_inputs, task.support_labels, self.lr)], steps)
-        attacked = adapted if self.attack_target == "adapted" else theta
-        (query_adversarial,) = ops.perturb(attacked, [(task.query_inputs, task.query_labels, True)])
+        (adapted,) = ops.adapt([(task.support_inputs, task.support_labels, self.lr)], steps)
+        attacked = adapted if self.attack_target == "adapted" else None  # None: theta
+        (query_adversarial,) = ops.perturb(
+            [(task.query_inputs, task.query_labels, True)], against=attacked
+        )
         (objective,) = ops.score([(adapted, query_adversarial, task.query_labels)])
         return objective

@@ -70,8 +70,8 @@ class MetaLearner(MAML):
     ``clone()`` and ``adapt()`` behave exactly as in learn2learn, so an unchanged MAML loop
     still runs. Subclasses define :meth:`task_objective`, the meta-objective of one task in
     terms of :class:`~l2l_adversarial.algorithms.task_ops.TaskOps`; ``meta_loss`` and
-    ``loss_and_accuracy`` call it, and :func:`l2l_adversarial.engines.meta_step` runs it over
-    a meta-batch, task by task or batched.
+    ``loss_and_accuracy`` call it, and the task runtime (:func:`l2l_adversarial.engines.meta_step`)
+    runs it over a meta-batch, task by task or batched.
 
     Args:
         model: the network; any ``nn.Module`` with trainable parameters.
@@ -116,7 +116,7 @@ class MetaLearner(MAML):
         """The meta-objective of one task (differentiable in theta) and its query accuracy.
 
         Called without ``ops`` it checks ``task`` and runs on it alone (:class:`SequentialOps`);
-        the engines pass their own ops, on one task or a stack of tasks.
+        the task runtime passes its own ops, on one task or a stack of tasks.
         """
         raise NotImplementedError
 
@@ -155,15 +155,15 @@ class MetaLearner(MAML):
         task = Task(support_inputs, support_labels, query_inputs, query_labels)
         return self.task_objective(task, steps).total
 
+    attack: Attack | None = None
+    """The attack of the adversarial learners (``None``: a clean learner)."""
+
+    two_step_update: tuple[tuple[str, str], tuple[str, str]] | None = None
+    """``((loss, accuracy), (loss, accuracy))`` field names of the objective for an update in
+    two optimizer steps, one per loss (ADML's line 11); ``None``: one step on ``total``."""
+
     def resolve_steps(self, steps: int | None) -> int:
         return self.adaptation_steps if steps is None else check_steps("steps", steps)
-
-    def adapt_functional(
-        self, params: Params, inputs: Tensor, labels: Tensor, lr: float, steps: int
-    ) -> Params:
-        """Fast weights after ``steps`` inner steps from ``params`` (second-order unless
-        first_order)."""
-        return self.functional.adapt(params, inputs, labels, lr, steps, self.first_order)
 
 
 class AdversarialMetaLearner(MetaLearner):
@@ -191,16 +191,6 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
-
-    def perturb(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
-        """Adversarial copies of ``inputs`` against the model at ``params`` (constants for
-        autograd)."""
-        return self.attack(self.functional.at(params), inputs, labels)
-
-    def perturb_query(self, params: Params, inputs: Tensor, labels: Tensor) -> Tensor:
-        """:meth:`perturb` on a query set, in the query passes' memory format."""
-        with self.functional.query_pass():
-            return self.perturb(params, self.functional.query_layout(inputs), labels)
 
     # -- name-only swap detection: learn2learn's clone()/adapt() in a training loop ---------
     def clone(

@@ -23,8 +23,6 @@ class MAML(MetaLearner):
     ) -> TaskObjective:
         """The MAML objective of one task, differentiable in theta."""
         task, steps, ops = self._prepare(task, steps, ops)
-        (adapted,) = ops.adapt(
-            ops.theta, [(task.support_inputs, task.support_labels, self.lr)], steps
-        )
+        (adapted,) = ops.adapt([(task.support_inputs, task.support_labels, self.lr)], steps)
         (objective,) = ops.score([(adapted, task.query_inputs, task.query_labels)])
         return objective

@@ -60,15 +60,15 @@ class MAMLAD(AdversarialMetaLearner):
         then the same whatever the fraction (and equals the evaluation transform's).
         """
         task, steps, ops = self._prepare(task, steps, ops)
-        theta, fraction = ops.theta, self.adversarial_fraction
+        fraction = self.adversarial_fraction
         support = task.support_inputs, task.support_labels
         query = task.query_inputs, task.query_labels
         if fraction > 0:
             support_adversarial, query_adversarial = ops.perturb(
-                theta, [(*support, False), (*query, True)]
+                [(*support, False), (*query, True)]
             )
             support = ops.append_rows(*support, support_adversarial, fraction)
             query = ops.append_rows(*query, query_adversarial, fraction)
-        (adapted,) = ops.adapt(theta, [(*support, self.lr)], steps)
+        (adapted,) = ops.adapt([(*support, self.lr)], steps)
         (objective,) = ops.score([(adapted, *query)])
         return objective

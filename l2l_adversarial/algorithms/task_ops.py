@@ -2,21 +2,30 @@
 
 Every gradient-based learner states its meta-objective once, in
 :meth:`~l2l_adversarial.algorithms.base.MetaLearner.task_objective`, as a short program over
-four operations on the task's sets: adapt parameters on sets, attack sets, score parameters on
-sets, append adversarial rows to a set. :class:`SequentialOps` runs them on one task (the
-reference, with ``torch.autograd``); :class:`l2l_adversarial.engines.BatchedOps` runs the same
-program on a stack of tasks at once (``torch.func.vmap``), so one definition serves both
-engines.
+operations on the task's sets: adapt parameters on sets, attack sets, score parameters on
+sets, append adversarial rows to a set. Parameters are the meta-parameters theta where they
+are ``None`` (the start of every inner loop, the model every "initial" attack targets), or
+what :meth:`TaskOps.adapt` returned. :class:`SequentialOps` runs the operations on one task
+(the reference, with ``torch.autograd``); the task runtime (:mod:`l2l_adversarial.runtime`)
+runs the same program task after task or on a stack of tasks at once, so one definition
+serves every engine.
 
-Attacks against theta are recorded; an ops object made with ``replay=`` returns those
-samples again instead of attacking (Algorithm 1's second update reuses the adversarial samples
-made before the first).
+Example:
+    >>> import torch, l2l_adversarial as l2la
+    >>> maml = l2la.MAML(torch.nn.Linear(4, 2), lr=0.1)
+    >>> ops = SequentialOps(maml)
+    >>> x, y = torch.rand(4, 4), torch.tensor([0, 1, 0, 1])
+    >>> (fast,) = ops.adapt([(x, y, maml.lr)], steps=2)
+    >>> (objective,) = ops.score([(fast, x, y)])
+    >>> objective.loss.shape
+    torch.Size([])
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -26,12 +35,15 @@ from l2l_adversarial.functional import Params
 from l2l_adversarial.task import per_class_prefix
 
 if TYPE_CHECKING:
-    from l2l_adversarial.algorithms.base import AdversarialMetaLearner, MetaLearner
+    from l2l_adversarial.attacks import Attack
+    from l2l_adversarial.functional import FunctionalModel
 
 __all__ = [
     "AdaptSet",
     "AttackSet",
     "Objective",
+    "OpsLearner",
+    "RandomStarts",
     "ScoreSet",
     "SequentialOps",
     "TaskObjective",
@@ -42,8 +54,8 @@ AdaptSet = tuple[Tensor, Tensor, float]
 """``(inputs, labels, step size)``: one inner loop."""
 AttackSet = tuple[Tensor, Tensor, bool]
 """``(inputs, labels, is_query)``: one set to attack (query sets in the query memory format)."""
-ScoreSet = tuple[Params, Tensor, Tensor]
-"""``(params, inputs, labels)``: one query loss."""
+ScoreSet = tuple["Params | None", Tensor, Tensor]
+"""``(params, inputs, labels)``: one query loss (``params`` ``None``: theta)."""
 
 
 class Objective(Protocol):
@@ -75,42 +87,97 @@ class TaskObjective(NamedTuple):
         return self.loss
 
 
+class RandomStarts(Protocol):
+    """Where a task's random attack starts come from: ``generator(task, stream)`` is a context
+    in which the attack draws from the returned generator (``None``: the attack's own)."""
+
+    def generator(
+        self, task: int, stream: tuple[int, ...]
+    ) -> AbstractContextManager[torch.Generator | None]: ...
+
+
+class OpsLearner(Protocol):
+    """What the operations need of a learner: its model, attack and first-order setting."""
+
+    functional: FunctionalModel
+    first_order: bool
+    attack: Attack | None
+
+    def meta_parameters(self) -> Params:
+        """theta, by name."""
+        ...
+
+
+class _AttacksOwn:
+    """Random starts from the attack's own generator, as it stands."""
+
+    @contextmanager
+    def generator(self, task: int, stream: tuple[int, ...]) -> Iterator[None]:
+        yield None
+
+
 class TaskOps(ABC):
-    """The operations of a per-task objective; ``theta`` is the learner's meta-parameters."""
+    """The operations of a per-task objective, for ``learner`` (its model, loss, attack and
+    first-order setting).
 
-    batched: bool = False
+    Attacks on theta are kept in :attr:`recorded`; made with ``replay=`` (an earlier pass's
+    :attr:`recorded`), the ops return those samples again instead of attacking theta:
+    Algorithm 1's second update reuses the adversarial samples made before the first.
+    Random starts come from ``starts`` (default: the attack's own generator), task
+    ``first_task`` being the first (or only) task the ops run.
+    """
 
-    def __init__(self, learner: MetaLearner, replay: Sequence[Tensor] | None = None) -> None:
-        self.learner = learner
-        self.theta: Params = learner.meta_parameters()
+    def __init__(
+        self,
+        learner: OpsLearner,
+        replay: Sequence[Tensor] | None = None,
+        starts: RandomStarts | None = None,
+        first_task: int = 0,
+    ) -> None:
+        self.learner, self.first_task = learner, first_task
         self.recorded: list[Tensor] = []
         self._replay = None if replay is None else list(replay)
+        self.starts: RandomStarts = _AttacksOwn() if starts is None else starts
 
-    @property
-    def replaying(self) -> bool:
-        """Whether attacks against theta return recorded samples."""
-        return self._replay is not None
-
-    def perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]:
-        """Adversarial copies of the sets' inputs against the model at ``params``."""
-        if params is self.theta and self._replay is not None:
+    def perturb(
+        self,
+        sets: Sequence[AttackSet],
+        against: Params | None = None,
+        attack: Attack | None = None,
+        stream: tuple[int, ...] = (),
+    ) -> list[Tensor]:
+        """Adversarial copies of the sets' inputs against the model at ``against`` (theta if
+        ``None``) with ``attack`` (the learner's if ``None``), random starts from ``stream``."""
+        if against is None and self._replay is not None:
             replayed, self._replay = self._replay[: len(sets)], self._replay[len(sets) :]
             return replayed
-        adversarial = self._perturb(params, sets)
-        if params is self.theta:
+        attack = self.learner.attack if attack is None else attack
+        if attack is None:
+            raise ValueError(f"{type(self.learner).__name__} has no attack: pass attack=")
+        adversarial = self._perturb(sets, against, attack, stream)
+        if against is None:
             self.recorded += adversarial
         return adversarial
 
-    def record(self, adversarial: Tensor) -> None:
-        """Record an attack on theta made outside :meth:`perturb` (ADML's shared pass)."""
-        self.recorded.append(adversarial)
+    @abstractmethod
+    def _perturb(
+        self,
+        sets: Sequence[AttackSet],
+        against: Params | None,
+        attack: Attack,
+        stream: tuple[int, ...],
+    ) -> list[Tensor]: ...
 
     @abstractmethod
-    def _perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]: ...
-
-    @abstractmethod
-    def adapt(self, params: Params, sets: Sequence[AdaptSet], steps: int) -> list[Params]:
-        """Fast weights after ``steps`` inner steps from ``params`` on each set."""
+    def adapt(
+        self,
+        sets: Sequence[AdaptSet],
+        steps: int,
+        start: Params | None = None,
+        trajectory: bool = False,
+    ) -> list[Params]:
+        """Fast weights after ``steps`` inner steps on each set from ``start`` (theta if
+        ``None``); with ``trajectory``, those after every step of the one set."""
 
     @abstractmethod
     def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
@@ -126,24 +193,49 @@ class TaskOps(ABC):
 class SequentialOps(TaskOps):
     """The operations on one task, with ``torch.autograd``: the reference engine."""
 
-    learner: AdversarialMetaLearner
+    def _params(self, params: Params | None) -> Params:
+        return self.learner.meta_parameters() if params is None else params
 
-    def _perturb(self, params: Params, sets: Sequence[AttackSet]) -> list[Tensor]:
-        learner = self.learner
-        return [
-            (learner.perturb_query if query else learner.perturb)(params, inputs, labels)
-            for inputs, labels, query in sets
-        ]
+    def _perturb(
+        self,
+        sets: Sequence[AttackSet],
+        against: Params | None,
+        attack: Attack,
+        stream: tuple[int, ...],
+    ) -> list[Tensor]:
+        functional, params = self.learner.functional, self._params(against)
+        adversarial = []
+        for inputs, labels, query in sets:
+            with self.starts.generator(self.first_task, stream) as generator:
+                drawing = attack if generator is None else attack.drawing_from(generator)
+                if not query:
+                    adversarial.append(drawing(functional.at(params), inputs, labels))
+                    continue
+                with functional.query_pass():
+                    x = functional.query_layout(inputs)
+                    adversarial.append(drawing(functional.at(params), x, labels))
+        return adversarial
 
-    def adapt(self, params: Params, sets: Sequence[AdaptSet], steps: int) -> list[Params]:
-        return [
-            self.learner.adapt_functional(params, inputs, labels, lr, steps)
-            for inputs, labels, lr in sets
-        ]
+    def adapt(
+        self,
+        sets: Sequence[AdaptSet],
+        steps: int,
+        start: Params | None = None,
+        trajectory: bool = False,
+    ) -> list[Params]:
+        functional, params = self.learner.functional, self._params(start)
+        first_order = self.learner.first_order
+        if trajectory:
+            ((inputs, labels, lr),) = sets
+            return functional.trajectory(params, inputs, labels, lr, steps, first_order)
+        return [functional.adapt(params, x, y, lr, steps, first_order) for x, y, lr in sets]
 
     def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
         query_loss = self.learner.functional.query_loss
-        return [TaskObjective(*query_loss(p, inputs, labels)) for p, inputs, labels in sets]
+        return [
+            TaskObjective(*query_loss(self._params(p), inputs, labels))
+            for p, inputs, labels in sets
+        ]
 
     def append_rows(
         self, inputs: Tensor, labels: Tensor, adversarial: Tensor, fraction: float

@@ -57,6 +57,9 @@ _DATASET_OPTIONS = {
     "split_ratio": None,
     "split_seed": 0,
 }
+TWO_OPTIMIZER_METHODS = ("adml",)
+"""Methods with two meta-updates, ``train.meta_update: sequential`` (ADML's Algorithm 1,
+line 11: beta1, then beta2); the others have one meta-objective and one optimizer."""
 
 
 class ConfigError(UserError, ValueError):
@@ -202,7 +205,8 @@ SCHEMA: dict[str, Any] = {
             # workspace, for an exact resume (l2l_adversarial.app.reproducibility)
             "deterministic": {"type": "boolean", "default": True},
             # how a meta-iteration runs (l2l_adversarial.engines): auto = sequential until a
-            # GPU measurement says otherwise; vmap batches the tasks (gradient methods only)
+            # GPU measurement says otherwise; vmap (experimental) batches the tasks (gradient
+            # methods only)
             "engine": {
                 "type": "string",
                 "allowed": ["auto", "sequential", "vmap"],
@@ -232,7 +236,7 @@ SCHEMA: dict[str, Any] = {
             # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
             "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "seed": _integer(min=0, default=2018),
-            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap
+            # how test tasks run (l2l_adversarial.evaluation): auto = sequential; vmap (experimental)
             # adapts and scores chunk_size tasks at once (gradient methods only)
             "engine": {
                 "type": "string",
@@ -296,11 +300,8 @@ def validate_config(
         raise ConfigError(f"invalid configuration ({count}); fix the keys below:\n{listed}")
     config: dict[str, Any] = validator.document
     _check_dataset_root(config["dataset"])
-    if config["method"] == "matching-nets" and config["train"]["meta_update"] == "sequential":
-        raise ConfigError(
-            "train.meta_update: 'sequential' applies to method adml only; "
-            "set train.meta_update=joint or method=adml"
-        )
+    if config["train"]["meta_update"] == "sequential":
+        _check_sequential_update(config["method"])
     for section in ("train", "evaluate"):
         if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
             raise ConfigError(
@@ -308,6 +309,16 @@ def validate_config(
                 "matching-nets; use auto or sequential"
             )
     return config
+
+
+def _check_sequential_update(method: str) -> None:
+    if method not in TWO_OPTIMIZER_METHODS:
+        raise ConfigError(
+            "train.meta_update: 'sequential' applies to method adml only; it is ADML's "
+            "two-optimizer update (Algorithm 1, line 11: a beta1 step on the adversarially "
+            "adapted branch, then a beta2 step on the clean one), which "
+            f"{method} does not have; set train.meta_update=joint or method=adml"
+        )
 
 
 def _source_of(key: str, sources: Mapping[str, str]) -> str:

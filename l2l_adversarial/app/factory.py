@@ -22,7 +22,7 @@ from torch import nn
 
 from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
 from l2l_adversarial.app.config import METHODS
-from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
+from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.data import DATASET_INFO, make_tasks
 from l2l_adversarial.distributed import cuda_device
@@ -72,7 +72,7 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     loaded, and training's divergence guard stops a non-finite loss with the setting to
     change, where a diverged inner loop would make the attack raise instead.
     """
-    eps = eps_255 / 255
+    eps = pixel_levels(eps_255)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     if name == "fgsm":
         return FGSM(eps=eps, check_values=False)
@@ -135,7 +135,7 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
     if settings["attack"] == "pgd":
         step = settings["pgd_step_size"]
         return functools.partial(
-            PGD, steps=settings["pgd_steps"], step_size=None if step is None else step / 255
+            PGD, steps=settings["pgd_steps"], step_size=None if step is None else pixel_levels(step)
         )
     return AutoAttack if settings["attack"] == "autoattack" else FGSM
 

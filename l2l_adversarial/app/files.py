@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["append_csv_row", "atomic_open", "default_file_mode", "write_atomic"]
+__all__ = [
+    "append_csv_row",
+    "atomic_open",
+    "default_file_mode",
+    "drop_csv_rows_after",
+    "write_atomic",
+]
 
 
 def default_file_mode() -> int:
@@ -76,3 +83,21 @@ def append_csv_row(path: Path, fieldnames: Sequence[str], row: Mapping[str, Any]
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def drop_csv_rows_after(path: Path, fieldnames: Sequence[str], iteration: int) -> None:
+    """Keep only the rows of the CSV log at ``path`` whose ``iteration`` is at most
+    ``iteration`` (a resumed checkpoint's: the run logs the later ones again), rewriting it
+    atomically if any is dropped; a missing log stays missing."""
+    if not path.exists():
+        return
+    with path.open(newline="") as file:
+        logged = list(csv.DictReader(file))
+    rows = [row for row in logged if int(row["iteration"]) <= iteration]
+    if len(rows) == len(logged):
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())

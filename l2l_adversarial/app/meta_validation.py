@@ -26,8 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,16 +33,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from l2l_adversarial.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2l_adversarial.app.config import ConfigError
-from l2l_adversarial.app.files import append_csv_row, atomic_open
+from l2l_adversarial.app.config import BUNDLED_DATASETS, ConfigError
+from l2l_adversarial.app.factory import task_source
+from l2l_adversarial.app.files import append_csv_row, drop_csv_rows_after
 from l2l_adversarial.attacks import FGSM
+from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
 from l2l_adversarial.task import Task
 
 if TYPE_CHECKING:
     from l2l_adversarial.app.training import Trainer
 
-__all__ = ["BEST_CHECKPOINT", "VALIDATION_FIELDS", "VALIDATION_LOG", "MetaValidator"]
+__all__ = [
+    "BEST_CHECKPOINT",
+    "VALIDATION_FIELDS",
+    "VALIDATION_LOG",
+    "MetaValidator",
+    "validation_monitor",
+]
 
 BEST_CHECKPOINT = "best.pt"
 VALIDATION_LOG = "validation.csv"
@@ -102,11 +108,7 @@ class MetaValidator:
         self.best_score = float("-inf")
         if trainer.rank != 0:
             return
-        log = trainer.run_dir / VALIDATION_LOG
-        if log.exists():
-            with log.open(newline="") as file:
-                rows = [r for r in csv.DictReader(file) if int(r["iteration"]) <= trainer.iteration]
-            _write_rows(log, rows)
+        drop_csv_rows_after(trainer.run_dir / VALIDATION_LOG, VALIDATION_FIELDS, trainer.iteration)
         best = trainer.run_dir / BEST_CHECKPOINT
         if trainer.iteration > 0 and best.exists():
             try:
@@ -192,13 +194,26 @@ class MetaValidator:
         return rows
 
 
-def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=VALIDATION_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_open(path) as file:
-        file.write(buffer.getvalue().encode("utf-8"))
+def validation_monitor(
+    config: dict[str, Any], epsilons: Sequence[float] = ()
+) -> MetaValidator | None:
+    """Meta-validation (and TensorBoard) for a run, on ``train.validation_tasks`` seeded tasks
+    of the validation split (of the meta-training split for digits, which has none); ``None``
+    when the config asks for neither."""
+    train = config["train"]
+    if train["validate_every"] is None and not train["tensorboard"]:
+        return None
+    split = "train" if config["dataset"]["name"] in BUNDLED_DATASETS else "validation"
+    try:
+        tasks = task_source(
+            config, split, seed=config["evaluate"]["seed"], num_tasks=train["validation_tasks"]
+        )
+    except (DatasetFileError, FileNotFoundError) as error:  # a missing split file
+        raise DatasetFileError(
+            f"{error}\nmeta-validation (train.validate_every) reads the {split} split: add its "
+            "file, or train without it: -o train.validate_every=null"
+        ) from error
+    return MetaValidator(config, tasks, split=split, epsilons=epsilons)
 
 
 def _summary_writer_class() -> Any:

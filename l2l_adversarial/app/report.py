@@ -17,14 +17,16 @@ import csv
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import os
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -32,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from l2l_adversarial.app.files import write_atomic
+from l2l_adversarial.app.run_folder import reader_lock
 from l2l_adversarial.app.seeds import SeedSummary, compare_all, runs_by_method, summarise
 from l2l_adversarial.errors import UserError
 from l2l_adversarial.evaluation import EvaluationResult, Scenario
@@ -84,6 +87,7 @@ __all__ = [
     "plot_robustness",
     "plot_training",
     "refuse_overwrite",
+    "report_results",
     "save_results",
     "table_json",
     "table_number",
@@ -214,39 +218,7 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
     ways = ways_found.pop() if len(ways_found) == 1 else None
     display = reference_entries[0]["dataset"] if reference_entries else dataset
     epsilons = _epsilons(results)
-    entries = []
-    for method in methods:
-        for support in _supports(shots):
-            for epsilon in epsilons:
-                for query in ("clean", "adversarial"):
-                    found = next(
-                        (
-                            v
-                            for (m, s, e, q), v in ours.items()
-                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
-                        ),
-                        None,
-                    )
-                    reference = next(
-                        (
-                            v
-                            for (m, s, e, q), v in paper.items()
-                            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
-                        ),
-                        None,
-                    )
-                    entries.append(
-                        {
-                            "method": method,
-                            "support": support,
-                            "epsilon": epsilon,
-                            "query": query,
-                            "ours": _ours(found),
-                            "paper": None
-                            if reference is None
-                            else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
-                        }
-                    )
+    entries = _table_entries(ours, paper, methods, _supports(shots), epsilons)
     prefix = f"Table {number}. " if number is not None else ""
     return {
         "table": number,
@@ -256,22 +228,68 @@ def table_json(results: Sequence[EvaluationResult], dataset: str, shots: int) ->
         "ways": ways,
         "shots": shots,
         "epsilons": epsilons,
-        "methods": [
-            {
-                "method": r.method,
-                "num_tasks": r.num_tasks,
-                "protocol": r.protocol,
-                "attacks": r.attacks,
-                "learner": r.learner,
-                "seed": r.seed,
-                "training_seed": r.training_seed,
-            }
-            for r in results
-        ],
+        "methods": [_method_json(r) for r in results],
         "entries": entries,
         "comparisons": [dataclasses.asdict(c) for c in compare_all(results)]
         if several_seeds
         else [],
+    }
+
+
+_Cell = TypeVar("_Cell")
+
+
+def _find(
+    cells: Mapping[tuple[str, str, float, str], _Cell],
+    method: str,
+    support: str,
+    epsilon: float,
+    query: str,
+) -> _Cell | None:
+    """The cell of ``method``, ``support`` and ``query`` at the radius close to ``epsilon``."""
+    return next(
+        (
+            value
+            for (m, s, e, q), value in cells.items()
+            if (m, s, q) == (method, support, query) and math.isclose(e, epsilon)
+        ),
+        None,
+    )
+
+
+def _table_entries(
+    ours: Mapping[tuple[str, str, float, str], SeedSummary],
+    paper: Mapping[tuple[str, str, float, str], dict[str, Any]],
+    methods: Sequence[str],
+    supports: Sequence[str],
+    epsilons: Sequence[float],
+) -> list[dict[str, Any]]:
+    """One entry per method, support, radius and query: ours and the paper's (or ``None``)."""
+    entries = []
+    for key in itertools.product(methods, supports, epsilons, ("clean", "adversarial")):
+        reference = _find(paper, *key)
+        entries.append(
+            {
+                **dict(zip(("method", "support", "epsilon", "query"), key, strict=True)),
+                "ours": _ours(_find(ours, *key)),
+                "paper": None
+                if reference is None
+                else {"accuracy": reference["accuracy"], "ci95": reference["ci95"]},
+            }
+        )
+    return entries
+
+
+def _method_json(result: EvaluationResult) -> dict[str, Any]:
+    """How a method's result was measured, for the table's notes."""
+    return {
+        "method": result.method,
+        "num_tasks": result.num_tasks,
+        "protocol": result.protocol,
+        "attacks": result.attacks,
+        "learner": result.learner,
+        "seed": result.seed,
+        "training_seed": result.training_seed,
     }
 
 
@@ -460,53 +478,27 @@ def plot_robustness(
     mark: float | None = None,
 ) -> Path:
     """Accuracy against the attack radius, one line per method (95% CI bars; with several
-    training seeds, their mean and sd bars), one panel per scenario (support set x query set). eps = 0 is drawn from Clean-Clean (no perturbation:
-    every scenario is Clean-Clean there). ``mark`` draws a vertical line at one radius (the
-    table's). Writes a PNG to ``path``.
+    training seeds, their mean and sd bars), one panel per scenario (support set x query
+    set). eps = 0 is drawn from Clean-Clean (no perturbation: every scenario is Clean-Clean
+    there). ``mark`` draws a vertical line at one radius (the table's). Writes a PNG to
+    ``path``.
 
     Example:
         >>> plot_robustness(results, "robustness_eps.png")  # doctest: +SKIP
     """
     if not results:
         raise ValueError("results is empty: nothing to plot")
-    shots = results[0].shots
-    supports = _supports(shots)
+    supports = _supports(results[0].shots)
     figure = Figure(figsize=(4.2 * len(supports), 7.5), layout="constrained")
     axes = figure.subplots(2, len(supports), sharex=True, sharey=True, squeeze=False)
     radii: set[float] = {0.0}
     by_method: dict[str, list[SeedSummary]] = {}
     for summary in summarise(results):
         by_method.setdefault(summary.method, []).append(summary)
-
-    def points_bar(summary: SeedSummary) -> float:
-        return summary.task_ci95 if len(summary.per_seed) == 1 else summary.std
-
     for row, query in enumerate(("clean", "adversarial")):
         for column, support in enumerate(supports):
             axis = axes[row][column]
-            for method, summaries in by_method.items():
-                # one run: 95% CI of the test tasks; several: sd across training seeds
-                points = {
-                    s.epsilon: (s.mean, points_bar(s))
-                    for s in summaries
-                    if (s.support, s.query) == (support, query)
-                }
-                clean = next(
-                    (s for s in summaries if (s.support, s.query) == ("clean", "clean")), None
-                )
-                if not points:
-                    continue
-                if 0.0 not in points and clean is not None:
-                    points[0.0] = (clean.mean, points_bar(clean))
-                xs = sorted(points)
-                radii.update(xs)
-                seeds = len(summaries[0].per_seed)
-                axis.errorbar(
-                    xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
-                    marker="o", markersize=4, capsize=3,
-                    label=method if seeds == 1 else f"{method} (mean ± sd, {seeds} seeds)",
-                    color=method_color(method),
-                )  # fmt: skip
+            radii.update(_draw_robustness(axis, by_method, support, query))
             if mark is not None:
                 axis.axvline(mark, color="black", linestyle=":", linewidth=1)
             axis.set_title(f"{support.capitalize()} support, {query} query")
@@ -521,17 +513,62 @@ def plot_robustness(
         axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
     handles, labels = axes[1][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    figure.suptitle(title or _robustness_title(results, mark))
+    return _save_png(figure, path)
+
+
+def _error_bar(summary: SeedSummary) -> float:
+    """One run: the 95% CI of the test tasks; several: the sd across training seeds."""
+    return summary.task_ci95 if len(summary.per_seed) == 1 else summary.std
+
+
+def _robustness_points(
+    summaries: Sequence[SeedSummary], support: str, query: str
+) -> dict[float, tuple[float, float]]:
+    """A method's ``{radius: (accuracy, error bar)}`` in one scenario, radius 0 from its
+    Clean-Clean accuracy (empty if the method was not evaluated in that scenario)."""
+    points = {
+        s.epsilon: (s.mean, _error_bar(s))
+        for s in summaries
+        if (s.support, s.query) == (support, query)
+    }
+    clean = next((s for s in summaries if (s.support, s.query) == ("clean", "clean")), None)
+    if points and 0.0 not in points and clean is not None:
+        points[0.0] = (clean.mean, _error_bar(clean))
+    return points
+
+
+def _draw_robustness(
+    axis: Any, by_method: Mapping[str, Sequence[SeedSummary]], support: str, query: str
+) -> set[float]:
+    """One panel's lines, one per method; returns the radii drawn."""
+    radii: set[float] = set()
+    for method, summaries in by_method.items():
+        points = _robustness_points(summaries, support, query)
+        if not points:
+            continue
+        xs = sorted(points)
+        radii.update(xs)
+        seeds = len(summaries[0].per_seed)
+        axis.errorbar(
+            xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs],
+            marker="o", markersize=4, capsize=3,
+            label=method if seeds == 1 else f"{method} (mean ± sd, {seeds} seeds)",
+            color=method_color(method),
+        )  # fmt: skip
+    return radii
+
+
+def _robustness_title(results: Sequence[EvaluationResult], mark: float | None) -> str:
     first = results[0]
     attacks = sorted({a.split("(")[0] for r in results for a in r.attacks})
-    figure.suptitle(
-        title
-        or f"Accuracy against the attack radius, {first.ways}-way {shots}-shot"
+    return (
+        f"Accuracy against the attack radius, {first.ways}-way {first.shots}-shot"
         f"{' ' + first.dataset if first.dataset else ''} ({', '.join(attacks)}, "
         f"protocol {first.protocol!r}, {first.num_tasks} test tasks)\n"
         + ("ε = 0 is Clean-Clean (nothing perturbed)"
            + ("; dotted line: the table's ε" if mark is not None else ""))
     )  # fmt: skip
-    return _save_png(figure, path)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -567,33 +604,8 @@ def plot_training(
     (train_loss, train_acc), (val_loss, val_acc) = figure.subplots(2, 2, sharex=True)
     splits: set[str] = set()
     for method, folder in runs.items():
-        folder = Path(folder)
-        color = method_color(method)
-        metrics = folder / "metrics.csv"
-        if not metrics.exists():
-            raise FileNotFoundError(f"{metrics} not found: is {folder} a run folder?")
-        rows = _read_csv(metrics)
-        iterations = [int(r["iteration"]) for r in rows]
-        train_loss.plot(iterations, [float(r["loss"]) for r in rows], color=color, label=method)
-        train_acc.plot(iterations, [100 * float(r["accuracy"]) for r in rows], color=color,
-                       label=method)  # fmt: skip
-        validation = folder / "validation.csv"
-        if not validation.exists():
-            continue
-        rows = _read_csv(validation)
-        splits.update(r["split"] for r in rows)
-        radii = {float(r["epsilon"]) for r in rows}
-        wanted = epsilon if epsilon in radii else _trained_epsilon(folder, radii)
-        rows = [r for r in rows if float(r["epsilon"]) == wanted]
-        iterations = [int(r["iteration"]) for r in rows]
-        for query, style in (("clean", "-"), ("adversarial", "--")):
-            label = f"{method}, {query} query" + (
-                f" (ε = {wanted:g}/255)" if query != "clean" else ""
-            )
-            val_loss.plot(iterations, [float(r[f"{query}_loss"]) for r in rows], style,
-                          color=color, marker="o", markersize=3, label=label)  # fmt: skip
-            val_acc.plot(iterations, [float(r[f"{query}_accuracy"]) for r in rows], style,
-                         color=color, marker="o", markersize=3, label=label)  # fmt: skip
+        _plot_metrics(train_loss, train_acc, method, Path(folder))
+        splits.update(_plot_validation(val_loss, val_acc, method, Path(folder), epsilon))
     train_loss.set_title("Meta-batches: meta-loss (ADML: sum of its two branches)")
     train_loss.set_ylabel("Meta-loss")
     train_acc.set_title("Meta-batches: query accuracy after adaptation")
@@ -617,6 +629,44 @@ def plot_training(
         title or "Meta-training and meta-validation (after adaptation, against the iteration)"
     )
     return _save_png(figure, path)
+
+
+def _plot_metrics(loss_axis: Any, accuracy_axis: Any, method: str, folder: Path) -> None:
+    """A run's meta-loss and meta-batch query accuracy (``metrics.csv``)."""
+    metrics = folder / "metrics.csv"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics} not found: is {folder} a run folder?")
+    rows = _read_csv(metrics)
+    iterations = [int(r["iteration"]) for r in rows]
+    color = method_color(method)
+    loss_axis.plot(iterations, [float(r["loss"]) for r in rows], color=color, label=method)
+    accuracy_axis.plot(iterations, [100 * float(r["accuracy"]) for r in rows], color=color,
+                       label=method)  # fmt: skip
+
+
+def _plot_validation(
+    loss_axis: Any, accuracy_axis: Any, method: str, folder: Path, epsilon: float | None
+) -> set[str]:
+    """A run's meta-validation loss and accuracy, clean and adversarial (``validation.csv``,
+    at ``epsilon`` if logged, else at ``train.eps``); returns the splits validated on (none
+    without the file)."""
+    validation = folder / "validation.csv"
+    if not validation.exists():
+        return set()
+    rows = _read_csv(validation)
+    splits = {r["split"] for r in rows}
+    radii = {float(r["epsilon"]) for r in rows}
+    wanted = epsilon if epsilon in radii else _trained_epsilon(folder, radii)
+    rows = [r for r in rows if float(r["epsilon"]) == wanted]
+    iterations = [int(r["iteration"]) for r in rows]
+    color = method_color(method)
+    for query, style in (("clean", "-"), ("adversarial", "--")):
+        label = f"{method}, {query} query" + (f" (ε = {wanted:g}/255)" if query != "clean" else "")
+        loss_axis.plot(iterations, [float(r[f"{query}_loss"]) for r in rows], style,
+                       color=color, marker="o", markersize=3, label=label)  # fmt: skip
+        accuracy_axis.plot(iterations, [float(r[f"{query}_accuracy"]) for r in rows], style,
+                           color=color, marker="o", markersize=3, label=label)  # fmt: skip
+    return splits
 
 
 class ResultsFileError(UserError, ValueError):
@@ -720,3 +770,60 @@ def write_report(
     if training_runs:
         plot_training(training_runs, paths[-1], epsilon=epsilon)
     return paths
+
+
+def _group_results(
+    files: Sequence[str | os.PathLike[str]],
+) -> tuple[dict[tuple[str, int], list[EvaluationResult]], dict[tuple[str, int], dict[str, Path]]]:
+    """The results of ``files`` by (dataset, shots), and the run folders of those that lie
+    inside one (beside its ``metrics.csv``), by method; each file read under its folder's
+    shared lock."""
+    groups: dict[tuple[str, int], list[EvaluationResult]] = defaultdict(list)
+    runs: dict[tuple[str, int], dict[str, Path]] = defaultdict(dict)
+    for path in map(Path, files):
+        with reader_lock(path.parent):
+            loaded = load_results(path)
+        for result in loaded:
+            key = (result.dataset or "unknown", result.shots)
+            groups[key].append(result)
+            if (path.parent / "metrics.csv").is_file():  # results inside a run folder
+                runs[key][result.method] = path.parent
+    return groups, runs
+
+
+def report_results(
+    files: Sequence[str | os.PathLike[str]],
+    directory: str | os.PathLike[str] = "report",
+    *,
+    epsilon: float = 2.0,
+    overwrite: bool = False,
+) -> list[Path]:
+    """The ``report`` command: one table per dataset and shots of the results in ``files``,
+    printed and written with its figures (:func:`write_report`, the training curves too for
+    results inside run folders) into ``directory``; refuses before writing anything if a
+    file exists, unless ``overwrite``. Returns the files written."""
+    groups, runs = _group_results(files)
+    tables = {}
+    for (dataset, shots), group in sorted(groups.items()):
+        try:
+            tables[(dataset, shots)] = format_table(group, dataset, shots)
+        except ValueError as error:
+            raise ResultsFileError(
+                f"these results do not make one table ({error}), in "
+                f"{', '.join(repr(os.fspath(f)) for f in files)}; report each run's results once"
+            ) from error
+    outputs = [
+        p
+        for (d, s), g in groups.items()
+        for p in report_paths(g, directory, d, s, training=bool(runs[d, s]))
+    ]
+    refuse_overwrite(outputs, overwrite)  # before writing any file
+    written = []
+    for (dataset, shots), table in tables.items():
+        print(table)
+        paths = write_report(groups[(dataset, shots)], directory, dataset, shots,
+                             epsilon=epsilon, training_runs=runs[dataset, shots])  # fmt: skip
+        for path in paths:
+            print(f"wrote {path}")
+        written += paths
+    return written

@@ -74,6 +74,18 @@ def _holder(lock_path: Path) -> str:
     )
 
 
+def _lock_or_refuse(handle: int, operation: int, run_dir: Path, refusal: str) -> None:
+    """Take the folder's lock (``fcntl.LOCK_EX`` or ``LOCK_SH``) without waiting, or raise
+    :class:`RunFolderError` with ``refusal`` (its ``{holder}`` named)."""
+    try:
+        fcntl.flock(handle, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(run_dir / LOCK)
+        raise RunFolderError(
+            f"run folder {str(run_dir)!r} {refusal.format(holder=holder)}"
+        ) from None
+
+
 @contextmanager
 def writer_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold the folder's exclusive lock (creating the folder), or refuse naming the holder."""
@@ -81,13 +93,8 @@ def writer_lock(run_dir: Path, command: str) -> Iterator[None]:
     lock_path = run_dir / LOCK
     handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, default_file_mode())
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderError(
-                f"run folder {str(run_dir)!r} is in use by {_holder(lock_path)}; wait for it "
-                "to finish, or choose another run folder"
-            ) from None
+        _lock_or_refuse(handle, fcntl.LOCK_EX, run_dir, "is in use by {holder}; wait for it "
+                        "to finish, or choose another run folder")  # fmt: skip
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()} l2l-adversarial {command}\n".encode())
         yield
@@ -105,13 +112,8 @@ def reader_lock(run_dir: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderError(
-                f"run folder {str(run_dir)!r} is being written by {_holder(lock_path)}; "
-                "wait for it to finish, then run the command again"
-            ) from None
+        _lock_or_refuse(handle, fcntl.LOCK_SH, run_dir, "is being written by {holder}; wait "
+                        "for it to finish, then run the command again")  # fmt: skip
         yield
     finally:
         os.close(handle)

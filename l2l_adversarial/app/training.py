@@ -15,9 +15,7 @@ writes the run folder; every rank reads the checkpoint on resume.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
 import json
 import math
 import signal
@@ -31,7 +29,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from l2l_adversarial import __version__
-from l2l_adversarial.algorithms import MatchingNetwork
 from l2l_adversarial.app.checkpoint import (
     CheckpointError,
     check_finite_weights,
@@ -42,7 +39,7 @@ from l2l_adversarial.app.checkpoint import (
 )
 from l2l_adversarial.app.config import config_changes, describe_changes, dump_config
 from l2l_adversarial.app.factory import build_learner, resolve_device
-from l2l_adversarial.app.files import append_csv_row, write_atomic
+from l2l_adversarial.app.files import append_csv_row, drop_csv_rows_after, write_atomic
 from l2l_adversarial.app.reproducibility import apply_deterministic_settings
 from l2l_adversarial.app.run_folder import (
     RunFolderError,
@@ -52,7 +49,12 @@ from l2l_adversarial.app.run_folder import (
     restore_aside,
     writer_lock,
 )
-from l2l_adversarial.app.signals import Interrupted, deferred_signals, interrupt_on_signals
+from l2l_adversarial.app.signals import (
+    DeferredSignals,
+    Interrupted,
+    deferred_signals,
+    interrupt_on_signals,
+)
 from l2l_adversarial.data.prefetch import Check, MetaBatch, MetaBatches, default_loading
 from l2l_adversarial.distributed import (
     average_gradients,
@@ -130,7 +132,7 @@ def check_values(learner: nn.Module) -> Check:
     """
     attack = getattr(learner, "attack", None)
     data_range = None if attack is None else attack.input_range
-    ways = learner.ways if isinstance(learner, MatchingNetwork) else None
+    ways = getattr(learner, "ways", None)  # a learner of fixed ways (Matching Networks) says so
     classification = getattr(learner, "classification", True)  # Matching Networks: classes
     return functools.partial(
         _check_values, classification=classification, data_range=data_range, ways=ways,
@@ -202,7 +204,7 @@ class Trainer:
                 f"number of processes ({self.world_size}) so every rank takes the same share"
             )
         self.optimizers = [torch.optim.Adam(learner.parameters(), lr=train["meta_lr"])]
-        self.sequential = config["method"] == "adml" and train["meta_update"] == "sequential"
+        self.sequential = train["meta_update"] == "sequential"  # ADML's only (the config)
         if self.sequential:
             clean_lr = train["clean_meta_lr"] or train["meta_lr"]
             self.optimizers.append(torch.optim.Adam(learner.parameters(), lr=clean_lr))
@@ -222,6 +224,7 @@ class Trainer:
         self.data_seconds = 0.0  # waited for meta-batches since the last logged row
         self._batches: Generator[MetaBatch, None, None] | None = None
         self._next_batch = -1
+        self._stepping = False  # inside an iteration (see run)
 
     # -- state ---------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -366,62 +369,89 @@ class Trainer:
         on_iteration: Callable[[int], None] | None = None,
         monitor: TrainingMonitor | None = None,
     ) -> dict[str, float | str]:
-        train = self.config["train"]
-        total = train["iterations"]
+        """Meta-train up to ``train.iterations``: log, validate (``monitor``) and checkpoint
+        when due; a signal stops it between iterations with a checkpoint
+        (:class:`~l2l_adversarial.app.signals.Interrupted`). Returns the last logged row."""
         bar = tqdm(
-            total=total,
+            total=self.config["train"]["iterations"],
             initial=self.iteration,
             desc=f"train {self.config['method']}",
             disable=not progress or self.rank != 0,
             dynamic_ncols=True,
         )
-        last: dict[str, float | str] = {}
         started = time.perf_counter()
         if monitor is not None:
             monitor.start(self)
-        stepping = False  # inside an iteration: its state is half updated
+        self._stepping = False  # inside an iteration: its state is half updated
         with deferred_signals() as stop:  # a signal stops the loop between iterations
             try:
-                while self.iteration < total:
-                    if stop.signum is not None:
-                        raise Interrupted(signum=stop.signum)
-                    if on_iteration is not None:
-                        on_iteration(self.iteration)
-                    stepping = True
-                    loss_tensor, accuracy_tensor = self.step()
-                    logged = (self.iteration + 1) % train["log_every"] == 0
-                    saved = (self.iteration + 1) % train["checkpoint_every"] == 0
-                    if logged or saved or self.iteration + 1 == total:
-                        # losses are read (a host-device sync) only when logged or checkpointed
-                        loss, accuracy = mean_over_ranks(
-                            torch.stack([loss_tensor.detach(), accuracy_tensor.float()]).tolist()
-                        )
-                        self._guard_divergence(loss)  # before any checkpoint
-                        last = {"iteration": self.iteration + 1, "loss": loss, "accuracy": accuracy,
-                                "seconds": round(time.perf_counter() - started, 3),
-                                "data_seconds": round(self.data_seconds, 4),
-                                "engine": self.engine}  # fmt: skip
-                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
-                    self.iteration += 1
-                    bar.update(1)
-                    if logged or self.iteration == total:
-                        if self.rank == 0:
-                            self._log(last)
-                        self.data_seconds = 0.0
-                    if monitor is not None:
-                        monitor.step(self, last)
-                    if saved or self.iteration == total:
-                        self.save()
-                    stepping = False
+                last = self._loop(stop, bar, started, on_iteration, monitor)
             except KeyboardInterrupt as interrupt:
                 bar.close()
-                raise self._interrupted(interrupt, saved=not stepping) from None
+                raise self._interrupted(interrupt, saved=not self._stepping) from None
             finally:
                 self.close_batches()
                 if monitor is not None:
                     monitor.close()
         bar.close()
         return last
+
+    def _loop(
+        self,
+        stop: DeferredSignals,
+        bar: tqdm,
+        started: float,
+        on_iteration: Callable[[int], None] | None,
+        monitor: TrainingMonitor | None,
+    ) -> dict[str, float | str]:
+        """:meth:`run`'s iterations, until the last or a signal (``stop.signum``)."""
+        last: dict[str, float | str] = {}
+        while self.iteration < self.config["train"]["iterations"]:
+            if stop.signum is not None:
+                raise Interrupted(signum=stop.signum)
+            if on_iteration is not None:
+                on_iteration(self.iteration)
+            self._stepping = True
+            last, checkpoint_due = self._advance(bar, started, last)
+            if monitor is not None:
+                monitor.step(self, last)
+            if checkpoint_due:
+                self.save()
+            self._stepping = False
+        return last
+
+    def _advance(
+        self, bar: tqdm, started: float, last: dict[str, float | str]
+    ) -> tuple[dict[str, float | str], bool]:
+        """One meta-iteration, its row logged when due; returns the latest row (``last``
+        unless this one was read) and whether a checkpoint is due."""
+        train = self.config["train"]
+        total = train["iterations"]
+        loss, accuracy = self.step()
+        logged = (self.iteration + 1) % train["log_every"] == 0
+        saved = (self.iteration + 1) % train["checkpoint_every"] == 0
+        if logged or saved or self.iteration + 1 == total:
+            last = self._read_row(loss, accuracy, started)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
+        self.iteration += 1
+        bar.update(1)
+        if logged or self.iteration == total:
+            if self.rank == 0:
+                self._log(last)
+            self.data_seconds = 0.0
+        return last, saved or self.iteration == total
+
+    def _read_row(self, loss: Tensor, accuracy: Tensor, started: float) -> dict[str, float | str]:
+        """The metrics row of the iteration that just ran: loss and accuracy read (a
+        host-device sync, done only when logged or checkpointed) and averaged over the
+        ranks, checked for divergence before any checkpoint."""
+        mean_loss, mean_accuracy = mean_over_ranks(
+            torch.stack([loss.detach(), accuracy.float()]).tolist()
+        )
+        self._guard_divergence(mean_loss)
+        return {"iteration": self.iteration + 1, "loss": mean_loss, "accuracy": mean_accuracy,
+                "seconds": round(time.perf_counter() - started, 3),
+                "data_seconds": round(self.data_seconds, 4), "engine": self.engine}  # fmt: skip
 
     def _interrupted(self, interrupt: KeyboardInterrupt, saved: bool) -> Interrupted:
         """Save a checkpoint between iterations (not inside one, where a second signal
@@ -487,7 +517,7 @@ def prepare_run_dir(
     the checkpoint are dropped and config.yaml records the accepted ``changes``.
     """
     if resume:
-        _truncate_metrics(run_dir / "metrics.csv", iteration)
+        drop_csv_rows_after(run_dir / "metrics.csv", METRIC_FIELDS, iteration)
         if changes:
             header = "".join(
                 f"# resumed at iteration {iteration} accepting {key}: {old!r} -> {new!r}\n"
@@ -510,22 +540,6 @@ def prepare_run_dir(
             restore_aside(run_dir, aside)
         raise
     return aside
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop rows logged after the checkpoint: the resumed run logs them again."""
-    if not path.exists():
-        return
-    with path.open(newline="") as file:
-        logged = list(csv.DictReader(file))
-    rows = [r for r in logged if int(r["iteration"]) <= iteration]
-    if len(rows) == len(logged):
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
 
 
 def train(
@@ -551,44 +565,73 @@ def train(
     :class:`~l2l_adversarial.app.meta_validation.MetaValidator`) adds its own files.
     """
     run_dir = Path(run_dir)
-    rank, _ = world()
-    device = resolve_device(config["device"])
-    apply_deterministic_settings(device, config["train"]["deterministic"])
-    torch.manual_seed(config["seed"])
-    sample = tasks[0]
-    shape = sample.support_inputs.shape
-    trainer = Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
+    trainer = _build_trainer(config, run_dir, tasks)
     with contextlib.ExitStack() as stack:
         stack.enter_context(interrupt_on_signals())
         on_rank0(lambda: stack.enter_context(writer_lock(run_dir, "train")))
-        if resume and not (run_dir / CHECKPOINT).exists():
-            raise CheckpointError(
-                f"--resume: no checkpoint in {str(run_dir)!r} to resume from (the run stopped "
-                "before its first checkpoint, or never ran); run it again without --resume"
-            )
-        changes = trainer.restore(accept_changes) if resume else {}
-        prepared: list[Path | None] = [None]
-
-        def prepare() -> None:
-            prepared[0] = prepare_run_dir(
-                run_dir, config, resume, overwrite, changes, trainer.iteration
-            )
-
-        on_rank0(prepare)
-        aside = prepared[0]
-        if aside is not None:
-
-            def drop_old_results() -> None:
-                remove_aside(aside)
-                trainer.after_save = None
-
-            trainer.after_save = drop_old_results
-        try:
-            summary = trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
-        except BaseException:
-            if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
-                restore_aside(run_dir, aside)
-            raise
-        if rank == 0 and summary:  # nothing ran: a finished run keeps its summary
+        changes = _restore(trainer, accept_changes) if resume else {}
+        aside = _prepare_on_rank0(trainer, resume, overwrite, changes)
+        summary = _run_replacing(trainer, aside, progress, on_iteration, monitor)
+        if trainer.rank == 0 and summary:  # nothing ran: a finished run keeps its summary
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return trainer.learner
+
+
+def _build_trainer(config: dict[str, Any], run_dir: Path, tasks: TaskSource) -> Trainer:
+    """The run's trainer: device set up, seeded, the learner built for ``tasks``' images;
+    nothing on disk touched yet."""
+    device = resolve_device(config["device"])
+    apply_deterministic_settings(device, config["train"]["deterministic"])
+    torch.manual_seed(config["seed"])
+    shape = tasks[0].support_inputs.shape
+    return Trainer(config, run_dir, tasks, build_learner(config, shape[1], shape[-1]), device)
+
+
+def _restore(trainer: Trainer, accept_changes: Collection[str]) -> dict[str, tuple[Any, Any]]:
+    """``--resume``: the run folder's checkpoint restored; returns the accepted changes."""
+    if not (trainer.run_dir / CHECKPOINT).exists():
+        raise CheckpointError(
+            f"--resume: no checkpoint in {str(trainer.run_dir)!r} to resume from (the run "
+            "stopped before its first checkpoint, or never ran); run it again without --resume"
+        )
+    return trainer.restore(accept_changes)
+
+
+def _prepare_on_rank0(
+    trainer: Trainer, resume: bool, overwrite: bool, changes: dict[str, tuple[Any, Any]]
+) -> Path | None:
+    """:func:`prepare_run_dir` on rank 0 (every rank raises its error); returns the folder
+    the old results were moved aside into (``None``: none, or not rank 0)."""
+    prepared: list[Path | None] = [None]
+
+    def prepare() -> None:
+        prepared[0] = prepare_run_dir(
+            trainer.run_dir, trainer.config, resume, overwrite, changes, trainer.iteration
+        )
+
+    on_rank0(prepare)
+    return prepared[0]
+
+
+def _run_replacing(
+    trainer: Trainer,
+    aside: Path | None,
+    progress: bool,
+    on_iteration: Callable[[int], None] | None,
+    monitor: TrainingMonitor | None,
+) -> dict[str, float | str]:
+    """Run the trainer; old results moved ``aside`` are deleted once its first checkpoint
+    is written, or put back if it fails before."""
+    if aside is not None:
+
+        def drop_old_results() -> None:
+            remove_aside(aside)
+            trainer.after_save = None
+
+        trainer.after_save = drop_old_results
+    try:
+        return trainer.run(progress=progress, on_iteration=on_iteration, monitor=monitor)
+    except BaseException:
+        if trainer.after_save is not None and aside is not None:  # no new checkpoint yet
+            restore_aside(trainer.run_dir, aside)
+        raise

@@ -53,7 +53,7 @@ def default_loading(tasks: Any, device: torch.device) -> tuple[int, int]:
     """``(workers, prefetch)`` when the config leaves them unset: a thread two meta-batches
     ahead for a thread-safe task source, else nothing ahead; no worker processes (each one is
     another copy of the process, and on a 2-core CPU competes with training for a core).
-    The README's data-loading section has what the wait for data measured."""
+    The documentation's performance page (Data loading) has what the wait for data measured."""
     del device  # the same choice on the CPU and on CUDA until a GPU measures otherwise
     return 0, 2 if getattr(tasks, "thread_safe", False) else 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from l2l_adversarial.app.config import ConfigError
 
-__all__ = ["CONFIG_FOLDER", "bundled_configs", "config_path"]
+__all__ = ["CONFIG_FOLDER", "bundled_configs", "config_path", "describe_bundled_configs"]
 
 CONFIG_FOLDER = Path(__file__).parent
 """Where the bundled ``*.yaml`` files are installed."""
@@ -29,6 +29,17 @@ def bundled_configs() -> dict[str, str]:
         first = path.read_text(encoding="utf-8").partition("\n")[0]
         configs[path.stem] = first.removeprefix("#").strip() if first.startswith("#") else ""
     return configs
+
+
+def describe_bundled_configs() -> str:
+    """The ``configs`` command's listing: one line per bundled config, then where they are."""
+    configs = bundled_configs()
+    width = max(map(len, configs))
+    lines = [f"{name:<{width}}  {description}" for name, description in configs.items()]
+    return "\n".join(lines) + (
+        f"\n\nfiles in {CONFIG_FOLDER}; train one by name: l2l-adversarial train NAME "
+        "-o dataset.root=DIR"
+    )
 
 
 def config_path(name_or_path: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,4 @@
-"""A stack of tasks through one model: inner loops, losses and forward passes for ``T`` tasks
+"""The layouts of a stack of tasks through one model: inner loops, losses and forward passes for ``T`` tasks
 at once, each task at its own (fast) parameters.
 
 Tensors of a stack carry the task dimension first: inputs ``[T, N, ...]``, labels ``[T, N]``,
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from l2l_adversarial.functional import FunctionalModel, Params, accuracy
+from l2l_adversarial.functional import FunctionalModel, Params, accuracy, descend
 from l2l_adversarial.models import CNN4, MLP
 
 __all__ = [
@@ -219,21 +219,13 @@ def adapt(
             gradients = grad(support_loss)(p)
             if first_order:
                 gradients = {name: g.detach() for name, g in gradients.items()}
-            p = {name: _descended(w, gradients[name], step_size) for name, w in p.items()}
+            p = {name: descend(w, gradients[name], step_size) for name, w in p.items()}
             stepped.append(p)
         return stepped if trajectory else stepped[-1:]
 
     in_dims = (0 if per_task else None, 0, 0, 0 if isinstance(step_size, Tensor) else None)
     with PrimitiveNormalisation():
         return vmap(inner_loop, in_dims=in_dims)(params, inputs, labels, step_size)
-
-
-def _descended(params: Tensor, gradient: Tensor, step_size: Tensor | float) -> Tensor:
-    """``params - step_size * gradient``; for a float step, one ``add`` (fewer operations in
-    the meta-gradient's backward pass than a product and a difference)."""
-    if isinstance(step_size, Tensor):
-        return params - step_size * gradient
-    return params.add(gradient, alpha=-step_size)
 
 
 # -- folded ---------------------------------------------------------------------------------
@@ -294,7 +286,7 @@ def _folded_adapt(
                 allow_unused=True,
             )
             folded = {
-                name: p if g is None else _descended(p, g, rates[name])
+                name: p if g is None else descend(p, g, rates[name])
                 for (name, p), g in zip(folded.items(), gradients, strict=True)
             }
             stepped.append(folded)
