@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 from test_learn2learn_examples import learn2learn_sdist
@@ -165,6 +166,7 @@ def test_the_constructor_takes_learn2learns_arguments(cls: type[MetaLearner]) ->
     clone = defaulted.clone()
     assert (clone.allow_unused, clone.allow_nograd) == (True, True)
     assert defaulted.clone(allow_nograd=False).allow_nograd is False
+    assert cls(net, 0.1, allow_unused=np.True_, allow_nograd=0).allow_unused is True
     with pytest.raises(TypeError, match="allow_nograd must be True or False, got 'yes'"):
         cls(net, 0.1, allow_nograd="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="allow_unused must be True or False"):

@@ -63,7 +63,8 @@ def check_flag(name: str, value: object) -> bool:
     and ``1``, NumPy booleans too)."""
     if isinstance(value, bool):
         return value
-    if (isinstance(value, int) and value in (0, 1)) or type(value).__name__ == "bool_":
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if (isinstance(value, int) and value in (0, 1)) or numpy_bool:
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
