@@ -189,6 +189,11 @@ class GradientLearner(FewShotLearner):
                 "model must be an nn.Module, a learn2learn MAML (ADML, MAMLAD, ...) or a "
                 f"FunctionalModel, got {type(model).__name__}"
             )
+        # learn2learn's switches where the model is a MAML (frozen parameters and parameters
+        # the support loss does not use: errors unless allowed); any parameter may be frozen
+        # or unused otherwise
+        self.allow_unused = bool(getattr(model, "allow_unused", True))
+        self.allow_nograd = bool(getattr(model, "allow_nograd", True))
         self.lr = check_step_size("lr", lr)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0 (the paper: 10), got {steps!r}")
@@ -214,10 +219,13 @@ class GradientLearner(FewShotLearner):
         return self.functional.query_layout(query_inputs)
 
     def adapt(self, support_inputs: Tensor, support_labels: Tensor) -> list[Model]:
+        if self.steps:
+            self.functional.check_adaptable(self.allow_nograd, repr(self))
         with torch.no_grad():
             stepped = self.functional.trajectory(
-                self.theta(), support_inputs, support_labels, self.lr, self.steps
-            )
+                self.theta(), support_inputs, support_labels, self.lr, self.steps,
+                allow_unused=self.allow_unused,
+            )  # fmt: skip
         return [self.functional.at(params) for params in [self.theta(), *stepped]]
 
 

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch.func import functional_call
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["FunctionalModel", "Params", "accuracy", "descend", "stateless"]
+__all__ = ["FunctionalModel", "Params", "accuracy", "descend", "refuse_unused", "stateless"]
 
 
 def stateless(
@@ -81,6 +81,20 @@ def descend(params: Tensor, gradient: Tensor, step_size: Tensor | float) -> Tens
     if isinstance(step_size, Tensor):
         return params - step_size * gradient
     return params.add(gradient, alpha=-step_size)
+
+
+def refuse_unused(names: Sequence[str]) -> None:
+    """learn2learn's ``allow_unused=False``: raise ``RuntimeError`` if the support loss of an
+    inner loop does not use the trainable parameters ``names`` (none: nothing happens)."""
+    if names:
+        listed = ", ".join(repr(name) for name in names[:5]) + ("..." if len(names) > 5 else "")
+        raise RuntimeError(
+            f"the support loss does not use the trainable parameter(s) {listed}, and "
+            "allow_unused is False: as learn2learn's MAML, the inner loop refuses them. Pass "
+            "allow_unused=True (or allow_nograd=True) to the learner to adapt the other "
+            "parameters (unused ones keep their values and get no gradient), or freeze them "
+            "(requires_grad=False) with allow_nograd=True"
+        )
 
 
 def _warn_on_tracked_batchnorm(module: nn.Module) -> None:
@@ -138,6 +152,25 @@ class FunctionalModel:
         """The module's trainable parameters theta, by name (the live tensors, not copies)."""
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
+    def frozen(self) -> list[str]:
+        """The names of the module's frozen parameters (``requires_grad=False``)."""
+        return [n for n, p in self.module.named_parameters() if not p.requires_grad]
+
+    def check_adaptable(self, allow_nograd: bool, owner: str = "the learner") -> None:
+        """learn2learn's ``allow_nograd=False``: raise ``RuntimeError`` naming the frozen
+        parameters, if any, unless ``allow_nograd`` (then they stay frozen, unadapted)."""
+        if allow_nograd:
+            return
+        frozen = self.frozen()
+        if frozen:
+            listed = ", ".join(repr(n) for n in frozen[:5]) + ("..." if len(frozen) > 5 else "")
+            raise RuntimeError(
+                f"{type(self.module).__name__} has frozen parameters (requires_grad=False): "
+                f"{listed}, and {owner} has allow_nograd=False: as learn2learn's MAML, the "
+                "inner loop refuses them. Pass allow_nograd=True to the learner to adapt the "
+                "trainable parameters only (frozen ones keep their values and get no gradient)"
+            )
+
     def __call__(self, params: Params, inputs: Tensor) -> Tensor:
         """Logits of the module evaluated at ``params``."""
         return functional_call(self.module, params, (inputs,))
@@ -186,15 +219,26 @@ class FunctionalModel:
         with self.query_pass():
             return self.loss(params, self.query_layout(inputs), labels)
 
-    def step(self, params: Params, loss: Tensor, lr: float, first_order: bool = False) -> Params:
+    def step(
+        self,
+        params: Params,
+        loss: Tensor,
+        lr: float,
+        first_order: bool = False,
+        allow_unused: bool = True,
+    ) -> Params:
         """One gradient-descent step ``params - lr * grad(loss)`` (:func:`descend`).
 
         Second-order (default) keeps the graph of the gradient so the meta-gradient includes
         the Hessian terms; ``first_order=True`` treats the gradient as a constant (FOMAML).
+        Parameters that ``loss`` does not use keep their values, or with ``allow_unused=False``
+        raise ``RuntimeError`` (:func:`refuse_unused`), as learn2learn's ``MAML.adapt`` does.
         """
         grads = torch.autograd.grad(
             loss, list(params.values()), create_graph=not first_order, allow_unused=True
         )
+        if not allow_unused:
+            refuse_unused([name for name, g in zip(params, grads, strict=True) if g is None])
         return {
             name: p if g is None else descend(p, g, lr)
             for (name, p), g in zip(params.items(), grads, strict=True)
@@ -208,17 +252,19 @@ class FunctionalModel:
         lr: float,
         steps: int,
         first_order: bool = False,
+        allow_unused: bool = True,
     ) -> list[Params]:
         """The fast weights after each of ``steps`` gradient-descent steps on ``(inputs,
-        labels)`` from ``params``. With gradients disabled (meta-testing) every step starts
-        from detached weights and returns detached ones: no graph is kept."""
+        labels)`` from ``params`` (``allow_unused``: as for :meth:`step`). With gradients
+        disabled (meta-testing) every step starts from detached weights and returns detached
+        ones: no graph is kept."""
         graph, stepped = torch.is_grad_enabled(), []
         with torch.enable_grad():
             for _ in range(steps):
                 if not graph:
                     params = {name: p.detach().requires_grad_() for name, p in params.items()}
                 loss = self.loss_fn(self(params, inputs), labels)
-                params = self.step(params, loss, lr, first_order or not graph)
+                params = self.step(params, loss, lr, first_order or not graph, allow_unused)
                 if not graph:
                     params = {name: p.detach() for name, p in params.items()}
                 stepped.append(params)

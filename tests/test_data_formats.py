@@ -563,3 +563,20 @@ def test_a_pickled_split_maps_its_cache_again(tmp_path: Path) -> None:
     np.testing.assert_array_equal(copy.images, dataset.images)
     in_memory = TieredImageNet(tmp_path, "test", strict=False, cache_dir=False)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(in_memory)).images, dataset.images)
+
+
+def test_a_read_only_root_puts_the_cache_in_the_user_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from l2l_adversarial.data import cache
+
+    root = tmp_path / "read-only"
+    root.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: Path(path) != root)
+    folder = cache.cache_folder(root, None)
+    assert folder is not None and folder.parent == tmp_path / "xdg" / "l2l-adversarial"
+    assert cache.cache_folder(root, False) is None
+    assert cache.cache_folder(root, tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.undo()
+    assert cache.cache_folder(root, None) == root / CACHE_FOLDER

@@ -57,6 +57,9 @@ class ADML(AdversarialMetaLearner):
         model: any ``nn.Module`` with trainable parameters.
         lr: alpha1, the inner step size on adversarial support samples (paper: 0.01).
         first_order: drop second-order terms of the meta-gradient.
+        allow_unused, allow_nograd: learn2learn's switches for unused and frozen
+            (``requires_grad=False``) parameters, on every path
+            (:class:`~l2l_adversarial.algorithms.base.MetaLearner`).
         clean_lr: alpha2, the inner step size on clean support samples; defaults to ``lr``.
         attack_target: ``"initial"`` (Algorithm 1: all adversarial samples against theta) or
             ``"adapted"`` (``D'_adv`` against theta'_c, the model that is scored on it).
@@ -85,12 +88,14 @@ class ADML(AdversarialMetaLearner):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
         *,
         clean_lr: float | None = None,
         attack_target: str = "initial",
         **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(model, lr, first_order, **options)
+        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
         self.clean_lr = self.lr if clean_lr is None else check_step_size("clean_lr", clean_lr)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target

@@ -25,7 +25,7 @@ class AdversarialQuerying(AdversarialMetaLearner):
     """Meta-learning with adversarial queries: a drop-in for ``learn2learn.algorithms.MAML``.
 
     Args:
-        model, lr, first_order: as for :class:`ADML`.
+        model, lr, first_order, allow_unused, allow_nograd: as for :class:`ADML`.
         attack_target: ``"adapted"`` (default) or ``"initial"``.
         **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions` (Goldblum et
             al. used PGD; pass ``attack=PGD(...)`` to match them).
@@ -42,11 +42,13 @@ class AdversarialQuerying(AdversarialMetaLearner):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
         *,
         attack_target: str = "adapted",
         **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(model, lr, first_order, **options)
+        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 

@@ -58,6 +58,17 @@ def check_step_size(name: str, value: float) -> float:
     return float(value)
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A learn2learn switch (``allow_unused``, ``allow_nograd``): ``True`` or ``False`` (``0``
+    and ``1``, NumPy booleans too)."""
+    if isinstance(value, bool):
+        return value
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if (isinstance(value, int) and value in (0, 1)) or numpy_bool:
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_steps(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -77,7 +88,17 @@ class MetaLearner(MAML):
         model: the network; any ``nn.Module`` with trainable parameters.
         lr: inner-loop step size (alpha).
         first_order: drop second-order terms of the meta-gradient (FOMAML).
+        allow_unused: as in learn2learn, whether a trainable parameter that the support loss
+            does not use may be adapted: it then gets no gradient and keeps its value; without
+            it the inner loop raises ``RuntimeError`` naming the parameter. Defaults to
+            ``allow_nograd``.
+        allow_nograd: as in learn2learn, whether the model may hold frozen parameters
+            (``requires_grad=False``): they then stay as they are and get no gradient; without
+            it the inner loop raises ``RuntimeError`` naming them.
         **options: :class:`LearnerOptions`.
+
+    Both switches hold on every path: learn2learn's ``clone()``/``adapt()``, ``meta_loss``
+    and the task runtime's engines (sequential and batched).
     """
 
     def __init__(
@@ -85,6 +106,8 @@ class MetaLearner(MAML):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
         **options: Unpack[LearnerOptions],
     ) -> None:
         for name in options:
@@ -92,12 +115,22 @@ class MetaLearner(MAML):
                 accepted = ", ".join(sorted(AdversarialOptions.__optional_keys__))
                 raise TypeError(
                     f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
-                    f"the learners take {accepted} (attack for the adversarial ones)"
+                    "the learners take learn2learn's model, lr, first_order, allow_unused, "
+                    f"allow_nograd and {accepted} (attack for the adversarial ones)"
                 )
         functional = FunctionalModel(
             model, options.get("loss_fn"), options.get("channels_last", False)
         )
-        super().__init__(model, lr=check_step_size("lr", lr), first_order=bool(first_order))
+        allow_nograd = check_flag("allow_nograd", allow_nograd)
+        if allow_unused is not None:
+            allow_unused = check_flag("allow_unused", allow_unused)
+        super().__init__(  # learn2learn's default: allow_unused = allow_nograd
+            model,
+            lr=check_step_size("lr", lr),
+            first_order=bool(first_order),
+            allow_unused=allow_unused,
+            allow_nograd=allow_nograd,
+        )
         self.adaptation_steps = check_steps("adaptation_steps", options.get("adaptation_steps", 1))
         self.functional = functional
 
@@ -158,6 +191,11 @@ class MetaLearner(MAML):
     attack: Attack | None = None
     """The attack of the adversarial learners (``None``: a clean learner)."""
 
+    allow_unused: bool
+    """learn2learn's switch: unused parameters get no gradient instead of an error."""
+    allow_nograd: bool
+    """learn2learn's switch: frozen parameters stay frozen instead of an error."""
+
     two_step_update: tuple[tuple[str, str], tuple[str, str]] | None = None
     """``((loss, accuracy), (loss, accuracy))`` field names of the objective for an update in
     two optimizer steps, one per loss (ADML's line 11); ``None``: one step on ``total``."""
@@ -170,7 +208,8 @@ class AdversarialMetaLearner(MetaLearner):
     """A :class:`MetaLearner` that also knows an attack.
 
     Args:
-        model, lr, first_order: as for :class:`MetaLearner`.
+        model, lr, first_order, allow_unused, allow_nograd: as for :class:`MetaLearner`
+            (learn2learn's ``MAML`` arguments).
         **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``).
     """
 
@@ -179,10 +218,14 @@ class AdversarialMetaLearner(MetaLearner):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
         **options: Unpack[AdversarialOptions],
     ) -> None:
         attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
-        super().__init__(model, lr, first_order, **cast(LearnerOptions, options))
+        super().__init__(
+            model, lr, first_order, allow_unused, allow_nograd, **cast(LearnerOptions, options)
+        )
         if attack is None:
             attack = FGSM(eps=DEFAULT_TRAINING_EPS)
         if not isinstance(attack, Attack):
@@ -236,8 +279,8 @@ class AdversarialMetaLearner(MetaLearner):
             f"this is learn2learn's clone()/adapt() training loop, which trains plain MAML with "
             f"{name}'s attack unused. Train with `loss = learner.meta_loss(support_inputs, "
             "support_labels, query_inputs, query_labels)` (then loss.backward()) or "
-            "`learner.meta_step(tasks, optimizer)`; keep clone()/adapt() for evaluation loops "
-            "(README: 'The API swap').",
+            "`l2l_adversarial.engines.meta_step(learner, tasks, optimizer)`; keep "
+            "clone()/adapt() for evaluation loops (README: 'The API swap').",
             NameOnlySwapWarning,
             stacklevel=2,
         )

@@ -20,7 +20,7 @@ class MAMLAD(AdversarialMetaLearner):
     """MAML with adversarial training mixed into both the inner loop and the meta-update.
 
     Args:
-        model, lr, first_order: as for :class:`ADML`.
+        model, lr, first_order, allow_unused, allow_nograd: as for :class:`ADML`.
         adversarial_fraction: fraction of each class's clean samples whose adversarial copy
             is added to the set, in ``[0, 1]``; default 1. A fraction strictly between 0 and 1
             selects rows by label: one host read per set.
@@ -38,11 +38,13 @@ class MAMLAD(AdversarialMetaLearner):
         model: nn.Module,
         lr: float,
         first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
         *,
         adversarial_fraction: float = 1.0,
         **options: Unpack[AdversarialOptions],
     ) -> None:
-        super().__init__(model, lr, first_order, **options)
+        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
         if isinstance(adversarial_fraction, bool) or not (
             isinstance(adversarial_fraction, (int, float)) and 0.0 <= adversarial_fraction <= 1.0
         ):

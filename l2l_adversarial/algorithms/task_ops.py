@@ -97,11 +97,14 @@ class RandomStarts(Protocol):
 
 
 class OpsLearner(Protocol):
-    """What the operations need of a learner: its model, attack and first-order setting."""
+    """What the operations need of a learner: its model, attack, first-order setting and
+    learn2learn's ``allow_unused``/``allow_nograd`` switches."""
 
     functional: FunctionalModel
     first_order: bool
     attack: Attack | None
+    allow_unused: bool
+    allow_nograd: bool
 
     def meta_parameters(self) -> Params:
         """theta, by name."""
@@ -138,6 +141,14 @@ class TaskOps(ABC):
         self.recorded: list[Tensor] = []
         self._replay = None if replay is None else list(replay)
         self.starts: RandomStarts = _AttacksOwn() if starts is None else starts
+
+    def inner_loop_rules(self) -> bool:
+        """learn2learn's rules for an inner loop, from the learner: frozen parameters
+        (``requires_grad=False``) raise ``RuntimeError`` unless ``allow_nograd`` (then they are
+        not adapted); returns ``allow_unused`` (unused parameters allowed)."""
+        learner = self.learner
+        learner.functional.check_adaptable(bool(learner.allow_nograd), type(learner).__name__)
+        return bool(learner.allow_unused)
 
     def perturb(
         self,
@@ -223,12 +234,18 @@ class SequentialOps(TaskOps):
         start: Params | None = None,
         trajectory: bool = False,
     ) -> list[Params]:
+        allow_unused = self.inner_loop_rules() if steps > 0 else True
         functional, params = self.learner.functional, self._params(start)
         first_order = self.learner.first_order
         if trajectory:
             ((inputs, labels, lr),) = sets
-            return functional.trajectory(params, inputs, labels, lr, steps, first_order)
-        return [functional.adapt(params, x, y, lr, steps, first_order) for x, y, lr in sets]
+            return functional.trajectory(
+                params, inputs, labels, lr, steps, first_order, allow_unused
+            )
+        return [
+            functional.adapt(params, x, y, lr, steps, first_order, allow_unused)
+            for x, y, lr in sets
+        ]
 
     def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
         query_loss = self.learner.functional.query_loss

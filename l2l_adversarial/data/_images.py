@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +34,21 @@ def uint8_to_float(image: np.ndarray, channels_last: bool) -> Tensor:
     """Copy one uint8 image into a new float32 CHW tensor in [0, 1]."""
     tensor = torch.tensor(image, dtype=torch.float32).div_(255.0)
     return tensor.permute(2, 0, 1).contiguous() if channels_last else tensor
+
+
+class UInt8Items:
+    """``len`` and ``[i]`` of a dataset holding ``images`` (uint8 N x C x H x W), ``targets``
+    and ``transform``: item i is a new float32 C x H x W tensor in [0, 1], transformed."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    transform: Callable[[Tensor], Tensor] | None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = uint8_to_float(self.images[index], channels_last=False)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])

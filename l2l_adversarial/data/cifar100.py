@@ -24,7 +24,7 @@ import torchvision.datasets
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from l2l_adversarial.data._images import MODES, as_root, check_mode, uint8_to_float
+from l2l_adversarial.data._images import MODES, UInt8Items, as_root, check_mode
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import safe_load
 from l2l_adversarial.validation import check_choice
@@ -103,7 +103,7 @@ def _how_to_obtain(root: Path) -> str:
     )
 
 
-class CIFAR100Meta(Dataset[tuple[Tensor, int]]):
+class CIFAR100Meta(UInt8Items, Dataset[tuple[Tensor, int]]):
     """One meta-split of CIFAR-100 (train and test files merged: 600 images per class).
 
     Reads torchvision's CIFAR-100 python files ``root/cifar-100-python/{train,test,meta}``
@@ -175,15 +175,6 @@ class CIFAR100Meta(Dataset[tuple[Tensor, int]]):
         self.targets: np.ndarray = label_of_fine[fine_labels[keep]]
         self.images.setflags(write=False)
         self.targets.setflags(write=False)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = uint8_to_float(self.images[index], channels_last=False)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
 
 
 def _field(record: Any, key: str, path: Path, hint: str) -> Any:

@@ -141,9 +141,8 @@ def open_hdf5(path: Path, hint: str) -> Any:
         ) from err
 
 
-def _torchmeta_plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -> Plan:
-    data_path, labels_path = sources
-    hint = f"Regenerate it with torchmeta's MiniImagenet(download=True); see {GUIDE}."
+def _torchmeta_labels(labels_path: Path, hint: str) -> list[str]:
+    """The class names of torchmeta's ``{split}_labels.json``, checked."""
     try:
         labels = json.loads(labels_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -154,6 +153,13 @@ def _torchmeta_plan(root: Path, mode: str, sources: list[Path], options: dict[st
         raise DatasetFileError(
             f"{labels_path} must be a non-empty JSON list of class names. {hint}"
         )
+    return labels
+
+
+def _torchmeta_plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -> Plan:
+    data_path, labels_path = sources
+    hint = f"Regenerate it with torchmeta's MiniImagenet(download=True); see {GUIDE}."
+    labels = _torchmeta_labels(labels_path, hint)
     file = open_hdf5(data_path, hint)
     group = file.get("datasets")
     if group is None or not hasattr(group, "keys"):

@@ -17,7 +17,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from l2l_adversarial.data._images import as_root, check_mode, uint8_to_float
+from l2l_adversarial.data._images import UInt8Items, as_root, check_mode
 from l2l_adversarial.data.cache import Decoded, Plan, cache_folder, load_decoded
 from l2l_adversarial.data.errors import DatasetFileError, DatasetNotFoundError
 from l2l_adversarial.validation import check_choice
@@ -61,7 +61,7 @@ def _folder_hint(root: Path) -> str:
     return ""
 
 
-class ImageSplit(Dataset[tuple[Tensor, int]]):
+class ImageSplit(UInt8Items, Dataset[tuple[Tensor, int]]):
     """One split of an image dataset, decoded once into a uint8 C x H x W cache.
 
     ``images`` (N x C x H x W uint8, read-only, usually a memory map), ``targets`` (int64),
@@ -176,15 +176,6 @@ class ImageSplit(Dataset[tuple[Tensor, int]]):
         self.__dict__.update(state)
         if self.images is None:
             self.images = np.load(self.cache_path, mmap_mode="r", allow_pickle=False)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = uint8_to_float(self.images[index], channels_last=False)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index])
 
     def __repr__(self) -> str:
         return (

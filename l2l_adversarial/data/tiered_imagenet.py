@@ -52,6 +52,22 @@ def _expected(root: Path, mode: str) -> str:
     return f"{images.name} + {labels.name} in {root} or {root}/{{{','.join(_FOLDERS)}}}"
 
 
+def _class_names(
+    record: dict[str, Any], labels: np.ndarray, labels_path: Path, hint: str
+) -> list[str]:
+    """Each label's class name: ``label_specific_str`` where the pickle has it."""
+    raw_names = record.get("label_specific_str")
+    if raw_names is None:
+        return [f"class{label:04d}" for label in range(int(labels.max(initial=-1)) + 1)]
+    names_of = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in raw_names]
+    if labels.size and labels.max() >= len(names_of):
+        raise DatasetFileError(
+            f"{labels_path} is mislabelled: label {labels.max()} has no name in "
+            f"'label_specific_str' ({len(names_of)} names). {hint}"
+        )
+    return names_of
+
+
 def _plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -> Plan:
     images_path, labels_path = sources
     hint = f"Obtain tieredImageNet's PNG pickles again (Ren et al.'s release); see {GUIDE}."
@@ -67,17 +83,7 @@ def _plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -
             f"{labels_path}: 'label_specific' must be non-negative integer labels, one per image, "
             f"got dtype {labels.dtype} shape {labels.shape}. {hint}"
         )
-    names_of: list[str]
-    raw_names = record.get("label_specific_str")
-    if raw_names is not None:
-        names_of = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in raw_names]
-        if labels.size and labels.max() >= len(names_of):
-            raise DatasetFileError(
-                f"{labels_path} is mislabelled: label {labels.max()} has no name in "
-                f"'label_specific_str' ({len(names_of)} names). {hint}"
-            )
-    else:
-        names_of = [f"class{label:04d}" for label in range(int(labels.max(initial=-1)) + 1)]
+    names_of = _class_names(record, labels, labels_path, hint)
     images = safe_load(images_path, encoding="bytes", how_to_obtain=hint)
     if not isinstance(images, list | np.ndarray) or len(images) != len(labels):
         count = len(images) if isinstance(images, list | np.ndarray) else type(images).__name__

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,7 +46,13 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from l2l_adversarial.functional import FunctionalModel, Params, accuracy, descend
+from l2l_adversarial.functional import (
+    FunctionalModel,
+    Params,
+    accuracy,
+    descend,
+    refuse_unused,
+)
 from l2l_adversarial.models import CNN4, MLP
 
 __all__ = [
@@ -196,17 +203,23 @@ def adapt(
     steps: int,
     first_order: bool = False,
     trajectory: bool = False,
+    allow_unused: bool = True,
 ) -> list[Params]:
     """Each task's fast weights after ``steps`` gradient steps on its ``(inputs, labels)``
     from its ``params`` with its step size (``step_size[t]``, or one float for all): the last
     (a list of one) or, with ``trajectory``, after each step. Differentiable in ``params``
-    (second order unless ``first_order``) while gradients are enabled."""
+    (second order unless ``first_order``) while gradients are enabled. Parameters that the
+    support loss does not use keep their values, or with ``allow_unused=False`` raise
+    ``RuntimeError`` (:func:`~l2l_adversarial.functional.refuse_unused`), as in sequence."""
     if steps == 0:
         return [params]
     if _folds(functional, inputs):
         return _folded_adapt(
-            functional, params, per_task, inputs, labels, step_size, steps, first_order, trajectory
-        )
+            functional, params, per_task, inputs, labels, step_size, steps, first_order,
+            trajectory, allow_unused,
+        )  # fmt: skip
+    if not allow_unused:  # vmap's gradients of unused parameters are zeros, not None
+        refuse_unused(_unused_by_support_loss(functional, params, per_task, inputs, labels))
 
     def inner_loop(
         p: Params, inputs: Tensor, labels: Tensor, step_size: Tensor | float
@@ -226,6 +239,34 @@ def adapt(
     in_dims = (0 if per_task else None, 0, 0, 0 if isinstance(step_size, Tensor) else None)
     with PrimitiveNormalisation():
         return vmap(inner_loop, in_dims=in_dims)(params, inputs, labels, step_size)
+
+
+_UNUSED: weakref.WeakKeyDictionary[FunctionalModel, dict[Any, list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _unused_by_support_loss(
+    functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor, labels: Tensor
+) -> list[str]:
+    """The parameters that the first task's support loss does not use: one first-order pass
+    of that task alone, remembered for the model, the parameters' names and the sets' shapes
+    (vmap allows no data-dependent control flow, so the tasks of a stack use the same ones)."""
+    key = (
+        tuple(params), tuple(inputs.shape[1:]), tuple(labels.shape[1:]), inputs.dtype,
+        labels.dtype, inputs.device, functional.module.training, functional.loss_fn,
+    )  # fmt: skip
+    known = _UNUSED.setdefault(functional, {})
+    if key not in known:
+        with torch.enable_grad():
+            first = {
+                name: (p[0] if per_task else p).detach().requires_grad_()
+                for name, p in params.items()
+            }
+            loss = functional.loss_fn(functional(first, inputs[0]), labels[0])
+            gradients = torch.autograd.grad(loss, list(first.values()), allow_unused=True)
+        known[key] = [name for name, g in zip(first, gradients, strict=True) if g is None]
+    return known[key]
 
 
 # -- folded ---------------------------------------------------------------------------------
@@ -262,6 +303,7 @@ def _folded_adapt(
     steps: int,
     first_order: bool,
     trajectory: bool,
+    allow_unused: bool = True,
 ) -> list[Params]:
     tasks, graph = inputs.shape[0], torch.is_grad_enabled()
     second_order = graph and not first_order
@@ -285,6 +327,8 @@ def _folded_adapt(
                 retain_graph=graph,
                 allow_unused=True,
             )
+            if not allow_unused:
+                refuse_unused([n for n, g in zip(folded, gradients, strict=True) if g is None])
             folded = {
                 name: p if g is None else descend(p, g, rates[name])
                 for (name, p), g in zip(folded.items(), gradients, strict=True)

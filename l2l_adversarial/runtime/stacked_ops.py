@@ -60,12 +60,14 @@ class StackedOps(TaskOps):
             if not per_task:
                 params = {n: p.expand(tasks, *p.shape) for n, p in params.items()}
             return [] if trajectory else [params for _ in sets]
+        allow_unused = self.inner_loop_rules()
         functional, first_order = self.learner.functional, self.learner.first_order
         if trajectory:
             ((inputs, labels, lr),) = sets
             return layouts.adapt(
-                functional, params, per_task, inputs, labels, lr, steps, first_order, True
-            )
+                functional, params, per_task, inputs, labels, lr, steps, first_order, True,
+                allow_unused=allow_unused,
+            )  # fmt: skip
         adapted: list[Params] = [{} for _ in sets]
         for members in _groups([(inputs.shape, labels.shape) for inputs, labels, _ in sets]):
             inputs = _joined([sets[i][0] for i in members])
@@ -77,6 +79,7 @@ class StackedOps(TaskOps):
             (result,) = layouts.adapt(
                 functional, joined, per_task, inputs, labels,
                 _step_sizes([sets[i][2] for i in members], tasks, inputs), steps, first_order,
+                allow_unused=allow_unused,
             )  # fmt: skip
             for slot, i in enumerate(members):
                 adapted[i] = {n: p[slot * tasks : (slot + 1) * tasks] for n, p in result.items()}
