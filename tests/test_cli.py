@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from data_factories import write_mini_imagenet_cache
+from data_factories import write_mini_imagenet_cache, write_tiered_imagenet
 
 from l2l_adversarial.app.cli import build_parser, main
 
@@ -133,6 +133,30 @@ def test_reproduction_script_end_to_end_on_generated_mini_imagenet(tmp_path: Pat
     assert "| Matching Nets | 40% |" in table
     assert (report / "table2_accuracy.png").stat().st_size > 5000
     assert reproduce.reproduce(argv) == 0  # a second run resumes the finished runs
+
+
+def test_reproduction_script_runs_a_dataset_beyond_the_papers(tmp_path: Path) -> None:
+    """tieredImageNet with MiniImageNet's settings: trains, evaluates and reports without a
+    paper column."""
+    for mode in ("train", "validation", "test"):
+        write_tiered_imagenet(tmp_path / "data", mode, num_classes=5, images_per_class=4,
+                              image_size=16)  # fmt: skip
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    overrides = ["dataset.strict=false", "train.iterations=1", "model.hidden=4", "task.query_shots=2",
+                 "train.adaptation_steps=1", "train.meta_batch_size=1", "evaluate.tasks=2",
+                 "evaluate.adaptation_steps=1"]  # fmt: skip
+    argv = ["--dataset", "tiered-imagenet", "--shots", "1", "--root", str(tmp_path / "data"),
+            "--output", str(tmp_path / "out"), "--methods", "maml"]  # fmt: skip
+    argv += [flag for override in overrides for flag in ("-o", override)]
+    assert reproduce.reproduce(argv) == 0
+    run = tmp_path / "out" / "tiered-imagenet-5w1s" / "maml"
+    assert "tiered-imagenet" in (run / "config.yaml").read_text()
+    results = json.loads((run / "evaluation.json").read_text())
+    assert {result["dataset"] for result in results} == {"tieredImageNet"}
+    assert any((tmp_path / "out" / "tiered-imagenet-5w1s" / "report").iterdir())
 
 
 def test_module_entry_point_prints_help() -> None:
