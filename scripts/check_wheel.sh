@@ -44,7 +44,8 @@ bin="$WORK/venv/bin"
 
 step "l2l-adversarial configs"
 "$bin/l2l-adversarial" configs > configs.txt
-[ "$(grep -c -- '-5w[15]s-' configs.txt)" -eq 20 ] || fail "configs listed $(grep -c -- '-5w[15]s-' configs.txt) bundled configs, not 20"
+shipped=$(ls "$SRC"/l2l_adversarial/app/configs/*.yaml | wc -l)  # every YAML of the source tree
+[ "$(grep -c -- '-5w[15]s-' configs.txt)" -eq "$shipped" ] || fail "configs listed $(grep -c -- '-5w[15]s-' configs.txt) bundled configs, not the $shipped of the source tree"
 grep -q "site-packages/l2l_adversarial/app/configs" configs.txt || fail "bundled configs not in site-packages"
 
 step "l2l-adversarial quickstart --iterations 2 --tasks 2"
