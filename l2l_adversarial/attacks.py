@@ -13,7 +13,8 @@ Conventions (read these before choosing ``eps``):
   ``nn.Module``, a learn2learn clone whose parameters are non-leaf tensors, a torchmeta
   ``MetaModule`` or a closure over functional parameters.
 * Any differentiable ``loss_fn(outputs, targets)`` works (default: cross-entropy on class
-  indices), e.g. ``torch.nn.functional.mse_loss`` on float regression targets of any shape;
+  indices), e.g. ``torch.nn.functional.mse_loss`` on float regression targets (of
+  the outputs' shape: :func:`~l2l_adversarial.validation.shape_checked` refuses others);
   class-index checks apply only to classification losses (cross-entropy, NLL).
   ``data_range`` is any input range, e.g. ``(-5, 5)`` for torchmeta's ``Sinusoid`` inputs.
 * Bad input is refused with an error naming the argument: non-float inputs, inputs whose
@@ -54,8 +55,10 @@ from torch import Tensor, nn
 from l2l_adversarial.functional import stateless
 from l2l_adversarial.validation import (
     check_finite,
+    check_inputs_fit,
     check_labels,
     is_classification_loss,
+    shape_checked,
     value_checks_enabled,
 )
 
@@ -144,7 +147,9 @@ class Attack(ABC):
                 f"loss_fn must be a callable loss_fn(outputs, targets) -> Tensor such as "
                 f"torch.nn.functional.mse_loss, got {type(loss_fn).__name__}"
             )
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.loss_fn: LossFn = shape_checked(
+            loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        )
         self.check_values = bool(check_values)
 
     def __repr__(self) -> str:
@@ -156,6 +161,8 @@ class Attack(ABC):
         if self.check_values:
             check_finite("inputs", inputs)
         labels = labels.detach()
+        if is_classification_loss(self.loss_fn) and labels.dtype != torch.long:
+            labels = labels.long()  # class indices of any integer dtype, as the learners
         pixels = self._to_pixels(inputs.detach())
         if self.check_values:
             self.check_range(pixels)
@@ -316,28 +323,9 @@ class Attack(ABC):
 
 
 def _check_module_takes(model: nn.Module, inputs: Tensor) -> None:
-    """Refuse inputs whose dtype or channel count ``model`` cannot take (metadata only)."""
-    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if parameter is not None and parameter.dtype != inputs.dtype:
-        raise TypeError(
-            f"inputs are {inputs.dtype} but {type(model).__name__}'s parameters are "
-            f"{parameter.dtype}; pass inputs.to({parameter.dtype}) or convert the model "
-            f"(model.to({inputs.dtype}))"
-        )
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if conv is None:
-        return
-    spatial = len(conv.kernel_size)
-    if (
-        inputs.dim() in (spatial + 1, spatial + 2)
-        and inputs.shape[-spatial - 1] != conv.in_channels
-    ):
-        raise ValueError(
-            f"inputs have {inputs.shape[-spatial - 1]} channel(s) (shape {tuple(inputs.shape)}), "
-            f"but {type(model).__name__}'s first convolution takes {conv.in_channels}; pass "
-            f"(N, {conv.in_channels}, ...) inputs or build the model with "
-            f"in_channels={inputs.shape[-spatial - 1]}"
-        )
+    """Refuse inputs whose dtype, device or channel count ``model`` cannot take (metadata
+    only): :func:`~l2l_adversarial.validation.check_inputs_fit`."""
+    check_inputs_fit(model, inputs)
 
 
 class FGSM(Attack):

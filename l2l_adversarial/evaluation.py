@@ -73,6 +73,7 @@ from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
 from l2l_adversarial.runtime import SeededStarts, StackedOps, resolve_engine
+from l2l_adversarial.runtime.layouts import explain_randomness
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import (
     QUERY_STREAM,
@@ -589,15 +590,17 @@ def _check_chunk(
     shots: int,
     attacks: Sequence[Attack],
     engine: str,
+    model: nn.Module | None = None,
 ) -> list[Task]:
-    """Metadata of every task, then its values with one host read (see :func:`evaluate`);
-    returns the tasks with integer labels as ``torch.long``."""
+    """Metadata of every task (against ``model``, a gradient-based learner's network), then
+    its values with one host read (see :func:`evaluate`); returns the tasks with integer
+    labels as ``torch.long``."""
     names = [f"tasks[{index}]" for index in indices]
     checked = []
     for name, task in zip(names, chunk, strict=True):
         if not isinstance(task, tuple) or len(task) != 4:
             raise TypeError(f"{name} must be a Task, got {type(task).__name__}")
-        task = check_task_metadata(task, where=name)
+        task = check_task_metadata(task, model=model, where=name)
         checked.append(task)
         if task.support_labels.shape[0] != ways * shots:  # (an error: reading is fine)
             other = check_task(*task)
@@ -678,12 +681,16 @@ class _Protocol:
         chunks = [mine[start : start + chunk_size] for start in range(0, len(mine), chunk_size)]
         prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
         per_rank: list[Curves] = []
+        functional = getattr(learner, "functional", None)
+        model = functional.module if isinstance(functional, FunctionalModel) else None
         with MetaBatches(
             tasks, chunks.__getitem__, 0, len(chunks), device=device, prefetch=prefetch
         ) as batches:
             for batch in batches:
                 indices, chunk = [index for index, _ in batch], [task for _, task in batch]
-                chunk = _check_chunk(chunk, indices, self.ways, self.shots, self.attacks, engine)
+                chunk = _check_chunk(
+                    chunk, indices, self.ways, self.shots, self.attacks, engine, model
+                )
                 seeds = [derive_seed(seed, index) for index in indices]
                 with value_checks(False):
                     found = self._chunk_curves(learner, chunk, seeds, engine)
@@ -708,7 +715,8 @@ class _Protocol:
             assert isinstance(learner, GradientLearner)
             stack = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
             stacked = _RuntimeOps(StackedOps(learner, starts=SeededStarts(seeds)), learner)
-            curves = self.curves(stacked, stack)
+            with explain_randomness(learner.functional.module):
+                curves = self.curves(stacked, stack)
             return [
                 {key: (v[0][t], v[1][t]) for key, v in curves.items()} for t in range(len(chunk))
             ]

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from l2l_adversarial.validation import shape_checked
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -145,7 +147,9 @@ class FunctionalModel:
             )
         _warn_on_tracked_batchnorm(module)
         self.module = module
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        self.loss_fn: LossFn = shape_checked(
+            loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        )
         self.channels_last = bool(channels_last)
 
     def parameters(self) -> Params:

@@ -15,7 +15,8 @@ class Task(NamedTuple):
     """One few-shot task: a support set to adapt on and a query set to score on.
 
     For classification, labels are class indices in ``[0, ways)``; for regression, float
-    targets of any shape (one row per sample). A ``Task`` unpacks into the positional
+    targets of any shape (one row per sample; with torch's element-wise losses such as
+    ``mse_loss``, the model outputs' shape: ``(N, 1)`` for one output). A ``Task`` unpacks into the positional
     arguments of every ``meta_loss``: ``adml.meta_loss(*task)``.
     """
 

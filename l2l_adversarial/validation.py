@@ -33,11 +33,13 @@ from l2l_adversarial.task import Task
 __all__ = [
     "check_choice",
     "check_finite",
+    "check_inputs_fit",
     "check_labels",
     "check_meta_batch",
     "check_task",
     "check_task_metadata",
     "is_classification_loss",
+    "shape_checked",
     "value_checks",
     "value_checks_enabled",
 ]
@@ -83,6 +85,8 @@ def is_classification_loss(loss_fn: Callable[..., Tensor]) -> bool:
         >>> is_classification_loss(torch.nn.functional.mse_loss)
         False
     """
+    if isinstance(loss_fn, ShapeCheckedLoss):
+        loss_fn = loss_fn.loss_fn
     return loss_fn in CLASSIFICATION_LOSSES or isinstance(
         loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)
     )
@@ -183,40 +187,131 @@ def check_task_metadata(
             f"samples {tuple(query_inputs.shape[1:])}: both sets must come from the same data"
         )
     if model is not None:
-        _check_inputs_fit(model, support_inputs, where)
+        check_inputs_fit(model, support_inputs, where)
+        check_inputs_fit(model, query_inputs, where)
     return Task(*checked)
 
 
-def _check_inputs_fit(model: nn.Module, inputs: Tensor, where: str) -> None:
+def check_inputs_fit(model: nn.Module, inputs: Tensor, where: str = "") -> None:
+    """Refuse ``inputs`` that ``model`` cannot take, from metadata only (no host read): a
+    floating-point dtype or a device other than its parameters', or a channel count other
+    than its first convolution's (a feature count other than its own ``nn.Linear``'s).
+
+    The one check of model against inputs for direct calls (``meta_loss``), the engines,
+    :func:`~l2l_adversarial.evaluation.evaluate` and the attacks.
+
+    Example:
+        >>> check_inputs_fit(nn.Conv2d(1, 4, 3), torch.rand(2, 3, 8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: inputs have 3 channel(s) (shape (2, 3, 8, 8)) but Conv2d's first ...
+    """
+    name = type(model).__name__
+    at = f"{where}: " if where else ""
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parameter is not None and inputs.is_floating_point():
         if inputs.dtype != parameter.dtype:
             raise TypeError(
-                f"{where}: inputs are {inputs.dtype} but {type(model).__name__}'s parameters "
-                f"are {parameter.dtype}; convert one of them (e.g. inputs.to({parameter.dtype}) "
-                "or model.to(inputs.dtype))"
+                f"{at}inputs are {inputs.dtype} but {name}'s parameters are "
+                f"{parameter.dtype}; convert one of them (inputs.to({parameter.dtype}) for "
+                f"every set of the task, or model.to({inputs.dtype}) before building the "
+                "learner)"
             )
         if inputs.device != parameter.device:
             raise ValueError(
-                f"{where}: inputs are on {inputs.device} but {type(model).__name__}'s "
-                f"parameters on {parameter.device}; move the task with .to({parameter.device})"
+                f"{at}inputs are on {inputs.device} but {name}'s parameters on "
+                f"{parameter.device}; move the task with .to({parameter.device})"
             )
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-    if isinstance(first, nn.Conv2d) and inputs.dim() == 4 and inputs.shape[1] != first.in_channels:
-        raise ValueError(
-            f"{where}: inputs have {inputs.shape[1]} channels (shape {tuple(inputs.shape)}) but "
-            f"the model's first convolution takes {first.in_channels}; build the model with "
-            f"in_channels={inputs.shape[1]}"
-        )
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))),
+        None,
+    )
+    if isinstance(first, nn.modules.conv._ConvNd):
+        spatial = len(first.kernel_size)
+        if inputs.dim() in (spatial + 1, spatial + 2):
+            channels = inputs.shape[-spatial - 1]
+            if channels != first.in_channels:
+                raise ValueError(
+                    f"{at}inputs have {channels} channel(s) (shape {tuple(inputs.shape)}) "
+                    f"but {name}'s first convolution takes {first.in_channels}; pass "
+                    f"(N, {first.in_channels}, ...) inputs or build the model with "
+                    f"in_channels={channels}"
+                )
     if (
         isinstance(first, nn.Linear)
         and next(iter(model.modules())) is first
         and inputs.shape[-1] != first.in_features
     ):
         raise ValueError(
-            f"{where}: inputs have {inputs.shape[-1]} features but the model takes "
-            f"{first.in_features}"
+            f"{at}inputs have {inputs.shape[-1]} features (shape {tuple(inputs.shape)}) "
+            f"but {name} takes {first.in_features}; pass (N, {first.in_features}) inputs"
         )
+
+
+ELEMENTWISE_LOSSES: tuple[Callable[..., Tensor], ...] = (
+    nn.functional.mse_loss,
+    nn.functional.l1_loss,
+    nn.functional.smooth_l1_loss,
+    nn.functional.huber_loss,
+)
+"""Regression losses that broadcast outputs against targets of another shape (torch only
+warns): :func:`shape_checked` refuses that instead."""
+
+
+class ShapeCheckedLoss:
+    """``loss_fn`` that refuses outputs and targets of different shapes (see
+    :func:`shape_checked`); equal to, and hashed as, the loss it wraps."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self.__name__ = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+    def __call__(self, outputs: Tensor, targets: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if (
+            isinstance(outputs, Tensor)
+            and isinstance(targets, Tensor)
+            and outputs.shape != targets.shape
+        ):
+            raise ValueError(
+                f"loss_fn {self.__name__}: the model's outputs have shape "
+                f"{tuple(outputs.shape)} but the targets (labels) {tuple(targets.shape)}; "
+                "torch would broadcast them against each other and compute a wrong loss. "
+                f"Give the targets the outputs' shape (e.g. labels.reshape(-1, "
+                f"{', '.join(map(str, outputs.shape[1:])) or 1}) for every set of the task) "
+                "or make the model return the targets' shape"
+            )
+        return self.loss_fn(outputs, targets, *args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShapeCheckedLoss):
+            other = other.loss_fn
+        return bool(self.loss_fn == other)
+
+    def __hash__(self) -> int:
+        return hash(self.loss_fn)
+
+    def __repr__(self) -> str:
+        return f"shape_checked({self.loss_fn!r})"
+
+
+def shape_checked(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``loss_fn``, refusing outputs and targets of different shapes where it is one of
+    torch's element-wise regression losses (:data:`ELEMENTWISE_LOSSES`, or their modules):
+    a shape comparison where the outputs are computed anyway, no extra pass or host read.
+
+    Example:
+        >>> loss = shape_checked(nn.functional.mse_loss)
+        >>> loss(torch.zeros(4, 1), torch.zeros(4))
+        Traceback (most recent call last):
+        ...
+        ValueError: loss_fn mse_loss: the model's outputs have shape (4, 1) but the targets ...
+    """
+    if isinstance(loss_fn, ShapeCheckedLoss):
+        return loss_fn
+    elementwise = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+    if loss_fn in ELEMENTWISE_LOSSES or isinstance(loss_fn, elementwise):
+        return ShapeCheckedLoss(loss_fn)
+    return loss_fn
 
 
 def check_task(

@@ -332,7 +332,7 @@ def test_library_inputs_are_checked_from_metadata_with_named_arguments() -> None
         "task 0: inputs are torch.float32 but CNN4's parameters are torch.float64": Task(
             sx.float(), sy, qx.float(), qy
         ),
-        "inputs have 3 channels .* first convolution takes 1": Task(
+        r"inputs have 3 channel\(s\) .* first convolution takes 1": Task(
             sx.repeat(1, 3, 1, 1), sy, qx.repeat(1, 3, 1, 1), qy
         ),
         r"support_inputs has shape \(4, 1, 16, 16\) and support_labels shape \(5,\)": Task(
@@ -347,7 +347,7 @@ def test_library_inputs_are_checked_from_metadata_with_named_arguments() -> None
 
 
 def test_regression_with_mse_meta_trains_without_class_checks() -> None:
-    """Any differentiable loss and float targets of any shape; accuracy is NaN."""
+    """Any differentiable loss and float targets (the outputs' shape); accuracy is NaN."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1))
     attack = FGSM(eps=0.1, data_range=(-5.0, 5.0), loss_fn=nn.functional.mse_loss)

@@ -16,7 +16,7 @@ from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOp
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_task, is_classification_loss
+from l2l_adversarial.validation import check_task, check_task_metadata, is_classification_loss
 
 DEFAULT_TRAINING_EPS = 2 / 255
 """The paper's meta-training FGSM radius, eps = 2 on 8-bit images scaled to [0, 1]."""
@@ -30,7 +30,8 @@ class LearnerOptions(TypedDict, total=False):
     Attributes:
         adaptation_steps: inner gradient steps per task (the paper: 5 in meta-training).
         loss_fn: task loss ``loss_fn(outputs, targets)``; cross-entropy by default. Any
-            differentiable loss works (e.g. ``mse_loss`` with float targets of any shape);
+            differentiable loss works (e.g. ``mse_loss`` with float targets of the outputs'
+            shape: other shapes, which torch would broadcast, are refused);
             class-label checks and accuracy apply to classification losses only.
         channels_last: evaluate (and attack) query sets in channels-last memory format, as
             :class:`~l2l_adversarial.functional.FunctionalModel` describes: same results,
@@ -158,7 +159,7 @@ class MetaLearner(MAML):
     ) -> tuple[Task, int, TaskOps]:
         """The task (checked when called directly), the step count and the ops to run on."""
         if ops is None:
-            task = Task(*task)
+            task = check_task_metadata(task, self.classification, self.functional.module)
             check_task(*task, classification=self.classification)
             ops = SequentialOps(self)
         return task, self.resolve_steps(steps), ops

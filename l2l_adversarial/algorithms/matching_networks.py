@@ -247,7 +247,7 @@ class MatchingNetwork(nn.Module):
     ) -> Tensor:
         """Log-probabilities ``log sum_i a(x, x_i) y_i`` of the queries, ``(n_query, ways)``."""
         weights = self.attention(support_inputs, support_labels, query_inputs)
-        one_hot = nn.functional.one_hot(support_labels, self.ways).to(weights.dtype)
+        one_hot = nn.functional.one_hot(_long(support_labels), self.ways).to(weights.dtype)
         # Cosine similarities lie in [-1, 1], so every class present in the support set has
         # probability >= exp(-2) / n_support > 0: the logarithm is finite.
         return torch.log(weights @ one_hot)
@@ -262,6 +262,7 @@ class MatchingNetwork(nn.Module):
         """Episodic training loss of one task (query negative log-likelihood, differentiable)
         and the query accuracy (detached)."""
         check_task(support_inputs, support_labels, query_inputs, query_labels, self.ways)
+        query_labels = _long(query_labels)  # class indices of any integer dtype
         log_probabilities = self(support_inputs, support_labels, query_inputs)
         loss = nn.functional.nll_loss(log_probabilities, query_labels)
         return loss, accuracy(log_probabilities.detach(), query_labels)
@@ -296,3 +297,8 @@ class MatchingNetwork(nn.Module):
         (see the module docstring): ``attack(net.support_model(sx, sy), sx, sy)``.
         """
         return self.query_model(support_inputs, support_labels)
+
+
+def _long(labels: Tensor) -> Tensor:
+    """Class indices of any integer dtype as ``torch.long`` (checked by ``check_task``)."""
+    return labels if labels.dtype == torch.long else labels.long()

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from l2l_adversarial.algorithms.base import MetaLearner
 from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskObjective, TaskOps
-from l2l_adversarial.runtime.layouts import vmap_obstacle
+from l2l_adversarial.runtime.layouts import explain_randomness, vmap_obstacle
 from l2l_adversarial.runtime.stacked_ops import StackedOps
 from l2l_adversarial.runtime.streams import GeneratorStates
 from l2l_adversarial.task import Task
@@ -309,7 +309,8 @@ class _MetaBatch:
                 ops: TaskOps = (SequentialOps if self.engine == "sequential" else StackedOps)(
                     self.learner, recorded[chunk] if replay else None, self.streams, start
                 )
-                objective = self.learner.task_objective(task, self.steps, ops)
+                with explain_randomness(self.learner.functional.module):
+                    objective = self.learner.task_objective(task, self.steps, ops)
                 if not replay:
                     recorded.append(ops.recorded)
                 if self.engine == "sequential":

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from l2l_adversarial.models import CNN4, MLP
 __all__ = [
     "PrimitiveNormalisation",
     "adapt",
+    "explain_randomness",
     "fold_obstacle",
     "forward",
     "losses",
@@ -95,6 +97,35 @@ def vmap_obstacle(model: nn.Module) -> str | None:
         if isinstance(layer, (nn.modules.instancenorm._InstanceNorm, nn.RMSNorm)):
             return f"{label}: PyTorch's vmap gives wrong second derivatives through it"
     return None
+
+
+_RANDOMNESS_ERROR = "called random operation while in randomness error mode"
+
+
+@contextmanager
+def explain_randomness(module: nn.Module) -> Iterator[None]:
+    """Inside the block, torch's vmap refusal of a random operation (``F.dropout``,
+    ``torch.rand``, ... in a forward pass of its own, which :func:`vmap_obstacle` cannot
+    see) becomes a ``ValueError`` that names the model and ``engine='sequential'``.
+
+    Example:
+        >>> with explain_randomness(torch.nn.Linear(2, 2)):
+        ...     raise RuntimeError("vmap: " + _RANDOMNESS_ERROR)
+        Traceback (most recent call last):
+        ...
+        ValueError: engine='vmap' cannot run Linear: its forward pass draws random numbers ...
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if _RANDOMNESS_ERROR not in str(error):
+            raise
+        raise ValueError(
+            f"engine='vmap' cannot run {type(module).__name__}: its forward pass draws random "
+            "numbers (F.dropout, torch.rand, ... in training mode), which vmap cannot draw for "
+            "each task as the sequential engine does. Use engine='sequential' (or 'auto'), or "
+            "call .eval() on the model if it should not draw them"
+        ) from error
 
 
 _CONTAINERS = (nn.Sequential, CNN4, MLP)
