@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l2l_adversarial import ADML, CNN4, FGSM, MAML, PGD, MatchingNetwork, Task, engines
-from l2l_adversarial.evaluation import GradientLearner, evaluate
+from l2l_adversarial.evaluation import GradientLearner, MatchingLearner, evaluate
 from l2l_adversarial.validation import ShapeCheckedLoss, shape_checked
 
 WAYS, SHOTS = 3, 2
@@ -236,3 +236,24 @@ def test_dropout_under_the_vmap_engine_is_refused_naming_the_sequential_engine(
             run("vmap")
         run("sequential")  # the reference draws every task's masks
         assert name
+
+
+def test_matching_networks_refuse_inputs_their_embedding_cannot_take() -> None:
+    """Before: conv2d's channel error and "Input type (float) and bias type (double)" from
+    loss_and_accuracy, the attacks' query model and evaluate."""
+    net = MatchingNetwork(ways=WAYS, in_channels=1, image_size=16, hidden=4)
+    cases = {
+        r"support_inputs \(the embedding\): inputs have 3 channel\(s\).*takes 1": (
+            net,
+            image_task(channels=3),
+        ),
+        r"support_inputs \(the embedding\): inputs are torch.float32 but .*torch.float64": (
+            MatchingNetwork(ways=WAYS, in_channels=1, image_size=16, hidden=4).double(),
+            image_task(),
+        ),
+    }
+    for message, (network, task) in cases.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            network.loss_and_accuracy(*task)
+        with pytest.raises((TypeError, ValueError), match=message):
+            evaluate(MatchingLearner(network), [task, task], method="m", epsilons=[2.0])

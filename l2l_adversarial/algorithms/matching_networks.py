@@ -80,7 +80,7 @@ from torch import Tensor, nn
 
 from l2l_adversarial.functional import accuracy, stateless
 from l2l_adversarial.models import CNN4
-from l2l_adversarial.validation import check_task
+from l2l_adversarial.validation import check_inputs_fit, check_task
 
 __all__ = ["MatchingNetwork"]
 
@@ -219,6 +219,8 @@ class MatchingNetwork(nn.Module):
             query_inputs.shape[0], dtype=torch.long, device=query_inputs.device
         )
         check_task(support_inputs, support_labels, query_inputs, placeholder_labels, self.ways)
+        check_inputs_fit(self.embedding, support_inputs, "support_inputs (the embedding)")
+        check_inputs_fit(self.embedding, query_inputs, "query_inputs (the embedding)")
         missing = sorted(set(range(self.ways)) - set(support_labels.tolist()))
         if missing:
             raise ValueError(
