@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -214,17 +214,15 @@ class SequentialOps(TaskOps):
         attack: Attack,
         stream: tuple[int, ...],
     ) -> list[Tensor]:
-        functional, params = self.learner.functional, self._params(against)
+        functional = self.learner.functional
+        model = functional.at(self._params(against))
         adversarial = []
         for inputs, labels, query in sets:
             with self.starts.generator(self.first_task, stream) as generator:
                 drawing = attack if generator is None else attack.drawing_from(generator)
-                if not query:
-                    adversarial.append(drawing(functional.at(params), inputs, labels))
-                    continue
-                with functional.query_pass():
-                    x = functional.query_layout(inputs)
-                    adversarial.append(drawing(functional.at(params), x, labels))
+                with functional.query_pass() if query else nullcontext():
+                    x = functional.query_layout(inputs) if query else inputs
+                    adversarial.append(drawing(model, x, labels))
         return adversarial
 
     def adapt(
