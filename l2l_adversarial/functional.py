@@ -33,7 +33,15 @@ from l2l_adversarial.validation import shape_checked
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["FunctionalModel", "Params", "accuracy", "descend", "refuse_unused", "stateless"]
+__all__ = [
+    "FunctionalModel",
+    "Params",
+    "accuracy",
+    "descend",
+    "kl_divergence",
+    "refuse_unused",
+    "stateless",
+]
 
 
 def stateless(
@@ -70,6 +78,24 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.is_floating_point() or logits.dim() != labels.dim() + 1:
         return torch.full((), float("nan"), device=logits.device)
     return (logits.argmax(dim=-1) == labels).float().mean()
+
+
+def kl_divergence(outputs: Tensor, clean: Tensor, reduction: str = "mean") -> Tensor:
+    """TRADES's robustness term (Zhang et al., 2019): ``KL(softmax(clean) || softmax(outputs))``
+    of each row of class scores (the last dimension), averaged over the rows; with
+    ``reduction="none"``, each row's. Gradients reach both arguments, as in TRADES.
+
+    Example:
+        >>> import math
+        >>> two_classes = kl_divergence(torch.tensor([[math.log(3), 0.0]]), torch.zeros(1, 2))
+        >>> math.isclose(two_classes.item(), 0.5 * math.log(4 / 3), rel_tol=1e-6)  # (1/2,1/2) vs (3/4,1/4)
+        True
+    """
+    rows = torch.nn.functional.kl_div(
+        torch.log_softmax(outputs, -1), torch.log_softmax(clean, -1), reduction="none",
+        log_target=True,
+    ).sum(-1)  # fmt: skip
+    return rows if reduction == "none" else rows.mean()
 
 
 def descend(params: Tensor, gradient: Tensor, step_size: Tensor | float) -> Tensor:
@@ -217,14 +243,13 @@ class FunctionalModel:
         features = stateless(self.features)
         return lambda inputs: head(features(inputs))
 
-    def head_loss(self, params: Params, embedded: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Task loss and accuracy of :attr:`module` at ``params`` on :meth:`embed`'s outputs."""
-        logits = self.head(params, embedded)
-        return self.loss_fn(logits, labels), accuracy(logits.detach(), labels)
-
     def loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Task loss and accuracy of the network on ``inputs``, the module at ``params``."""
-        return self.head_loss(params, self.embed(inputs), labels)
+        return self.scored(self(params, inputs), labels)
+
+    def scored(self, outputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Task loss and accuracy of ``outputs``."""
+        return self.loss_fn(outputs, labels), accuracy(outputs.detach(), labels)
 
     def query_layout(self, inputs: Tensor) -> Tensor:
         """``inputs`` in the memory format of query-set passes (channels-last 4-D batches when
@@ -246,20 +271,25 @@ class FunctionalModel:
                 "replace it with .reshape() (or torch.flatten), or pass channels_last=False"
             ) from error
 
-    def query_loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`loss` on a query set, in the :meth:`query_layout` memory format.
+    def query_outputs(self, params: Params, inputs: Tensor) -> Tensor:
+        """The network's outputs (the module at ``params``) on a query set, in the
+        :meth:`query_layout` memory format.
 
         With :attr:`channels_last`, convolution weight gradients come back channels-last; fast
         weights get them contiguous, so the inner loop's backward pass stays in its faster
         format.
         """
         if not self.channels_last or inputs.dim() != 4:
-            return self.loss(params, inputs, labels)
+            return self(params, inputs)
         for p in params.values():
             if p.dim() == 4 and p.requires_grad and not p.is_leaf:
                 p.register_hook(_contiguous)
         with self.query_pass():
-            return self.loss(params, self.query_layout(inputs), labels)
+            return self(params, self.query_layout(inputs))
+
+    def query_loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`loss` on a query set (:meth:`query_outputs`)."""
+        return self.scored(self.query_outputs(params, inputs), labels)
 
     def step(
         self,

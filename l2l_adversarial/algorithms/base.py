@@ -12,6 +12,7 @@ from learn2learn.algorithms import MAML
 from torch import Tensor, nn
 from typing_extensions import TypedDict, Unpack
 
+from l2l_adversarial.algorithms.robust import DEFAULT_TRADES_BETA, RobustLoss, RobustOptions
 from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOps
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
@@ -53,9 +54,10 @@ class LearnerOptions(TypedDict, total=False):
     features: nn.Module | None
 
 
-class AdversarialOptions(LearnerOptions, total=False):
+class AdversarialOptions(LearnerOptions, RobustOptions, total=False):
     """:class:`LearnerOptions` plus ``attack``: an :class:`~l2l_adversarial.attacks.Attack`
-    (default ``FGSM(eps=2/255)``)."""
+    (default ``FGSM(eps=2/255)``), and the robustness term's ``robust_loss`` and
+    ``trades_beta`` (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`)."""
 
     attack: Attack | None
 
@@ -230,8 +232,12 @@ class AdversarialMetaLearner(MetaLearner):
     Args:
         model, lr, first_order, allow_unused, allow_nograd: as for :class:`MetaLearner`
             (learn2learn's ``MAML`` arguments).
-        **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``).
+        **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``;
+            ``robust_loss``, ``trades_beta``: :attr:`robust`).
     """
+
+    robust: RobustLoss
+    """How the adversarial query rows are scored (:mod:`~l2l_adversarial.algorithms.robust`)."""
 
     def __init__(
         self,
@@ -243,6 +249,9 @@ class AdversarialMetaLearner(MetaLearner):
         **options: Unpack[AdversarialOptions],
     ) -> None:
         attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
+        robust = RobustLoss(
+            options.pop("robust_loss", "ce"), options.pop("trades_beta", DEFAULT_TRADES_BETA)
+        )
         super().__init__(
             model, lr, first_order, allow_unused, allow_nograd, **cast(LearnerOptions, options)
         )
@@ -254,6 +263,14 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
+        self.robust = robust
+
+    @property
+    def robust_attack(self) -> Attack:
+        """The attack making the rows the robustness term scores: :attr:`attack` maximising
+        the term's objective (the KL divergence for ``robust_loss="trades"``)."""
+        assert self.attack is not None
+        return self.robust.attack(self.attack)
 
     # -- name-only swap detection: learn2learn's clone()/adapt() in a training loop ---------
     def clone(

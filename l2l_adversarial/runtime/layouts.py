@@ -52,6 +52,7 @@ from l2l_adversarial.functional import (
     Params,
     accuracy,
     descend,
+    kl_divergence,
     refuse_unused,
 )
 from l2l_adversarial.models import CNN4, MLP
@@ -63,10 +64,12 @@ __all__ = [
     "fold_obstacle",
     "forward",
     "losses",
+    "outputs",
+    "scored",
     "vmap_obstacle",
 ]
 
-ROW_MEAN_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss)
+ROW_MEAN_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss, kl_divergence)
 """Losses whose default value is the mean of the ``reduction="none"`` rows."""
 
 
@@ -209,22 +212,30 @@ def forward(
     return run
 
 
-def losses(
-    functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor, labels: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Each task's loss and accuracy (``[T]`` each; accuracy detached, NaN where it means
-    nothing) at its parameters."""
+def outputs(functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor) -> Tensor:
+    """Each task's outputs ``[T, N, ...]`` at its parameters (after the features, if any),
+    differentiable in them."""
     inputs = _embedded(functional, inputs)
     if not _folds(functional, inputs):
         with PrimitiveNormalisation():
-            return vmap(functional.head_loss, in_dims=(0 if per_task else None, 0, 0))(
-                params, inputs, labels
-            )
+            return vmap(functional.head, in_dims=(0 if per_task else None, 0))(params, inputs)
     folded = _fold_params(params, per_task, inputs.shape[0])
-    outputs = _folded_outputs(functional.head, folded, inputs, primitive_norms=False)
+    return _folded_outputs(functional.head, folded, inputs, primitive_norms=False)
+
+
+def scored(functional: FunctionalModel, outputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each task's loss and accuracy (``[T]`` each; accuracy detached, NaN where it means
+    nothing) of its outputs ``[T, N, ...]``."""
     return _task_losses(functional.loss_fn, outputs, labels), vmap(accuracy)(
         outputs.detach(), labels
     )
+
+
+def losses(
+    functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each task's loss and accuracy (:func:`scored`) at its parameters."""
+    return scored(functional, outputs(functional, params, per_task, inputs), labels)
 
 
 def adapt(
