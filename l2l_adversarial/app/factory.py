@@ -27,19 +27,24 @@ from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.data import DATASET_INFO, make_tasks
 from l2l_adversarial.distributed import cuda_device
 from l2l_adversarial.errors import DeviceError
+from l2l_adversarial.evaluation import Scenario
 from l2l_adversarial.models import CNN4
 
 __all__ = [
     "DATASET_TITLES",
+    "LITERATURE_SCENARIOS",
     "METHOD_NAMES",
     "build_attack",
     "build_learner",
     "evaluation_attack",
+    "evaluation_options",
     "resolve_device",
     "task_source",
 ]
 
 DATASET_TITLES = {name: info.title for name, info in DATASET_INFO.items()}
+LITERATURE_SCENARIOS = (Scenario(0.0, 0.0), Scenario(0.0, 1.0))
+"""``evaluate.protocol: literature``: clean fine-tuning; the query clean, and attacked."""
 METHOD_NAMES = {
     "maml": "MAML",
     "maml-ad": "MAML-AD",
@@ -138,6 +143,33 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
             PGD, steps=settings["pgd_steps"], step_size=None if step is None else pixel_levels(step)
         )
     return AutoAttack if settings["attack"] == "autoattack" else FGSM
+
+
+def evaluation_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~l2l_adversarial.evaluation.evaluate` that a config's
+    ``evaluate`` section sets. ``protocol: literature`` (its preset already applied by the
+    config, :data:`~l2l_adversarial.app.config.PROTOCOL_PRESETS`) is the library's
+    ``"adapted"`` protocol in :data:`LITERATURE_SCENARIOS`; other protocols score the paper's
+    scenarios.
+
+    Example:
+        >>> from l2l_adversarial.app.config import validate_config
+        >>> config = validate_config({"dataset": {"name": "digits"},
+        ...                           "evaluate": {"protocol": "literature"}})
+        >>> options = evaluation_options(config["evaluate"])
+        >>> options["protocol"], options["epsilons"], options["make_attack"](eps=8 / 255)
+        ('adapted', [8.0], PGD(eps=0.0313725, steps=20, step_size=0.00784314, random_start=True))
+    """
+    literature = settings["protocol"] == "literature"
+    return {
+        "epsilons": settings["eps"],
+        "make_attack": evaluation_attack(settings),
+        "protocol": "adapted" if literature else settings["protocol"],
+        "scenarios": LITERATURE_SCENARIOS if literature else None,
+        "seed": settings["seed"],
+        "engine": settings["engine"],
+        "chunk_size": settings["chunk_size"],
+    }
 
 
 def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:
