@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from l2l_adversarial.attacks import Attack
 from l2l_adversarial.functional import FunctionalModel, stateless
-from l2l_adversarial.seeding import derive_seed
+from l2l_adversarial.seeding import checked_seed, derive_seed
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import check_labels, check_task
 
@@ -292,11 +292,9 @@ class AdversarialTaskSampler:
             raise TypeError(
                 f"tasks must have a .sample() method returning a Task, got {type(tasks).__name__}"
             )
-        if seed is not None:
-            derive_seed(seed)  # validates
         self.tasks = tasks
         self.transform = transform
-        self.seed = seed
+        self.seed = checked_seed(seed)
         self.sampled = 0
 
     def sample_perturbed(self) -> PerturbedTask:
@@ -389,21 +387,14 @@ class AdversarialTaskset:
                 "taskset must have a .sample() method returning [data, labels] (a learn2learn "
                 f"TaskDataset), got {type(taskset).__name__}"
             )
-        if not isinstance(transform, AdversarialTaskTransform):
-            raise TypeError(
-                "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
-                f"query_fraction), got {type(transform).__name__}"
-            )
         if not callable(support):
             raise TypeError(
                 f"support must be a callable labels -> bool mask, got {type(support).__name__}"
             )
-        if seed is not None:
-            derive_seed(seed)  # validates
         self.taskset = taskset
-        self.transform = transform
+        self.transform = checked_transform(transform)
         self.support = support
-        self.seed = seed
+        self.seed = checked_seed(seed)
         self.sampled = 0
 
     def __repr__(self) -> str:
@@ -447,6 +438,16 @@ class AdversarialTaskset:
         """The next task, ``[data, labels]``, with the scenario applied."""
         sampled = self.sample_perturbed()
         return [sampled.data, sampled.labels]
+
+
+def checked_transform(transform: object) -> AdversarialTaskTransform:
+    """``transform`` if it is an :class:`AdversarialTaskTransform`, else a TypeError."""
+    if not isinstance(transform, AdversarialTaskTransform):
+        raise TypeError(
+            "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
+            f"query_fraction), got {type(transform).__name__}"
+        )
+    return transform
 
 
 def _check_attack(attack: object) -> None:
