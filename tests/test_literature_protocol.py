@@ -4,21 +4,27 @@ parameters (a hand-written float64 SGD + PGD-20 reference)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from data_factories import write_mini_imagenet_cache
 from torch import nn
 
 from l2l_adversarial.app import runs
 from l2l_adversarial.app.config import load_config
 from l2l_adversarial.app.factory import evaluation_options
+from l2l_adversarial.app.report import load_results
 from l2l_adversarial.app.runs import evaluate_run, train_runs
 from l2l_adversarial.evaluation import GradientLearner, evaluate
 from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import QUERY_STREAM
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS = ["dataset.name=digits", "dataset.image_size=16"]
 PRESET = {"attack": "pgd", "pgd_steps": 20, "pgd_step_size": 2.0, "eps": [8.0], "tasks": 1000}
@@ -149,3 +155,54 @@ def test_the_query_is_attacked_against_the_adapted_parameters() -> None:
     assert attacked.loss > clean.loss  # the attack raises the adapted model's loss
     # the step-0 point is the attack on theta; the scored model after adaptation differs
     assert expected[-1] != pytest.approx(expected[0], rel=1e-6)
+
+
+def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for mode, classes in (("train", 6), ("validation", 5), ("test", 5)):
+        write_mini_imagenet_cache(data, mode, num_classes=classes, images_per_class=4,
+                                  image_size=16)  # fmt: skip
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "examples/benchmark.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = ["dataset.strict=false", "train.iterations=1", "model.hidden=4", "task.query_shots=1",
+                 "train.adaptation_steps=1", "train.meta_batch_size=1", "train.pgd_steps=1",
+                 "train.validate_every=null", "evaluate.tasks=3", "evaluate.adaptation_steps=1",
+                 "evaluate.pgd_steps=3"]  # fmt: skip
+    argv = ["--dataset", "mini-imagenet", "--shots", "1", "--root", str(data), "--output",
+            str(tmp_path / "out"), "--methods", "maml", "aq", "--seeds", "0", "1"]  # fmt: skip
+    argv += [flag for override in overrides for flag in ("-o", override)]
+    assert script.benchmark([*argv, "--only-seed", "1"]) == 0
+    out = tmp_path / "out" / "mini-imagenet-5w1s"
+    assert not (out / "maml" / "seed-0").exists() and not (out / "benchmark.md").exists()
+    assert script.benchmark(argv) == 0  # seed 1 continues (finished), seed 0 trains
+    assert "method: aq" in (out / "aq" / "seed-0" / "config.yaml").read_text()
+    table = json.loads((out / "benchmark.json").read_text())
+    assert table["dataset"] == "MiniImageNet" and table["shots"] == 1
+    paper, literature = table["protocols"]["paper"], table["protocols"]["literature"]
+    assert [row["method"] for row in literature["rows"]] == ["MAML", "AQ"]
+    assert [(c["support"], c["query"], c["epsilon"]) for c in literature["columns"]] == [
+        ("clean", "clean", 8.0), ("clean", "adversarial", 8.0)]  # fmt: skip
+    assert len(paper["columns"]) == 8  # 4 scenarios (1 shot) x eps 2 and 0.2
+    # every cell: the mean over the two seeds of what each run's own evaluation says
+    for protocol, name in (
+        ("paper", "evaluation.json"),
+        ("literature", "evaluation-literature.json"),
+    ):
+        part = table["protocols"][protocol]
+        for row in part["rows"]:
+            method = {"MAML": "maml", "AQ": "aq"}[row["method"]]
+            runs = [load_results(out / method / f"seed-{s}" / name)[0] for s in (0, 1)]
+            assert {r.protocol for r in runs} == {protocol}
+            for column, cell in zip(part["columns"], row["cells"], strict=True):
+                values = [r.find(column["support"], column["query"], column["epsilon"]).accuracy
+                          for r in runs]  # fmt: skip
+                assert cell["per_seed"] == values and cell["seeds"] == [0, 1]
+                assert cell["accuracy"] == pytest.approx(sum(values) / 2)
+        comparison = next(c for c in part["comparisons"] if c["query"] == "adversarial")
+        assert (comparison["first"], comparison["second"], comparison["seeds"]) == ("MAML", "AQ", 2)
+        assert comparison["tasks"] == 3
+    markdown = (out / "benchmark.md").read_text()
+    assert "#### Protocol `literature`" in markdown and "| AQ | " in markdown
+    assert "Paired differences over 2 training seed(s) x 3 shared test tasks" in markdown

@@ -197,6 +197,8 @@ SCHEMA: dict[str, Any] = {
             "attack": {"type": "string", "allowed": ["fgsm", "ffgsm", "pgd"], "default": "fgsm"},
             "eps": _number(min=0, max=255, default=2.0),
             "pgd_steps": _integer(min=1, default=7),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "attack_target": {
                 "type": "string",
                 "allowed": ["initial", "adapted"],

@@ -70,8 +70,15 @@ def resolve_device(name: str) -> torch.device:
     return cuda_device() if device.type == "cuda" and device.index is None else device
 
 
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+def build_attack(
+    name: str,
+    eps_255: float,
+    pgd_steps: int,
+    seed: int | None = None,
+    pgd_step_size: float | None = None,
+) -> Attack:
+    """The attack named in a config, eps and PGD's step (default ``2.5 * eps / pgd_steps``)
+    given in 8-bit pixel levels (``2`` -> 2/255).
 
     Its per-call value checks are off (``check_values=False``): the data was validated when
     loaded, and training's divergence guard stops a non-finite loss with the setting to
@@ -84,7 +91,9 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     if name == "ffgsm":
         return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
+        step = None if pgd_step_size is None else pixel_levels(pgd_step_size)
+        return PGD(eps=eps, steps=pgd_steps, step_size=step, generator=generator,
+                   check_values=False)  # fmt: skip
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
@@ -114,7 +123,8 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     }
     if method == "maml":
         return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
+    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"],
+                          pgd_step_size=train["pgd_step_size"])  # fmt: skip
     if method == "adml":
         return ADML(
             model,
