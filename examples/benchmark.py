@@ -28,6 +28,7 @@ from pathlib import Path
 from l2l_adversarial.app.benchmark import (
     BENCHMARK_DATASETS,
     BENCHMARK_METHODS,
+    BENCHMARK_SEEDS,
     PROTOCOL_RESULTS,
     benchmark_config,
     run_folder,
@@ -44,8 +45,9 @@ def benchmark(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="folder holding the dataset files")
     parser.add_argument("--methods", nargs="+", default=list(BENCHMARK_METHODS),
                         choices=list(BENCHMARK_METHODS))  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
-                        help="training seeds of every method (default 0 1 2)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(BENCHMARK_SEEDS),
+                        metavar="SEED", help="training seeds of every method (default "
+                        f"{' '.join(map(str, BENCHMARK_SEEDS))})")  # fmt: skip
     parser.add_argument("--only-seed", type=int, metavar="SEED",
                         help="train and evaluate this one of --seeds, skip the table")  # fmt: skip
     parser.add_argument("--output", default="runs/benchmark", help="folder for runs and table")

@@ -29,6 +29,7 @@ from l2l_adversarial.evaluation import EvaluationResult
 __all__ = [
     "BENCHMARK_DATASETS",
     "BENCHMARK_METHODS",
+    "BENCHMARK_SEEDS",
     "PROTOCOL_RESULTS",
     "benchmark_config",
     "run_folder",
@@ -44,6 +45,8 @@ BENCHMARK_METHODS = {
 }
 """The benchmark's configs by their method part, with the name each has in the table."""
 BENCHMARK_DATASETS = ("mini-imagenet", "cifar-fs")
+BENCHMARK_SEEDS = (0, 1, 2)
+"""The training seeds of every method unless told otherwise."""
 PROTOCOL_RESULTS = {
     "paper": ("evaluation.json", []),
     "literature": ("evaluation-literature.json", ["-o", "evaluate.protocol=literature"]),
