@@ -5,6 +5,7 @@ from l2l_adversarial.algorithms import (
     ADML,
     MAML,
     MAMLAD,
+    RMAML,
     AdversarialQuerying,
     MatchingNetwork,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MatchingNetwork",
     "MLP",
     "PGD",
+    "RMAML",
     "Task",
     "AdversarialQuerying",
     "Attack",

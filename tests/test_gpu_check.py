@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from l2l_adversarial.app.benchmark import BENCHMARK_METHODS
+
 pytest.importorskip("benchmarks.op_counter", reason="the op counter of issue 11")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
@@ -83,7 +85,7 @@ def test_quick_cpu_run_writes_the_results_and_passes_its_checks(tmp_path: Path) 
     assert set(estimate["methods"]) == {"maml", "maml-ad", "adml", "matching-nets"}
     (benchmark,) = result["benchmark_estimates"]
     assert benchmark["table"] == "cifar-fs-5w1s" and benchmark["seeds"] == 3
-    assert set(benchmark["methods"]) == {"maml", "maml-ad", "adml", "aq"}
+    assert set(benchmark["methods"]) == set(BENCHMARK_METHODS)
     for part in benchmark["methods"].values():
         per_task, per_iteration = part["seconds_per_test_task"], part["seconds_per_iteration"]
         assert set(per_task) == {"paper", "literature"} and per_iteration > 0

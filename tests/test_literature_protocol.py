@@ -171,17 +171,18 @@ def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None
                  "train.validate_every=null", "evaluate.tasks=3", "evaluate.adaptation_steps=1",
                  "evaluate.pgd_steps=3"]  # fmt: skip
     argv = ["--dataset", "mini-imagenet", "--shots", "1", "--root", str(data), "--output",
-            str(tmp_path / "out"), "--methods", "maml", "aq", "--seeds", "0", "1"]  # fmt: skip
+            str(tmp_path / "out"), "--methods", "maml", "r-maml-ce", "r-maml-trades", "--seeds", "0", "1"]  # fmt: skip
     argv += [flag for override in overrides for flag in ("-o", override)]
     assert script.benchmark([*argv, "--only-seed", "1"]) == 0
     out = tmp_path / "out" / "mini-imagenet-5w1s"
     assert not (out / "maml" / "seed-0").exists() and not (out / "benchmark.md").exists()
     assert script.benchmark(argv) == 0  # seed 1 continues (finished), seed 0 trains
-    assert "method: aq" in (out / "aq" / "seed-0" / "config.yaml").read_text()
+    assert "robust_loss: trades" in (out / "r-maml-trades" / "seed-0" / "config.yaml").read_text()
     table = json.loads((out / "benchmark.json").read_text())
     assert table["dataset"] == "MiniImageNet" and table["shots"] == 1
     paper, literature = table["protocols"]["paper"], table["protocols"]["literature"]
-    assert [row["method"] for row in literature["rows"]] == ["MAML", "AQ"]
+    names = {"MAML": "maml", "R-MAML (CE)": "r-maml-ce", "R-MAML (TRADES)": "r-maml-trades"}
+    assert [row["method"] for row in literature["rows"]] == list(names)  # one row per variant
     assert [(c["support"], c["query"], c["epsilon"]) for c in literature["columns"]] == [
         ("clean", "clean", 8.0), ("clean", "adversarial", 8.0)]  # fmt: skip
     assert len(paper["columns"]) == 8  # 4 scenarios (1 shot) x eps 2 and 0.2
@@ -192,7 +193,7 @@ def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None
     ):
         part = table["protocols"][protocol]
         for row in part["rows"]:
-            method = {"MAML": "maml", "AQ": "aq"}[row["method"]]
+            method = names[row["method"]]
             runs = [load_results(out / method / f"seed-{s}" / name)[0] for s in (0, 1)]
             assert {r.protocol for r in runs} == {protocol}
             for column, cell in zip(part["columns"], row["cells"], strict=True):
@@ -201,8 +202,9 @@ def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None
                 assert cell["per_seed"] == values and cell["seeds"] == [0, 1]
                 assert cell["accuracy"] == pytest.approx(sum(values) / 2)
         comparison = next(c for c in part["comparisons"] if c["query"] == "adversarial")
-        assert (comparison["first"], comparison["second"], comparison["seeds"]) == ("MAML", "AQ", 2)
+        assert (comparison["first"], comparison["second"], comparison["seeds"]) == (
+            "MAML", "R-MAML (CE)", 2)  # fmt: skip
         assert comparison["tasks"] == 3
     markdown = (out / "benchmark.md").read_text()
-    assert "#### Protocol `literature`" in markdown and "| AQ | " in markdown
+    assert "#### Protocol `literature`" in markdown and "| R-MAML (TRADES) | " in markdown
     assert "Paired differences over 2 training seed(s) x 3 shared test tasks" in markdown

@@ -42,6 +42,8 @@ BENCHMARK_METHODS = {
     "maml-ad": "MAML-AD",
     "adml": "ADML",
     "aq": "AQ",
+    "r-maml-ce": "R-MAML (CE)",
+    "r-maml-trades": "R-MAML (TRADES)",
 }
 """The benchmark's configs by their method part, with the name each has in the table."""
 BENCHMARK_DATASETS = ("mini-imagenet", "cifar-fs")

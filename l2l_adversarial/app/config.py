@@ -31,6 +31,7 @@ from l2l_adversarial.errors import UserError
 
 __all__ = [
     "DATASETS",
+    "ADVERSARIAL_METHODS",
     "METHODS",
     "PROTOCOL_PRESETS",
     "SCHEMA",
@@ -44,7 +45,9 @@ __all__ = [
     "validate_config",
 ]
 
-METHODS = ("maml", "maml-ad", "adml", "aq", "matching-nets")
+METHODS = ("maml", "maml-ad", "adml", "aq", "r-maml", "matching-nets")
+ADVERSARIAL_METHODS = ("maml-ad", "adml", "aq", "r-maml")
+"""Methods that attack in meta-training: they take the attack and robustness-term keys."""
 DATASETS = _DATA_DATASETS  # the data package's registry: one list of names
 # ship inside an installed package: no root needed
 BUNDLED_DATASETS = tuple(name for name, info in DATASET_INFO.items() if info.bundled)
@@ -206,6 +209,12 @@ SCHEMA: dict[str, Any] = {
                 "default": None,
             },
             "adversarial_fraction": _number(min=0, max=1, default=1.0),
+            # how adversarial query rows are scored (l2l_adversarial.algorithms.robust): the
+            # task loss (ce) or TRADES's CE(clean) + trades_beta * KL(clean || adversarial)
+            "robust_loss": {"type": "string", "allowed": ["ce", "trades"], "default": "ce"},
+            "trades_beta": _number(min=0, default=6.0),
+            # r-maml's lambda; null: 0.2 with robust_loss ce, trades_beta with trades
+            "robust_weight": _number(min=0, nullable=True, default=None),
             # query-set passes in channels-last memory format; null: on when the device is the
             # CPU, where it measured faster (benchmarks/); same results either way
             "channels_last": {"type": "boolean", "nullable": True, "default": None},
@@ -331,6 +340,7 @@ def validate_config(
     _check_dataset_root(config["dataset"])
     if config["train"]["meta_update"] == "sequential":
         _check_sequential_update(config["method"])
+    _check_method_keys(config["method"], config["train"])
     for section in ("train", "evaluate"):
         if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
             raise ConfigError(
@@ -370,6 +380,21 @@ def _check_sequential_update(method: str) -> None:
             "two-optimizer update (Algorithm 1, line 11: a beta1 step on the adversarially "
             "adapted branch, then a beta2 step on the clean one), which "
             f"{method} does not have; set train.meta_update=joint or method=adml"
+        )
+
+
+def _check_method_keys(method: str, train: Mapping[str, Any]) -> None:
+    """Refuse training keys that the method would ignore."""
+    if train["robust_weight"] is not None and method != "r-maml":
+        raise ConfigError(
+            f"train.robust_weight applies to method r-maml only (its lambda), not {method}; "
+            "remove it, or set train.trades_beta for the TRADES weight of the other methods"
+        )
+    if train["robust_loss"] != "ce" and method not in ADVERSARIAL_METHODS:
+        raise ConfigError(
+            f"train.robust_loss: {train['robust_loss']!r} scores adversarial rows, which "
+            f"{method} does not make; use one of {', '.join(ADVERSARIAL_METHODS)} or "
+            "train.robust_loss=ce"
         )
 
 

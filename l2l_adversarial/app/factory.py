@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
+from l2l_adversarial.algorithms import (
+    ADML,
+    MAML,
+    MAMLAD,
+    RMAML,
+    AdversarialQuerying,
+    MatchingNetwork,
+)
 from l2l_adversarial.app.config import METHODS
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
@@ -50,6 +57,7 @@ METHOD_NAMES = {
     "maml-ad": "MAML-AD",
     "adml": "ADML",
     "aq": "AQ",
+    "r-maml": "R-MAML",
     "matching-nets": "Matching Nets",
 }
 
@@ -123,23 +131,31 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     }
     if method == "maml":
         return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"],
-                          pgd_step_size=train["pgd_step_size"])  # fmt: skip
+    common.update(
+        attack=build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"],
+                            pgd_step_size=train["pgd_step_size"]),
+        robust_loss=train["robust_loss"],
+        trades_beta=train["trades_beta"],
+    )  # fmt: skip
     if method == "adml":
         return ADML(
             model,
             **common,
-            attack=attack,
             clean_lr=train["clean_inner_lr"],
             attack_target=train["attack_target"] or "initial",
         )
     if method == "maml-ad":
-        return MAMLAD(
-            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
-        )
+        return MAMLAD(model, **common, adversarial_fraction=train["adversarial_fraction"])
     if method == "aq":
         return AdversarialQuerying(
-            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
+            model, **common, attack_target=train["attack_target"] or "adapted"
+        )
+    if method == "r-maml":
+        return RMAML(
+            model,
+            **common,
+            robust_weight=train["robust_weight"],
+            attack_target=train["attack_target"] or "adapted",
         )
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
