@@ -29,7 +29,7 @@ tiny images and model):
 4. the same for each table of ``examples/benchmark.py`` (MiniImageNet and CIFAR-FS, 1 and 5
    shots): every benchmark method's config trained for its configured iterations with each of
    the default training seeds, evaluated under the paper's protocol (600 tasks) and the
-   literature preset (1000 tasks, PGD-20 against the model after every adaptation step).
+   literature preset (1000 tasks, PGD-20 against the model after the last adaptation step).
 
 Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table that ``scripts/docs_numbers.py --only gpu --gpu-check DIR`` copies into docs/performance.md).
 Exit code 1 if a check fails, 2 for bad arguments.

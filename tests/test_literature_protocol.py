@@ -4,6 +4,7 @@ parameters (a hand-written float64 SGD + PGD-20 reference)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from l2l_adversarial.app.config import load_config
 from l2l_adversarial.app.factory import evaluation_options
 from l2l_adversarial.app.report import load_results
 from l2l_adversarial.app.runs import evaluate_run, train_runs
+from l2l_adversarial.attacks import PGD
 from l2l_adversarial.evaluation import GradientLearner, evaluate
 from l2l_adversarial.seeding import derive_seed
 from l2l_adversarial.task import Task
@@ -27,7 +29,14 @@ from l2l_adversarial.transforms import QUERY_STREAM
 ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS = ["dataset.name=digits", "dataset.image_size=16"]
-PRESET = {"attack": "pgd", "pgd_steps": 20, "pgd_step_size": 2.0, "eps": [8.0], "tasks": 1000}
+PRESET = {
+    "attack": "pgd",
+    "pgd_steps": 20,
+    "pgd_step_size": 2.0,
+    "eps": [8.0],
+    "tasks": 1000,
+    "curves": False,
+}
 
 
 def _governed(config: dict) -> dict:
@@ -123,9 +132,9 @@ def test_the_query_is_attacked_against_the_adapted_parameters() -> None:
                 torch.rand(12, 6, dtype=torch.float64), labels.repeat(4))  # fmt: skip
     settings = load_config(None, [*DIGITS, "evaluate.protocol=literature"])["evaluate"]
     lr, steps, seed = 0.5, 3, settings["seed"]
-    result = evaluate(GradientLearner(model, lr=lr, steps=steps), [task], method="M",
-                      **evaluation_options(settings))  # fmt: skip
-    clean, attacked = result.scenarios
+    learner, options = GradientLearner(model, lr=lr, steps=steps), evaluation_options(settings)
+    clean, attacked = evaluate(learner, [task], method="M", **options).scenarios
+    every_step = evaluate(learner, [task], method="M", **{**options, "curves": True}).scenarios
     # by hand: SGD from theta on the clean support, then PGD-20 against each step's model
     params = {name: p.detach() for name, p in model.named_parameters()}
     trajectory = [params]
@@ -148,13 +157,37 @@ def test_the_query_is_attacked_against_the_adapted_parameters() -> None:
         )
         with torch.no_grad():
             expected.append(float(_loss(model, adapted, query, task.query_labels)))
-    assert attacked.loss_curve == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert attacked.loss_curve == pytest.approx(expected[-1:], rel=1e-9, abs=1e-12)
+    assert every_step[1].loss_curve == pytest.approx(expected, rel=1e-9, abs=1e-12)
     with torch.no_grad():
         clean_loss = float(_loss(model, trajectory[-1], task.query_inputs, task.query_labels))
     assert clean.loss == pytest.approx(clean_loss, rel=1e-9)
     assert attacked.loss > clean.loss  # the attack raises the adapted model's loss
     # the step-0 point is the attack on theta; the scored model after adaptation differs
     assert expected[-1] != pytest.approx(expected[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["paper", "adapted"])
+@pytest.mark.parametrize("engine", ["sequential", "vmap"])
+def test_the_last_step_alone_gives_the_table_entries_of_the_whole_curve(
+    protocol: str, engine: str
+) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    labels = torch.arange(3).repeat(2)
+    tasks = [Task(torch.rand(6, 6, dtype=torch.float64), labels,
+                  torch.rand(9, 6, dtype=torch.float64), torch.arange(3).repeat(3))
+             for _ in range(3)]  # fmt: skip
+    options = {"method": "M", "protocol": protocol, "engine": engine, "epsilons": [8.0, 16.0],
+               "make_attack": functools.partial(PGD, steps=3), "seed": 5, "chunk_size": 2}  # fmt: skip
+    learner = GradientLearner(model, lr=0.5, steps=2)
+    whole, last = (evaluate(learner, tasks, curves=c, **options) for c in (True, False))
+    assert len(whole.scenarios) == len(last.scenarios) == 12  # 2 shots: 40 % rows too
+    for full, final in zip(whole.scenarios, last.scenarios, strict=True):
+        assert len(full.accuracy_curve) == 3 and len(final.accuracy_curve) == 1
+        assert final.task_accuracies == full.task_accuracies
+        assert final.loss == pytest.approx(full.loss, rel=1e-12)
+        assert final.loss_curve == pytest.approx(full.loss_curve[-1:], rel=1e-12)
 
 
 def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None:

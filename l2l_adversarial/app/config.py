@@ -74,12 +74,13 @@ PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
         "pgd_step_size": 2.0,
         "eps": [8.0],
         "tasks": 1000,
+        "curves": False,
     }
 }
 """``evaluate.protocol`` values that set other ``evaluate`` keys: ``literature`` is the robust
 few-shot literature's evaluation (Goldblum et al. 2020 and later work): the query attacked with
 PGD-20 at 8/255, step 2/255, against the adapted model after clean fine-tuning, on 1000 seeded
-test tasks (the app's runs score the clean-support scenarios only). A key set next to the
+test tasks, the final model only (the app's runs score the clean-support scenarios only). A key set next to the
 preset (in the same YAML file, or by ``-o``) wins over it, ``evaluate.attack: autoattack``
 included; a config file's value under a preset given by ``-o`` is replaced (a run's
 config.yaml holds the settings of its paper evaluation)."""
@@ -282,6 +283,8 @@ SCHEMA: dict[str, Any] = {
             },
             # tasks checked, read back (and, with vmap, stacked) at once; bounds memory
             "chunk_size": _integer(min=1, default=20),
+            # score (and attack) the model after every adaptation step; false: the last only
+            "curves": {"type": "boolean", "default": True},
         }
     ),
 }

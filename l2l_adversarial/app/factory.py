@@ -195,6 +195,7 @@ def evaluation_options(settings: dict[str, Any]) -> dict[str, Any]:
         "seed": settings["seed"],
         "engine": settings["engine"],
         "chunk_size": settings["chunk_size"],
+        "curves": settings["curves"],
     }
 
 
