@@ -35,7 +35,7 @@ from l2l_adversarial.app.benchmark import (
     train_and_evaluate,
     write_benchmark,
 )
-from l2l_adversarial.errors import UserError
+from l2l_adversarial.errors import UserError, describe_os_error
 
 
 def benchmark(argv: list[str] | None = None) -> int:
@@ -71,8 +71,9 @@ def benchmark(argv: list[str] | None = None) -> int:
     try:
         for path in write_benchmark(output, args.methods, args.seeds):
             print(f"wrote {path}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (UserError, OSError) as error:  # e.g. a run's results file missing
+        message = str(error) if isinstance(error, UserError) else describe_os_error(error)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print((output / "benchmark.md").read_text(encoding="utf-8"))
     return 0

@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,6 +168,15 @@ def test_the_query_is_attacked_against_the_adapted_parameters() -> None:
     assert expected[-1] != pytest.approx(expected[0], rel=1e-6)
 
 
+def benchmark_script() -> Any:
+    """examples/benchmark.py as a module."""
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "examples/benchmark.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.parametrize("protocol", ["paper", "adapted"])
 @pytest.mark.parametrize("engine", ["sequential", "vmap"])
 def test_the_last_step_alone_gives_the_table_entries_of_the_whole_curve(
@@ -195,10 +205,7 @@ def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None
     for mode, classes in (("train", 6), ("validation", 5), ("test", 5)):
         write_mini_imagenet_cache(data, mode, num_classes=classes, images_per_class=4,
                                   image_size=16)  # fmt: skip
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "examples/benchmark.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script()
     overrides = ["dataset.strict=false", "train.iterations=1", "model.hidden=4", "task.query_shots=1",
                  "train.adaptation_steps=1", "train.meta_batch_size=1", "train.pgd_steps=1",
                  "train.validate_every=null", "evaluate.tasks=3", "evaluate.adaptation_steps=1",
@@ -241,3 +248,18 @@ def test_the_benchmark_runs_end_to_end_on_generated_data(tmp_path: Path) -> None
     markdown = (out / "benchmark.md").read_text()
     assert "#### Protocol `literature`" in markdown and "| R-MAML (TRADES) | " in markdown
     assert "Paired differences over 2 training seed(s) x 3 shared test tasks" in markdown
+
+
+def test_the_benchmark_refuses_bad_arguments_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = benchmark_script()
+    argv = ["--dataset", "cifar-fs", "--shots", "1", "--root", str(tmp_path / "missing"),
+            "--output", str(tmp_path / "out"), "--methods", "maml"]  # fmt: skip
+    assert script.benchmark(argv) == 2
+    assert "error: dataset.root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        script.benchmark([*argv, "--seeds", "0", "--only-seed", "3"])
+    assert (
+        stop.value.code == 2 and "--only-seed 3 must be one of --seeds" in capsys.readouterr().err
+    )
