@@ -79,11 +79,12 @@ PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
 }
 """``evaluate.protocol`` values that set other ``evaluate`` keys: ``literature`` is the robust
 few-shot literature's evaluation (Goldblum et al. 2020 and later work): the query attacked with
-PGD-20 at 8/255, step 2/255, against the adapted model after clean fine-tuning, on 1000 seeded
-test tasks, the final model only (the app's runs score the clean-support scenarios only). A key set next to the
-preset (in the same YAML file, or by ``-o``) wins over it, ``evaluate.attack: autoattack``
-included; a config file's value under a preset given by ``-o`` is replaced (a run's
-config.yaml holds the settings of its paper evaluation)."""
+PGD-20 at 8/255, step 2/255, against the adapted model after clean fine-tuning (the last step
+only), on 1000 seeded test tasks, in the clean-support scenarios
+(:data:`~l2l_adversarial.app.factory.LITERATURE_SCENARIOS`). A key set next to the preset (in
+the same YAML file, or by ``-o``) wins over it, ``evaluate.attack: autoattack`` included; a
+config file's value under a preset given by ``-o`` is replaced (a run's config.yaml holds the
+settings of its paper evaluation)."""
 
 
 class ConfigError(UserError, ValueError):
