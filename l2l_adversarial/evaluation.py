@@ -442,6 +442,7 @@ def evaluate(
     progress: SupportsUpdate | None = None,
     engine: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    curves: bool = True,
 ) -> EvaluationResult:
     """Evaluate ``learner`` on ``tasks`` in every scenario at every epsilon.
 
@@ -465,27 +466,22 @@ def evaluate(
             (``"sequential"``; :mod:`l2l_adversarial.runtime`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.
+        curves: score (under ``"adapted"``: attack) the model after every step; ``False``:
+            the last only, the same table entries with one attack instead of ``steps + 1``.
     """
     _check_arguments(learner, tasks, method, epsilons, pixel_scale, protocol, seed, chunk_size)
     engine = resolve_engine(learner, engine)
     ways, shots, scenarios = _setting(tasks[0], scenarios)
     epsilons = [float(e) for e in epsilons]
-    run = _Protocol(_attacks(make_attack, epsilons, pixel_scale), scenarios, protocol, ways, shots)
+    attacks = _attacks(make_attack, epsilons, pixel_scale)
+    run = _Protocol(attacks, scenarios, protocol, ways, shots, all_steps=bool(curves))
     per_task = run.run(learner, tasks, engine, seed, chunk_size, device, progress)
     return EvaluationResult(
-        method=method,
-        ways=ways,
-        shots=shots,
-        num_tasks=len(tasks),
-        protocol=protocol,
-        seed=seed,
-        learner=repr(learner),
-        pixel_scale=float(pixel_scale),
-        attacks=[repr(a) for a in run.attacks],
-        dataset=dataset,
-        scenarios=_results(per_task, epsilons, scenarios),
-        engine=engine,
-    )
+        method=method, ways=ways, shots=shots, num_tasks=len(tasks), protocol=protocol,
+        seed=seed, learner=repr(learner), pixel_scale=float(pixel_scale),
+        attacks=[repr(a) for a in attacks], dataset=dataset,
+        scenarios=_results(per_task, epsilons, scenarios), engine=engine,
+    )  # fmt: skip
 
 
 def _check_arguments(
@@ -667,6 +663,8 @@ class _Protocol:
     protocol: str
     ways: int
     shots: int
+    all_steps: bool = True
+    """Score the model after every adaptation step; ``False``: the last one only."""
 
     def run(
         self,
@@ -764,9 +762,10 @@ class _Protocol:
                         attack, initial, support_x, support_y, support_fraction, (SUPPORT_STREAM,)
                     )
                     models = ops.adapt(support, support_y)
+                first = 0 if self.all_steps else len(models) - 1  # the stream keys stay
                 for scenario in group:
                     fraction, losses, accuracies = scenario.query_fraction, [], []
-                    for step, model in enumerate(models):
+                    for step, model in enumerate(models[first:], start=first):
                         if self.protocol == "adapted":
                             query = attacked(
                                 attack, model, query_x, query_y, fraction, (QUERY_STREAM, step)

@@ -33,6 +33,7 @@ __all__ = [
     "DATASETS",
     "ADVERSARIAL_METHODS",
     "METHODS",
+    "PROTOCOL_PRESETS",
     "SCHEMA",
     "TWO_OPTIMIZER_METHODS",
     "ConfigError",
@@ -64,6 +65,26 @@ _DATASET_OPTIONS = {
 TWO_OPTIMIZER_METHODS = ("adml",)
 """Methods with two meta-updates, ``train.meta_update: sequential`` (ADML's Algorithm 1,
 line 11: beta1, then beta2); the others have one meta-objective and one optimizer."""
+
+
+PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
+    "literature": {
+        "attack": "pgd",
+        "pgd_steps": 20,
+        "pgd_step_size": 2.0,
+        "eps": [8.0],
+        "tasks": 1000,
+        "curves": False,
+    }
+}
+"""``evaluate.protocol`` values that set other ``evaluate`` keys: ``literature`` is the robust
+few-shot literature's evaluation (Goldblum et al. 2020 and later work): the query attacked with
+PGD-20 at 8/255, step 2/255, against the adapted model after clean fine-tuning (the last step
+only), on 1000 seeded test tasks, in the clean-support scenarios
+(:data:`~l2l_adversarial.app.factory.LITERATURE_SCENARIOS`). A key set next to the preset (in
+the same YAML file, or by ``-o``) wins over it, ``evaluate.attack: autoattack`` included; a
+config file's value under a preset given by ``-o`` is replaced (a run's config.yaml holds the
+settings of its paper evaluation)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -181,6 +202,8 @@ SCHEMA: dict[str, Any] = {
             "attack": {"type": "string", "allowed": ["fgsm", "ffgsm", "pgd"], "default": "fgsm"},
             "eps": _number(min=0, max=255, default=2.0),
             "pgd_steps": _integer(min=1, default=7),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "attack_target": {
                 "type": "string",
                 "allowed": ["initial", "adapted"],
@@ -235,7 +258,13 @@ SCHEMA: dict[str, Any] = {
                 "schema": _number(min=0, max=255),
                 "default": [2.0, 0.2],
             },
-            "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
+            # paper: attacks against theta; adapted: the query against the scored model;
+            # literature: the preset PROTOCOL_PRESETS["literature"] (adapted, PGD-20 at 8/255)
+            "protocol": {
+                "type": "string",
+                "allowed": ["paper", "adapted", "literature"],
+                "default": "paper",
+            },
             # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
             "attack": {
                 "type": "string",
@@ -255,6 +284,8 @@ SCHEMA: dict[str, Any] = {
             },
             # tasks checked, read back (and, with vmap, stacked) at once; bounds memory
             "chunk_size": _integer(min=1, default=20),
+            # score (and attack) the model after every adaptation step; false: the last only
+            "curves": {"type": "boolean", "default": True},
         }
     ),
 }
@@ -309,6 +340,7 @@ def validate_config(
         listed = "\n".join(f"  {key}: {problem}" for key, problem in problems)
         raise ConfigError(f"invalid configuration ({count}); fix the keys below:\n{listed}")
     config: dict[str, Any] = validator.document
+    _apply_protocol_preset(config, raw, sources or {})
     _check_dataset_root(config["dataset"])
     if config["train"]["meta_update"] == "sequential":
         _check_sequential_update(config["method"])
@@ -320,6 +352,29 @@ def validate_config(
                 "matching-nets; use auto or sequential"
             )
     return config
+
+
+def _apply_protocol_preset(
+    config: dict[str, Any], raw: Mapping[str, Any], sources: Mapping[str, str]
+) -> None:
+    """Set the keys of ``evaluate.protocol``'s preset (:data:`PROTOCOL_PRESETS`) that were not
+    set next to it: by ``-o`` where ``-o`` gave the preset, in ``raw`` otherwise.
+
+    >>> config = load_config(None, ["dataset.name=digits", "evaluate.protocol=literature",
+    ...                             "evaluate.tasks=50"])
+    >>> {key: config["evaluate"][key] for key in ("attack", "pgd_steps", "eps", "tasks")}
+    {'attack': 'pgd', 'pgd_steps': 20, 'eps': [8.0], 'tasks': 50}
+    """
+    settings = config["evaluate"]
+    preset = PROTOCOL_PRESETS.get(settings["protocol"], {})
+    if "evaluate.protocol" in sources:  # the preset by -o: only -o's values win over it
+        given = {key for key in preset if f"evaluate.{key}" in sources}
+    else:  # the preset in a file (or -o evaluate={...}): the values beside it win
+        section = raw.get("evaluate")
+        given = set(section) if isinstance(section, Mapping) else set()
+    for key, value in preset.items():
+        if key not in given:
+            settings[key] = copy.deepcopy(value)
 
 
 def _check_sequential_update(method: str) -> None:
