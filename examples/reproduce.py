@@ -33,6 +33,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from l2l_adversarial.app.benchmark import run_folder, train_and_evaluate
 from l2l_adversarial.app.cli import main as cli
 
 PAPER_METHODS = ("maml", "maml-ad", "adml", "matching-nets")
@@ -73,19 +74,14 @@ def reproduce(argv: list[str] | None = None) -> int:
     for method in args.methods:
         config = f"{DATASETS[args.dataset]}-5w{args.shots}s-{method}"
         for seed in seeds:
-            run_dir = output / method if seed is None else output / method / f"seed-{seed}"
-            if args.only_seed is not None and seed != args.only_seed:
-                results.append(str(run_dir / "evaluation.json"))
-                continue
-            resume = ["--resume"] if (run_dir / "checkpoint.pt").exists() else []
-            status = cli(["train", config, "--run-dir", str(run_dir), *resume, *flags,
-                          *([] if seed is None else ["-o", f"seed={seed}"])])  # fmt: skip
-            if status:
-                return status
-            status = cli(["evaluate", str(run_dir), "--overwrite", *flags])
-            if status:
-                return status
+            run_dir = run_folder(output, method, seed)
             results.append(str(run_dir / "evaluation.json"))
+            if args.only_seed is not None and seed != args.only_seed:
+                continue
+            seeded = [] if seed is None else ["-o", f"seed={seed}"]
+            status = train_and_evaluate(config, run_dir, [*flags, *seeded], {"evaluation.json": []})
+            if status:
+                return status
     if args.only_seed is not None:
         return 0
     return cli(["report", *results, "--output", str(output / "report"), "--overwrite"])

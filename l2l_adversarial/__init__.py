@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from l2l_adversarial.errors import UserError
 
 if TYPE_CHECKING:
-    from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
+    from l2l_adversarial.algorithms import (
+        ADML,
+        MAML,
+        MAMLAD,
+        RMAML,
+        AdversarialQuerying,
+        MatchingNetwork,
+    )
     from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack
     from l2l_adversarial.models import CNN4, MLP
     from l2l_adversarial.task import Task
@@ -36,6 +43,7 @@ __all__ = [
     "MatchingNetwork",
     "MLP",
     "PGD",
+    "RMAML",
     "Task",
     "AdversarialQuerying",
     "Attack",

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l2l_adversarial.functional import stateless
+from l2l_adversarial.functional import kl_divergence, stateless
 from l2l_adversarial.validation import (
     check_finite,
     check_inputs_fit,
@@ -66,6 +66,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Tensor], Tensor]
 
 __all__ = [
+    "OBJECTIVES",
     "PIXEL_LEVEL",
     "Attack",
     "FGSM",
@@ -76,6 +77,13 @@ __all__ = [
 ]
 
 PIXEL_LEVEL = 1 / 255
+OBJECTIVES = ("ce", "kl")
+"""What an attack maximises: ``"ce"`` the task loss on the labels; ``"kl"`` TRADES's
+``KL(f(x) || f(x'))`` between the model's class distributions on the clean and the
+adversarial input (:func:`~l2l_adversarial.functional.kl_divergence`)."""
+TRADES_START = 0.001
+"""TRADES's random start ``x + 0.001 * N(0, 1)`` for a KL attack without a start of its own
+(at ``x`` itself the KL gradient is zero)."""
 """One 8-bit pixel level of images scaled to [0, 1]: the unit of the paper's eps."""
 
 
@@ -105,13 +113,23 @@ class Attack(ABC):
 
     Subclasses implement :meth:`perturb_pixels`. Call an attack as
     ``attack(model, inputs, labels)``.
+
+    ``objective`` (:data:`OBJECTIVES`): ``"ce"`` (default) maximises the task loss,
+    ``"kl"`` TRADES's KL divergence from the model's prediction on the clean inputs (labels
+    unused; classification losses only), from a random start: the attack's own, or TRADES's
+    ``0.001 * N(0, 1)`` (:data:`TRADES_START`). ``generator``: where random starts are drawn
+    from (``None``: PyTorch's global generator).
     """
 
     start_noise: Tensor | None = None
     """A random start given beforehand (:meth:`with_start_noise`); ``None``: drawn."""
-    draws_random: bool = False
-    """Whether the attack draws random numbers from :attr:`generator` (a random start drawn
-    with :meth:`uniform_noise`, or a seed)."""
+    random_start: bool = False
+    """Whether the attack starts from a uniform random point of the eps-ball."""
+    objective: str = "ce"
+    """What the attack maximises (:data:`OBJECTIVES`)."""
+    gradient_loss: LossFn
+    """What the gradient steps maximise: ``loss_fn`` on the labels (``"ce"``), or the KL
+    divergence from the clean outputs (``"kl"``)."""
     batchable: bool = False
     """Whether one call can attack a stack of tasks: the attack treats the rows of a batch
     through the model's summed loss alone (signed input gradients, per-row projection), so
@@ -128,6 +146,8 @@ class Attack(ABC):
         std: Sequence[float] | Tensor | None = None,
         loss_fn: LossFn | None = None,
         check_values: bool = True,
+        objective: str = "ce",
+        generator: torch.Generator | None = None,
     ) -> None:
         self.eps = _check_eps("eps", eps)
         lower, upper = (float(v) for v in data_range)
@@ -151,6 +171,38 @@ class Attack(ABC):
             loss_fn if loss_fn is not None else nn.functional.cross_entropy
         )
         self.check_values = bool(check_values)
+        self.generator = generator
+        self._set_objective(objective)
+
+    def _set_objective(self, objective: str) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of 'ce', 'kl'; got {objective!r}")
+        if objective == "kl" and not is_classification_loss(self.loss_fn):
+            raise ValueError(
+                "objective='kl' compares the class distributions of a classifier; it needs a "
+                "classification loss_fn (cross-entropy, NLL): use objective='ce'"
+            )
+        self.objective = objective
+        self.gradient_loss = self.loss_fn if objective == "ce" else kl_divergence
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether the attack draws random numbers from :attr:`generator` (a random start
+        drawn with :meth:`start_offset`, or a seed)."""
+        return self.random_start or self.objective == "kl"
+
+    def maximising(self, objective: str) -> Attack:
+        """A copy with ``objective`` (:data:`OBJECTIVES`); the attack itself if it has it.
+
+        Example:
+            >>> PGD(eps=0.1).maximising("kl").objective
+            'kl'
+        """
+        if objective == self.objective:
+            return self
+        copied = copy.copy(self)
+        copied._set_objective(objective)
+        return copied
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
@@ -169,6 +221,8 @@ class Attack(ABC):
         if self.eps == 0:
             return inputs.detach().clone()
         forward = stateless(model)
+        if self.objective == "kl":  # the targets: the clean prediction
+            labels = forward(self._to_model_space(pixels)).detach()
         adversarial = self.perturb_pixels(forward, pixels, labels)
         return self._to_model_space(adversarial).detach()
 
@@ -212,13 +266,14 @@ class Attack(ABC):
 
     # -- helpers shared by the attacks -------------------------------------------------
     def input_gradient(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
-        """Gradient of the loss with respect to the pixels (not the model's parameters)."""
+        """Gradient of the objective (:attr:`gradient_loss`) with respect to the pixels (not
+        the model's parameters)."""
         with torch.enable_grad():
             pixels = pixels.detach().requires_grad_(True)
             outputs = forward(self._to_model_space(pixels))
-            if self.check_values and is_classification_loss(self.loss_fn):
+            if self.check_values and is_classification_loss(self.gradient_loss):
                 check_labels("labels", labels, outputs.shape[-1])
-            loss = self.loss_fn(outputs, labels)
+            loss = self.gradient_loss(outputs, labels)
             if self.check_values and value_checks_enabled() and not bool(torch.isfinite(loss)):
                 raise ValueError(
                     f"the model's loss on these inputs is {loss.item()}: its parameters or outputs "
@@ -233,9 +288,17 @@ class Attack(ABC):
         adversarial = torch.max(torch.min(adversarial, clean + self.eps), clean - self.eps)
         return adversarial.clamp(*self.data_range)
 
-    def uniform_noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        """The random start's offset ``U(-eps, eps)`` in the shape of ``like``, drawn from
-        ``generator``; the copy made by :meth:`with_start_noise` returns its given noise."""
+    def start(self, pixels: Tensor) -> Tensor:
+        """Where the gradient steps start: ``pixels``, or with a random start
+        (:attr:`draws_random`) ``pixels`` plus :meth:`start_offset`, inside ``data_range``."""
+        if not self.draws_random:
+            return pixels
+        return (pixels + self.start_offset(pixels, self.generator)).clamp(*self.data_range)
+
+    def start_offset(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The random start's offset in the shape of ``like``, drawn from ``generator``:
+        ``U(-eps, eps)`` (:attr:`random_start`), else TRADES's ``0.001 * N(0, 1)``; the copy
+        made by :meth:`with_start_noise` returns its given noise."""
         if self.start_noise is not None:
             if self.start_noise.shape != like.shape:
                 raise ValueError(
@@ -244,6 +307,9 @@ class Attack(ABC):
                 )
             return self.start_noise.to(device=like.device, dtype=like.dtype)
         device = generator.device if generator is not None else like.device
+        if not self.random_start:
+            noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+            return (TRADES_START * noise).to(like.device)
         noise = torch.rand(like.shape, generator=generator, device=device, dtype=like.dtype)
         return ((2 * noise - 1) * self.eps).to(like.device)
 
@@ -260,7 +326,7 @@ class Attack(ABC):
         Example:
             >>> a, b = (PGD(eps=0.1).drawing_from(torch.Generator().manual_seed(0)) for _ in "ab")
             >>> x = torch.zeros(2, 3)
-            >>> torch.equal(a.uniform_noise(x, a.generator), b.uniform_noise(x, b.generator))
+            >>> torch.equal(a.start_offset(x, a.generator), b.start_offset(x, b.generator))
             True
         """
         if not self.draws_random:
@@ -270,13 +336,13 @@ class Attack(ABC):
         return copied
 
     def with_start_noise(self, noise: Tensor) -> Attack:
-        """A copy whose random start is ``noise`` (drawn beforehand with :meth:`uniform_noise`):
+        """A copy whose random start is ``noise`` (drawn beforehand with :meth:`start_offset`):
         a stack of tasks attacked in one call keeps each task's own seeded start.
 
         Example:
             >>> attack = PGD(eps=0.1)
-            >>> start = attack.uniform_noise(torch.zeros(2, 3), torch.Generator().manual_seed(0))
-            >>> torch.equal(attack.with_start_noise(start).uniform_noise(torch.zeros(2, 3), None),
+            >>> start = attack.start_offset(torch.zeros(2, 3), torch.Generator().manual_seed(0))
+            >>> torch.equal(attack.with_start_noise(start).start_offset(torch.zeros(2, 3), None),
             ...             start)
             True
         """
@@ -331,7 +397,8 @@ def _check_module_takes(model: nn.Module, inputs: Tensor) -> None:
 class FGSM(Attack):
     """Fast Gradient Sign Method (Goodfellow et al., 2015), the attack used by ADML.
 
-    ``x_adv = clip(x + eps * sign(grad_x L(f(x), y)), data_range)``.
+    ``x_adv = clip(x + eps * sign(grad_x L(f(x), y)), data_range)``; with ``objective="kl"``
+    one such step from TRADES's start, projected onto the eps-ball.
 
     Example:
         >>> attack = FGSM(eps=2 / 255)  # the paper's eps = 2 for 8-bit images in [0, 1]
@@ -340,8 +407,9 @@ class FGSM(Attack):
     batchable = True
 
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
-        gradient = self.input_gradient(forward, pixels, labels)
-        return (pixels + self.eps * gradient.sign()).clamp(*self.data_range)
+        start = self.start(pixels)
+        gradient = self.input_gradient(forward, start, labels)
+        return self.project(start + self.eps * gradient.sign(), pixels)
 
 
 class FFGSM(Attack):
@@ -355,24 +423,16 @@ class FFGSM(Attack):
     """
 
     batchable = True
-    draws_random = True
+    random_start = True
 
-    def __init__(
-        self,
-        eps: float,
-        *,
-        step_size: float | None = None,
-        generator: torch.Generator | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, eps: float, *, step_size: float | None = None, **kwargs: Any) -> None:
         super().__init__(eps, **kwargs)
         self.step_size = _check_eps(
             "step_size", 1.25 * self.eps if step_size is None else step_size
         )
-        self.generator = generator
 
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
-        start = (pixels + self.uniform_noise(pixels, self.generator)).clamp(*self.data_range)
+        start = self.start(pixels)
         gradient = self.input_gradient(forward, start, labels)
         return self.project(start + self.step_size * gradient.sign(), pixels)
 
@@ -398,7 +458,6 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         random_start: bool = True,
-        generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(eps, **kwargs)
@@ -407,8 +466,7 @@ class PGD(Attack):
         self.steps = steps
         default_step = 2.5 * self.eps / steps
         self.step_size = _check_eps("step_size", default_step if step_size is None else step_size)
-        self.random_start = self.draws_random = bool(random_start)
-        self.generator = generator
+        self.random_start = bool(random_start)
 
     def __repr__(self) -> str:
         return (
@@ -417,11 +475,7 @@ class PGD(Attack):
         )
 
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
-        adversarial = pixels
-        if self.random_start:
-            adversarial = (pixels + self.uniform_noise(pixels, self.generator)).clamp(
-                *self.data_range
-            )
+        adversarial = self.start(pixels)
         for _ in range(self.steps):
             gradient = self.input_gradient(forward, adversarial, labels)
             adversarial = self.project(adversarial + self.step_size * gradient.sign(), pixels)

@@ -157,7 +157,8 @@ class GradientLearner(FewShotLearner):
 
     Args:
         model: the meta-learned network: an ``nn.Module``, a learn2learn ``MAML`` (ADML,
-            MAMLAD, AdversarialQuerying included; the wrapped module is used) or a
+            MAMLAD, AdversarialQuerying included; the wrapped module is used, after the
+            learner's ``features`` if it has them) or a
             :class:`~l2l_adversarial.functional.FunctionalModel`.
         lr: adaptation step size.
         steps: number of adaptation steps (0: score theta itself).
@@ -179,12 +180,15 @@ class GradientLearner(FewShotLearner):
         *,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if isinstance(model, MetaLearner) and loss_fn is None:
-            self.functional = model.functional
+        functional = model.functional if isinstance(model, MetaLearner) else model
+        if isinstance(functional, FunctionalModel):  # features (ANIL) kept
+            self.functional = functional
+            if loss_fn is not None:
+                self.functional = FunctionalModel(
+                    functional.module, loss_fn, features=functional.features
+                )
         elif isinstance(model, MAML):
             self.functional = FunctionalModel(model.module, loss_fn)
-        elif isinstance(model, FunctionalModel):
-            self.functional = model if loss_fn is None else FunctionalModel(model.module, loss_fn)
         elif isinstance(model, nn.Module):
             self.functional = FunctionalModel(model, loss_fn)
         else:
@@ -474,6 +478,7 @@ def evaluate(
     progress: SupportsUpdate | None = None,
     engine: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    curves: bool = True,
 ) -> EvaluationResult:
     """Evaluate ``learner`` on ``tasks`` in every scenario at every epsilon.
 
@@ -497,27 +502,22 @@ def evaluate(
             (``"sequential"``; :mod:`l2l_adversarial.runtime`).
         chunk_size: tasks per chunk: the vmap engine's batch (bounds memory); for both
             engines the tasks whose values are checked, and results read, at once.
+        curves: score (under ``"adapted"``: attack) the model after every step; ``False``:
+            the last only, the same table entries with one attack instead of ``steps + 1``.
     """
     _check_arguments(learner, tasks, method, epsilons, pixel_scale, protocol, seed, chunk_size)
     engine = resolve_engine(learner, engine)
     ways, shots, scenarios = _setting(tasks[0], scenarios)
     epsilons = [float(e) for e in epsilons]
-    run = _Protocol(_attacks(make_attack, epsilons, pixel_scale), scenarios, protocol, ways, shots)
+    attacks = _attacks(make_attack, epsilons, pixel_scale)
+    run = _Protocol(attacks, scenarios, protocol, ways, shots, all_steps=bool(curves))
     per_task = run.run(learner, tasks, engine, seed, chunk_size, device, progress)
     return EvaluationResult(
-        method=method,
-        ways=ways,
-        shots=shots,
-        num_tasks=len(tasks),
-        protocol=protocol,
-        seed=seed,
-        learner=repr(learner),
-        pixel_scale=float(pixel_scale),
-        attacks=[repr(a) for a in run.attacks],
-        dataset=dataset,
-        scenarios=_results(per_task, epsilons, scenarios),
-        engine=engine,
-    )
+        method=method, ways=ways, shots=shots, num_tasks=len(tasks), protocol=protocol,
+        seed=seed, learner=repr(learner), pixel_scale=float(pixel_scale),
+        attacks=[repr(a) for a in attacks], dataset=dataset,
+        scenarios=_results(per_task, epsilons, scenarios), engine=engine,
+    )  # fmt: skip
 
 
 def _check_arguments(
@@ -699,6 +699,8 @@ class _Protocol:
     protocol: str
     ways: int
     shots: int
+    all_steps: bool = True
+    """Score the model after every adaptation step; ``False``: the last one only."""
 
     def run(
         self,
@@ -718,7 +720,7 @@ class _Protocol:
         prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
         per_rank: list[Curves] = []
         functional = getattr(learner, "functional", None)
-        model = functional.module if isinstance(functional, FunctionalModel) else None
+        model = functional.network if isinstance(functional, FunctionalModel) else None
         with MetaBatches(
             tasks, chunks.__getitem__, 0, len(chunks), device=device, prefetch=prefetch
         ) as batches:
@@ -751,7 +753,7 @@ class _Protocol:
             assert isinstance(learner, GradientLearner)
             stack = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
             stacked = _RuntimeOps(StackedOps(learner, starts=SeededStarts(seeds)), learner)
-            with explain_randomness(learner.functional.module):
+            with explain_randomness(learner.functional.network):
                 curves = self.curves(stacked, stack)
             return [
                 {key: (v[0][t], v[1][t]) for key, v in curves.items()} for t in range(len(chunk))
@@ -796,9 +798,10 @@ class _Protocol:
                         attack, initial, support_x, support_y, support_fraction, (SUPPORT_STREAM,)
                     )
                     models = ops.adapt(support, support_y)
+                first = 0 if self.all_steps else len(models) - 1  # the stream keys stay
                 for scenario in group:
                     fraction, losses, accuracies = scenario.query_fraction, [], []
-                    for step, model in enumerate(models):
+                    for step, model in enumerate(models[first:], start=first):
                         if self.protocol == "adapted":
                             query = attacked(
                                 attack, model, query_x, query_y, fraction, (QUERY_STREAM, step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["derive_seed"]
+__all__ = ["checked_seed", "derive_seed"]
 
 
 def derive_seed(*keys: int) -> int:
@@ -24,3 +24,15 @@ def derive_seed(*keys: int) -> int:
             raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
     return int(state[0])
+
+
+def checked_seed(seed: int | None) -> int | None:
+    """``seed`` unchanged if it is None or a non-negative integer, else a ValueError.
+
+    Example:
+        >>> checked_seed(3), checked_seed(None)
+        (3, None)
+    """
+    if seed is not None:
+        derive_seed(seed)
+    return seed

@@ -34,8 +34,9 @@ from typing import Any, NoReturn, Protocol
 import torch
 from torch import Tensor
 
+from l2l_adversarial.seeding import checked_seed
 from l2l_adversarial.task import Task
-from l2l_adversarial.transforms import AdversarialTaskTransform, derive_seed
+from l2l_adversarial.transforms import AdversarialTaskTransform, checked_transform, derive_seed
 
 __all__ = [
     "SPLIT_NAMES",
@@ -250,16 +251,9 @@ class AdversarialBatches:
     def __init__(
         self, loader: Iterable[Any], transform: AdversarialTaskTransform, *, seed: int | None = None
     ) -> None:
-        if not isinstance(transform, AdversarialTaskTransform):
-            raise TypeError(
-                "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
-                f"query_fraction), got {type(transform).__name__}"
-            )
-        if seed is not None:
-            derive_seed(seed)  # validates
         self.loader = loader
-        self.transform = transform
-        self.seed = seed
+        self.transform = checked_transform(transform)
+        self.seed = checked_seed(seed)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]

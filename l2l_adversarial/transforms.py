@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from l2l_adversarial.attacks import Attack
 from l2l_adversarial.functional import FunctionalModel, stateless
-from l2l_adversarial.seeding import derive_seed
+from l2l_adversarial.seeding import checked_seed, derive_seed
 from l2l_adversarial.task import Task, per_class_prefix
 from l2l_adversarial.validation import check_labels, check_task
 
@@ -167,7 +167,9 @@ class AdversarialTaskTransform:
         attack: an :class:`~l2l_adversarial.attacks.Attack` (FGSM, FFGSM, PGD, ...).
         model: what the attack differentiates: a callable returning logits or an
             ``nn.Module`` (read at its current parameters on every call), or a
-            :class:`~l2l_adversarial.functional.FunctionalModel` evaluated at ``params``.
+            :class:`~l2l_adversarial.functional.FunctionalModel` evaluated at ``params``. A
+            gradient-based learner (``ADML``, ``MAML``, ...) is its ``FunctionalModel``:
+            its network on raw inputs, ``features`` included.
         support_fraction: fraction of every class's support samples to perturb, in [0, 1].
         query_fraction: fraction of every class's query samples to perturb, in [0, 1].
         params: parameters to attack the model at (``FunctionalModel`` or ``nn.Module``);
@@ -201,6 +203,9 @@ class AdversarialTaskTransform:
         params: Mapping[str, Tensor] | None = None,
     ) -> None:
         _check_attack(attack)
+        functional = getattr(model, "functional", None)
+        if isinstance(model, nn.Module) and isinstance(functional, FunctionalModel):
+            model = functional  # a learner: its network, features (ANIL) included
         if params is not None and not isinstance(model, (FunctionalModel, nn.Module)):
             raise TypeError(
                 "params= needs model to be an nn.Module or a FunctionalModel, got "
@@ -292,11 +297,9 @@ class AdversarialTaskSampler:
             raise TypeError(
                 f"tasks must have a .sample() method returning a Task, got {type(tasks).__name__}"
             )
-        if seed is not None:
-            derive_seed(seed)  # validates
         self.tasks = tasks
         self.transform = transform
-        self.seed = seed
+        self.seed = checked_seed(seed)
         self.sampled = 0
 
     def sample_perturbed(self) -> PerturbedTask:
@@ -389,21 +392,14 @@ class AdversarialTaskset:
                 "taskset must have a .sample() method returning [data, labels] (a learn2learn "
                 f"TaskDataset), got {type(taskset).__name__}"
             )
-        if not isinstance(transform, AdversarialTaskTransform):
-            raise TypeError(
-                "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
-                f"query_fraction), got {type(transform).__name__}"
-            )
         if not callable(support):
             raise TypeError(
                 f"support must be a callable labels -> bool mask, got {type(support).__name__}"
             )
-        if seed is not None:
-            derive_seed(seed)  # validates
         self.taskset = taskset
-        self.transform = transform
+        self.transform = checked_transform(transform)
         self.support = support
-        self.seed = seed
+        self.seed = checked_seed(seed)
         self.sampled = 0
 
     def __repr__(self) -> str:
@@ -447,6 +443,16 @@ class AdversarialTaskset:
         """The next task, ``[data, labels]``, with the scenario applied."""
         sampled = self.sample_perturbed()
         return [sampled.data, sampled.labels]
+
+
+def checked_transform(transform: object) -> AdversarialTaskTransform:
+    """``transform`` if it is an :class:`AdversarialTaskTransform`, else a TypeError."""
+    if not isinstance(transform, AdversarialTaskTransform):
+        raise TypeError(
+            "transform must be an AdversarialTaskTransform(attack, model, support_fraction, "
+            f"query_fraction), got {type(transform).__name__}"
+        )
+    return transform
 
 
 def _check_attack(attack: object) -> None:

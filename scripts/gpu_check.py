@@ -1,6 +1,6 @@
 """One command for the day a GPU is lent: what a meta-iteration costs there, whether the
 batched engine and the deterministic settings hold on CUDA, and how long each paper table of
-``examples/reproduce.py`` would take.
+``examples/reproduce.py`` and each table of ``examples/benchmark.py`` would take.
 
     make gpu-check                                   # CUDA, paper sizes; meant for <= 5 min
     python scripts/gpu_check.py --device cpu --quick # the same code at a tiny size (tests)
@@ -25,7 +25,11 @@ tiny images and model):
 3. an estimate of each table's wall time (Tables 1-4: MAML, MAML-AD, ADML and Matching Nets
    trained for their configured iterations, then 600 test tasks at both eps), from short
    ``l2l-adversarial train`` and ``evaluate`` runs of the bundled configs on generated data
-   (CIFAR-100's 32 x 32 images are stood in for by a generated cache of that size).
+   (CIFAR-100's 32 x 32 images are stood in for by a generated cache of that size);
+4. the same for each table of ``examples/benchmark.py`` (MiniImageNet and CIFAR-FS, 1 and 5
+   shots): every benchmark method's config trained for its configured iterations with each of
+   the default training seeds, evaluated under the paper's protocol (600 tasks) and the
+   literature preset (1000 tasks, PGD-20 against the model after the last adaptation step).
 
 Writes ``OUTPUT/gpu-check.json`` and ``OUTPUT/gpu-check.md`` (a table that ``scripts/docs_numbers.py --only gpu --gpu-check DIR`` copies into docs/performance.md).
 Exit code 1 if a check fails, 2 for bad arguments.
@@ -57,6 +61,11 @@ TABLES = {  # table: (config dataset, shots, image side)
     "Table 3": ("cifar100", 1, 32),
     "Table 4": ("cifar100", 5, 32),
 }
+BENCHMARKS = {  # examples/benchmark.py's tables: (dataset, shots)
+    f"{dataset}-5w{shots}s": (dataset, shots)
+    for dataset in ("mini-imagenet", "cifar-fs")
+    for shots in (1, 5)
+}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace | None:
@@ -70,20 +79,25 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace | None:
     parser.add_argument("--shots", default="1,5", help="shot settings to time (default 1,5)")
     parser.add_argument("--tables", default=",".join(t.split()[1] for t in TABLES),
                         help="tables to estimate, by number (default 1,2,3,4)")  # fmt: skip
+    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS),
+                        help=f"benchmark tables to estimate (default {','.join(BENCHMARKS)}; "
+                        "'' for none)")  # fmt: skip
     parser.add_argument("--output", default="gpu-check", help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     args.shots = tuple(int(s) for s in args.shots.split(",") if s.strip().isdigit())
     args.tables = tuple(f"Table {t.strip()}" for t in args.tables.split(",") if t.strip())
+    args.benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
     if (
         args.device not in ("cuda", "cpu")
         or min(args.warmup, args.iterations, args.eval_tasks) < 1
         or not args.shots
         or not set(args.shots) <= {1, 5}
         or not set(args.tables) <= set(TABLES)
+        or not set(args.benchmarks) <= set(BENCHMARKS)
     ):
         print("error: gpu_check arguments: --device is cuda or cpu, --warmup, --iterations and "
-              "--eval-tasks are >= 1, --shots lists 1 and/or 5, --tables lists 1-4 (e.g. "
-              "--device cuda --shots 1,5 --tables 1,2,3,4)", file=sys.stderr)  # fmt: skip
+              "--eval-tasks are >= 1, --shots lists 1 and/or 5, --tables lists 1-4, --benchmarks "
+              f"some of {','.join(BENCHMARKS)} (e.g. --device cuda --shots 1,5 --tables 1,2,3,4)", file=sys.stderr)  # fmt: skip
         return None
     return args
 
@@ -112,6 +126,12 @@ from benchmarks.op_counter import OpCounter  # noqa: E402
 from benchmarks.test_data_pipeline import write_generated_cache  # noqa: E402
 from benchmarks.test_meta_iteration import maml_reference  # noqa: E402
 from l2l_adversarial import CNN4, FGSM, PGD, engines  # noqa: E402
+from l2l_adversarial.app.benchmark import (  # noqa: E402
+    BENCHMARK_METHODS,
+    BENCHMARK_SEEDS,
+    PROTOCOL_RESULTS,
+    benchmark_config,
+)
 from l2l_adversarial.app.checkpoint import load_checkpoint  # noqa: E402
 from l2l_adversarial.app.cli import main as cli  # noqa: E402
 from l2l_adversarial.app.config import load_config  # noqa: E402
@@ -144,6 +164,7 @@ class Plan:
     eval_tasks: int
     shots: tuple[int, ...] = (1, 5)
     tables: tuple[str, ...] = tuple(TABLES)
+    benchmarks: tuple[str, ...] = tuple(BENCHMARKS)
 
     def size(self, shots: int) -> Size:
         if self.quick:
@@ -396,34 +417,82 @@ def check_determinism(plan: Plan, root: Path, work: Path) -> dict[str, bool]:
     return identical
 
 
-def estimate_tables(plan: Plan, roots: dict[int, Path], work: Path) -> list[dict[str, Any]]:
-    """Item 3 of the module doc: configured iterations x measured s/iteration + 600 tasks x
-    measured s/task, summed over the paper's methods."""
-    estimates = []
+def estimate_method(
+    plan: Plan,
+    path: Path,
+    root: Path,
+    run_dir: Path,
+    evaluations: dict[str, list[str]],
+    seeds: int = 1,
+) -> dict[str, Any]:
+    """Configured iterations x measured s/iteration + configured tasks x measured s/task of
+    every evaluation (name: its overrides), for ``seeds`` training seeds: short ``train`` and
+    ``evaluate`` runs of the config at ``path``."""
     steps = plan.warmup + plan.iterations
+    flags = cli_flags(path, plan, root, [f"train.iterations={steps}", "train.log_every=1",
+                                         f"evaluate.tasks={plan.eval_tasks}"])  # fmt: skip
+    run_cli(["train", flags[0], "--run-dir", str(run_dir), "--quiet", *flags[1:]])
+    with (run_dir / "metrics.csv").open() as metrics:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(metrics)]
+    per_iteration = (seconds[-1] - seconds[plan.warmup - 1]) / plan.iterations
+    configured = load_config(path, [f"dataset.root={root}"])
+    total = configured["train"]["iterations"] * per_iteration
+    per_task = {}
+    for name, overrides in evaluations.items():
+        extra = [flag for override in overrides for flag in ("-o", override)]
+        evaluation = run_cli(["evaluate", str(run_dir), "--quiet", "--overwrite", *flags[1:],
+                              *extra])  # fmt: skip
+        per_task[name] = evaluation / plan.eval_tasks
+        tasks = load_config(path, [f"dataset.root={root}", *overrides])["evaluate"]["tasks"]
+        total += tasks * per_task[name]
+    return {"seconds_per_iteration": per_iteration, "seconds_per_test_task": per_task,
+            "hours": seeds * total / 3600}  # fmt: skip
+
+
+def estimate_tables(plan: Plan, roots: dict[int, Path], work: Path) -> list[dict[str, Any]]:
+    """Item 3 of the module doc, summed over the paper's methods."""
+    estimates = []
     for table in plan.tables:
         dataset, shots, side = TABLES[table]
-        total, parts = 0.0, {}
-        for method in PAPER_METHODS:
-            path = config_path(f"{dataset}-5w{shots}s-{method}")
-            configured = load_config(path, [f"dataset.root={roots[side]}"])
-            run_dir = work / f"{table.replace(' ', '')}-{method}"
-            flags = cli_flags(path, plan, roots[side], [f"train.iterations={steps}",
-                              "train.log_every=1", f"evaluate.tasks={plan.eval_tasks}"])  # fmt: skip
-            run_cli(["train", flags[0], "--run-dir", str(run_dir), "--quiet", *flags[1:]])
-            with (run_dir / "metrics.csv").open() as metrics:
-                seconds = [float(row["seconds"]) for row in csv.DictReader(metrics)]
-            per_iteration = (seconds[-1] - seconds[plan.warmup - 1]) / plan.iterations
-            evaluation = run_cli(["evaluate", str(run_dir), "--quiet", "--overwrite",
-                                  *flags[1:]])  # fmt: skip
-            per_task = evaluation / plan.eval_tasks
-            hours = (configured["train"]["iterations"] * per_iteration
-                     + configured["evaluate"]["tasks"] * per_task) / 3600  # fmt: skip
-            parts[method] = {"seconds_per_iteration": per_iteration,
-                             "seconds_per_test_task": per_task, "hours": hours}  # fmt: skip
-            total += hours
+        parts = {
+            method: estimate_method(
+                plan,
+                config_path(f"{dataset}-5w{shots}s-{method}"),
+                roots[side],
+                work / f"{table.replace(' ', '')}-{method}",
+                {"paper": []},
+            )  # fmt: skip
+            for method in PAPER_METHODS
+        }
         estimates.append({"table": table, "dataset": dataset, "shots": shots,
-                          "image": plan.image(side), "hours": total, "methods": parts})  # fmt: skip
+                          "image": plan.image(side), "methods": parts,
+                          "hours": sum(part["hours"] for part in parts.values())})  # fmt: skip
+    return estimates
+
+
+def estimate_benchmarks(plan: Plan, roots: dict[int, Path], work: Path) -> list[dict[str, Any]]:
+    """Item 4 of the module doc: every method of ``examples/benchmark.py``, its default
+    training seeds, both protocols."""
+    evaluations = {name: [f"evaluate.protocol={name}"] for name in PROTOCOL_RESULTS}
+    estimates = []
+    for table in plan.benchmarks:
+        dataset, shots = BENCHMARKS[table]
+        side = 84 if dataset == "mini-imagenet" else 32
+        parts = {
+            method: estimate_method(
+                plan,
+                config_path(benchmark_config(dataset, shots, method)),
+                roots[side],
+                work / f"{table}-{method}",
+                evaluations,
+                seeds=len(BENCHMARK_SEEDS),
+            )  # fmt: skip
+            for method in BENCHMARK_METHODS
+        }
+        estimates.append({"table": table, "dataset": dataset, "shots": shots,
+                          "image": plan.image(side), "seeds": len(BENCHMARK_SEEDS),
+                          "methods": parts,
+                          "hours": sum(part["hours"] for part in parts.values())})  # fmt: skip
     return estimates
 
 
@@ -462,6 +531,11 @@ def markdown(result: dict[str, Any]) -> str:
     for estimate in result["table_estimates"]:
         lines.append(f"| {estimate['table']} ({estimate['dataset']}, {estimate['shots']}-shot) "
                      f"| {estimate['hours']:.2f} h |")  # fmt: skip
+    lines += ["", "| benchmark table | estimated wall time (train x seeds + evaluate, both "
+              "protocols) |", "|---|---|"]  # fmt: skip
+    for estimate in result["benchmark_estimates"]:
+        lines.append(f"| {estimate['table']} ({len(estimate['methods'])} methods x "
+                     f"{estimate['seeds']} seeds) | {estimate['hours']:.2f} h |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -473,7 +547,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shots, tables = args.shots, args.tables
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    plan = Plan(device, args.quick, args.warmup, args.iterations, args.eval_tasks, shots, tables)
+    plan = Plan(
+        device,
+        args.quick,
+        args.warmup,
+        args.iterations,
+        args.eval_tasks,
+        shots,
+        tables,
+        args.benchmarks,
+    )
     settings = apply_deterministic_settings(device, True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as temporary:
@@ -501,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         say("table estimates: short train and evaluate runs of the shipped configs")
         result["table_estimates"] = estimate_tables(plan, roots, work)
+        say("benchmark estimates: short train and evaluate runs of the benchmark configs")
+        result["benchmark_estimates"] = estimate_benchmarks(plan, roots, work)
     result["seconds"] = time.perf_counter() - started
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def test_file_values_and_command_line_overrides(tmp_path: Path) -> None:
         (["train.itterations=5"], r"train\.itterations: unknown field"),
         (
             ["method=reptile"],
-            r"method: unallowed value reptile \(accepted: maml, maml-ad, adml, aq, matching-nets\)",
+            r"method: unallowed value reptile \(accepted: maml, maml-ad, adml, aq, r-maml, matching-nets\)",
         ),
         (["train.meta_lr=-1"], r"train\.meta_lr: min value is 1e-12"),
         (["train.iterations=many"], r"train\.iterations: must be of integer type"),

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from data_factories import write_mini_imagenet_cache
 
+from l2l_adversarial.app.benchmark import BENCHMARK_DATASETS, BENCHMARK_METHODS, benchmark_config
 from l2l_adversarial.app.cli import main
 from l2l_adversarial.app.config import ConfigError, load_config
 from l2l_adversarial.app.configs import CONFIG_FOLDER, bundled_configs, config_path
@@ -17,10 +18,39 @@ NAME = "mini-imagenet-5w1s-adml"
 
 def test_every_bundled_name_resolves_to_its_file() -> None:
     names = bundled_configs()
-    assert len(names) == len(list(CONFIG_FOLDER.glob("*.yaml"))) == 25
+    benchmark = len(BENCHMARK_DATASETS) * 2 * len(BENCHMARK_METHODS)  # x 1 and 5 shots
+    assert len(names) == len(list(CONFIG_FOLDER.glob("*.yaml"))) == 33 + benchmark
     for name in names:
         path = config_path(name)
         assert path == CONFIG_FOLDER / f"{name}.yaml" and path.is_file()
+
+
+def test_the_benchmark_configs_hold_each_methods_published_attack_placement(
+    tmp_path: Path,
+) -> None:
+    keys = ("attack", "eps", "pgd_steps", "pgd_step_size", "attack_target")
+    placements = {  # method: the training attack (PGD's default 7 steps unused by FGSM)
+        "maml": None, "maml-ad": ("fgsm", 2.0, 7, None, None),
+        "adml": ("fgsm", 2.0, 7, None, "initial"), "aq": ("pgd", 8.0, 7, 2.0, "adapted"),
+        "r-maml-ce": None, "r-maml-trades": None,  # trained as the r-maml configs (below)
+    }  # fmt: skip
+    assert set(placements) == set(BENCHMARK_METHODS)
+    evaluation = load_config(config_path("mini-imagenet-5w1s-adml"), [f"dataset.root={tmp_path}"])
+    for dataset in BENCHMARK_DATASETS:
+        for shots in (1, 5):
+            for method, attack in placements.items():
+                path = config_path(benchmark_config(dataset, shots, method))
+                config = load_config(path, [f"dataset.root={tmp_path}"])
+                assert (config["method"], config["dataset"]["name"]) == (
+                    method.removesuffix("-ce").removesuffix("-trades"), dataset)  # fmt: skip
+                assert config["task"]["shots"] == shots and config["task"]["query_shots"] == 15
+                assert config["evaluate"] == evaluation["evaluate"]  # the paper's evaluation
+                if attack is not None:
+                    assert tuple(config["train"][key] for key in keys) == attack
+                if method.startswith("r-maml"):
+                    own = f"{dataset}-5w{shots}s-{method.replace('-ce', '')}"
+                    trained = load_config(config_path(own), [f"dataset.root={tmp_path}"])
+                    assert config["train"] == trained["train"]
 
 
 def test_descriptions_are_the_first_comment_lines() -> None:

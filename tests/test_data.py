@@ -181,14 +181,17 @@ def test_mini_imagenet_strict_checks_standard_counts_and_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_mini_imagenet_cache(tmp_path, "test", num_classes=3, images_per_class=4)
-    with pytest.raises(DatasetFileError, match=r"expected 20 classes of 600 images.*strict=False"):
+    with pytest.raises(
+        DatasetFileError,
+        match=r"3 classes instead of 20; 4 to 4 images per class instead of 600.*strict=False",
+    ):
         MiniImageNet(tmp_path, "test")
     # Scaled-down "standard" counts: the exact counts pass, one class fewer fails.
     monkeypatch.setattr(MiniImageNet, "STANDARD_CLASSES", {"test": 3, "train": 4})
     monkeypatch.setattr(MiniImageNet, "IMAGES_PER_CLASS", 4)
     assert len(MiniImageNet(tmp_path, "test")) == 12
     write_mini_imagenet_cache(tmp_path, "train", num_classes=3, images_per_class=4)
-    with pytest.raises(DatasetFileError, match="expected 4 classes"):
+    with pytest.raises(DatasetFileError, match="3 classes instead of 4"):
         MiniImageNet(tmp_path, "train")
     write_mini_imagenet_cache(tmp_path, "test", num_classes=3, images_per_class=4, image_size=32)
     with pytest.raises(DatasetFileError, match="84 x 84"):

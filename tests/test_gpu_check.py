@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from l2l_adversarial.app.benchmark import BENCHMARK_METHODS
+
 pytest.importorskip("benchmarks.op_counter", reason="the op counter of issue 11")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
@@ -59,6 +61,7 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_quick_cpu_run_writes_the_results_and_passes_its_checks(tmp_path: Path) -> None:
     arguments = ["--device", "cpu", "--quick", "--warmup", "1", "--iterations", "1",
                  "--eval-tasks", "1", "--shots", "1", "--tables", "3",
+                 "--benchmarks", "cifar-fs-5w1s",
                  "--output", str(tmp_path)]  # fmt: skip
     assert _gpu_check().main(arguments) == 0
     result = json.loads((tmp_path / "gpu-check.json").read_text())
@@ -80,5 +83,15 @@ def test_quick_cpu_run_writes_the_results_and_passes_its_checks(tmp_path: Path) 
     (estimate,) = result["table_estimates"]
     assert estimate["table"] == "Table 3" and estimate["hours"] > 0
     assert set(estimate["methods"]) == {"maml", "maml-ad", "adml", "matching-nets"}
+    (benchmark,) = result["benchmark_estimates"]
+    assert benchmark["table"] == "cifar-fs-5w1s" and benchmark["seeds"] == 3
+    assert set(benchmark["methods"]) == set(BENCHMARK_METHODS)
+    for part in benchmark["methods"].values():
+        per_task, per_iteration = part["seconds_per_test_task"], part["seconds_per_iteration"]
+        assert set(per_task) == {"paper", "literature"} and per_iteration > 0
+        # 3 seeds x (60000 iterations + 600 paper tasks + 1000 literature tasks)
+        expected = 3 * (60000 * per_iteration + 600 * per_task["paper"]
+                        + 1000 * per_task["literature"]) / 3600  # fmt: skip
+        assert part["hours"] == pytest.approx(expected)
     markdown = (tmp_path / "gpu-check.md").read_text()
     assert "| size | method | engine | s / iteration |" in markdown and "Table 3" in markdown

@@ -11,6 +11,8 @@ from l2l_adversarial.algorithms.base import (
 from l2l_adversarial.algorithms.maml import MAML
 from l2l_adversarial.algorithms.maml_ad import MAMLAD
 from l2l_adversarial.algorithms.matching_networks import MatchingNetwork
+from l2l_adversarial.algorithms.r_maml import RMAML, RMAMLObjective
+from l2l_adversarial.algorithms.robust import RobustLoss, RobustOptions
 from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskObjective, TaskOps
 
 __all__ = [
@@ -24,6 +26,10 @@ __all__ = [
     "MAMLAD",
     "MatchingNetwork",
     "MetaLearner",
+    "RMAML",
+    "RMAMLObjective",
+    "RobustLoss",
+    "RobustOptions",
     "SequentialOps",
     "TaskObjective",
     "TaskOps",

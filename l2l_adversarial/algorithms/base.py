@@ -12,6 +12,7 @@ from learn2learn.algorithms import MAML
 from torch import Tensor, nn
 from typing_extensions import TypedDict, Unpack
 
+from l2l_adversarial.algorithms.robust import DEFAULT_TRADES_BETA, RobustLoss, RobustOptions
 from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOps
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
@@ -36,16 +37,27 @@ class LearnerOptions(TypedDict, total=False):
         channels_last: evaluate (and attack) query sets in channels-last memory format, as
             :class:`~l2l_adversarial.functional.FunctionalModel` describes: same results,
             faster on the CPU; the model must not ``.view()`` its activations.
+        features: a feature extractor before ``model`` (learn2learn's ANIL examples: the
+            learner wraps the head, ``features`` stay outside). Attacks and query scores see
+            ``model(features(x))`` on raw inputs; the inner loop adapts ``model``'s
+            parameters only (the features run once per set, shared by every task and clone);
+            the meta-gradient reaches both. The features are not a submodule of the learner:
+            ``learner.parameters()`` are ``model``'s, as for learn2learn's ``MAML(head)``, so
+            optimise ``list(features.parameters()) + list(learner.parameters())`` and move
+            or switch the features (``.to()``, ``.train()``, ``.eval()``) yourself, as ANIL
+            does.
     """
 
     adaptation_steps: int
     loss_fn: LossFn | None
     channels_last: bool
+    features: nn.Module | None
 
 
-class AdversarialOptions(LearnerOptions, total=False):
+class AdversarialOptions(LearnerOptions, RobustOptions, total=False):
     """:class:`LearnerOptions` plus ``attack``: an :class:`~l2l_adversarial.attacks.Attack`
-    (default ``FGSM(eps=2/255)``)."""
+    (default ``FGSM(eps=2/255)``), and the robustness term's ``robust_loss`` and
+    ``trades_beta`` (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`)."""
 
     attack: Attack | None
 
@@ -120,7 +132,10 @@ class MetaLearner(MAML):
                     f"allow_nograd and {accepted} (attack for the adversarial ones)"
                 )
         functional = FunctionalModel(
-            model, options.get("loss_fn"), options.get("channels_last", False)
+            model,
+            options.get("loss_fn"),
+            options.get("channels_last", False),
+            options.get("features"),
         )
         allow_nograd = check_flag("allow_nograd", allow_nograd)
         if allow_unused is not None:
@@ -140,8 +155,14 @@ class MetaLearner(MAML):
         """Whether the task loss takes class indices (then labels are checked as classes)."""
         return is_classification_loss(self.functional.loss_fn)
 
+    @property
+    def features(self) -> nn.Module | None:
+        """The feature extractor given as ``features=`` (:class:`LearnerOptions`), or ``None``."""
+        return self.functional.features
+
     def meta_parameters(self) -> Params:
-        """theta: the wrapped model's trainable parameters, by name."""
+        """theta of the inner loop: the wrapped model's trainable parameters, by name (the
+        ``features``' parameters, also meta-learned, are never adapted: not among them)."""
         return self.functional.parameters()
 
     def task_objective(
@@ -159,7 +180,7 @@ class MetaLearner(MAML):
     ) -> tuple[Task, int, TaskOps]:
         """The task (checked when called directly), the step count and the ops to run on."""
         if ops is None:
-            task = check_task_metadata(task, self.classification, self.functional.module)
+            task = check_task_metadata(task, self.classification, self.functional.network)
             check_task(*task, classification=self.classification)
             ops = SequentialOps(self)
         return task, self.resolve_steps(steps), ops
@@ -211,8 +232,12 @@ class AdversarialMetaLearner(MetaLearner):
     Args:
         model, lr, first_order, allow_unused, allow_nograd: as for :class:`MetaLearner`
             (learn2learn's ``MAML`` arguments).
-        **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``).
+        **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``;
+            ``robust_loss``, ``trades_beta``: :attr:`robust`).
     """
+
+    robust: RobustLoss
+    """How the adversarial query rows are scored (:mod:`~l2l_adversarial.algorithms.robust`)."""
 
     def __init__(
         self,
@@ -224,6 +249,9 @@ class AdversarialMetaLearner(MetaLearner):
         **options: Unpack[AdversarialOptions],
     ) -> None:
         attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
+        robust = RobustLoss(
+            options.pop("robust_loss", "ce"), options.pop("trades_beta", DEFAULT_TRADES_BETA)
+        )
         super().__init__(
             model, lr, first_order, allow_unused, allow_nograd, **cast(LearnerOptions, options)
         )
@@ -235,6 +263,14 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
+        self.robust = robust
+
+    @property
+    def robust_attack(self) -> Attack:
+        """The attack making the rows the robustness term scores: :attr:`attack` maximising
+        the term's objective (the KL divergence for ``robust_loss="trades"``)."""
+        assert self.attack is not None
+        return self.robust.attack(self.attack)
 
     # -- name-only swap detection: learn2learn's clone()/adapt() in a training loop ---------
     def clone(

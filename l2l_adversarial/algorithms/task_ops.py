@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from l2l_adversarial.functional import Params
+from l2l_adversarial.functional import Params, kl_divergence
 from l2l_adversarial.task import per_class_prefix
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ __all__ = [
     "AttackSet",
     "Objective",
     "OpsLearner",
+    "OutputSet",
+    "PairScore",
+    "PairSet",
     "RandomStarts",
     "ScoreSet",
     "SequentialOps",
@@ -56,6 +59,11 @@ AttackSet = tuple[Tensor, Tensor, bool]
 """``(inputs, labels, is_query)``: one set to attack (query sets in the query memory format)."""
 ScoreSet = tuple["Params | None", Tensor, Tensor]
 """``(params, inputs, labels)``: one query loss (``params`` ``None``: theta)."""
+OutputSet = tuple["Params | None", Tensor]
+"""``(params, inputs)``: the model's outputs on one query set."""
+PairSet = tuple["Params | None", Tensor, Tensor, Tensor]
+"""``(params, clean inputs, adversarial inputs, labels)``: one query set and its adversarial
+copy, scored side by side."""
 
 
 class Objective(Protocol):
@@ -85,6 +93,16 @@ class TaskObjective(NamedTuple):
     def total(self) -> Tensor:
         """The value the meta-update descends (here: :attr:`loss`)."""
         return self.loss
+
+
+class PairScore(NamedTuple):
+    """A query set and its adversarial copy scored at the same parameters."""
+
+    clean: TaskObjective
+    adversarial: TaskObjective
+    divergence: Tensor
+    """TRADES's ``KL(f(x) || f(x_adv))``, averaged over the rows
+    (:func:`~l2l_adversarial.functional.kl_divergence`)."""
 
 
 class RandomStarts(Protocol):
@@ -195,6 +213,31 @@ class TaskOps(ABC):
         """Query loss and accuracy of each ``(params, inputs, labels)``."""
 
     @abstractmethod
+    def outputs(self, sets: Sequence[OutputSet]) -> list[Tensor]:
+        """The model's outputs at each ``(params, inputs)``, in the query memory format."""
+
+    @abstractmethod
+    def scored(self, outputs: Tensor, labels: Tensor) -> TaskObjective:
+        """The loss and accuracy of :meth:`outputs` ``outputs``."""
+
+    def score_pairs(self, sets: Sequence[PairSet]) -> list[PairScore]:
+        """Each query set and its adversarial copy at ``params``: both losses and accuracies,
+        and the KL divergence between the two outputs (TRADES's robustness term)."""
+        outputs = self.outputs(
+            [(p, clean) for p, clean, _, _ in sets] + [(p, adv) for p, _, adv, _ in sets]
+        )
+        return [
+            PairScore(
+                self.scored(clean, labels),
+                self.scored(adversarial, labels),
+                kl_divergence(adversarial, clean, reduction="none").mean(-1),
+            )
+            for (_, _, _, labels), clean, adversarial in zip(
+                sets, outputs[: len(sets)], outputs[len(sets) :], strict=True
+            )
+        ]
+
+    @abstractmethod
     def append_rows(
         self, inputs: Tensor, labels: Tensor, adversarial: Tensor, fraction: float
     ) -> tuple[Tensor, Tensor]:
@@ -251,6 +294,13 @@ class SequentialOps(TaskOps):
             TaskObjective(*query_loss(self._params(p), inputs, labels))
             for p, inputs, labels in sets
         ]
+
+    def outputs(self, sets: Sequence[OutputSet]) -> list[Tensor]:
+        functional = self.learner.functional
+        return [functional.query_outputs(self._params(p), inputs) for p, inputs in sets]
+
+    def scored(self, outputs: Tensor, labels: Tensor) -> TaskObjective:
+        return TaskObjective(*self.learner.functional.scored(outputs, labels))
 
     def append_rows(
         self, inputs: Tensor, labels: Tensor, adversarial: Tensor, fraction: float

@@ -31,7 +31,9 @@ from l2l_adversarial.errors import UserError
 
 __all__ = [
     "DATASETS",
+    "ADVERSARIAL_METHODS",
     "METHODS",
+    "PROTOCOL_PRESETS",
     "SCHEMA",
     "TWO_OPTIMIZER_METHODS",
     "ConfigError",
@@ -43,7 +45,9 @@ __all__ = [
     "validate_config",
 ]
 
-METHODS = ("maml", "maml-ad", "adml", "aq", "matching-nets")
+METHODS = ("maml", "maml-ad", "adml", "aq", "r-maml", "matching-nets")
+ADVERSARIAL_METHODS = ("maml-ad", "adml", "aq", "r-maml")
+"""Methods that attack in meta-training: they take the attack and robustness-term keys."""
 DATASETS = _DATA_DATASETS  # the data package's registry: one list of names
 # ship inside an installed package: no root needed
 BUNDLED_DATASETS = tuple(name for name, info in DATASET_INFO.items() if info.bundled)
@@ -61,6 +65,26 @@ _DATASET_OPTIONS = {
 TWO_OPTIMIZER_METHODS = ("adml",)
 """Methods with two meta-updates, ``train.meta_update: sequential`` (ADML's Algorithm 1,
 line 11: beta1, then beta2); the others have one meta-objective and one optimizer."""
+
+
+PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
+    "literature": {
+        "attack": "pgd",
+        "pgd_steps": 20,
+        "pgd_step_size": 2.0,
+        "eps": [8.0],
+        "tasks": 1000,
+        "curves": False,
+    }
+}
+"""``evaluate.protocol`` values that set other ``evaluate`` keys: ``literature`` is the robust
+few-shot literature's evaluation (Goldblum et al. 2020 and later work): the query attacked with
+PGD-20 at 8/255, step 2/255, against the adapted model after clean fine-tuning (the last step
+only), on 1000 seeded test tasks, in the clean-support scenarios
+(:data:`~l2l_adversarial.app.factory.LITERATURE_SCENARIOS`). A key set next to the preset (in
+the same YAML file, or by ``-o``) wins over it, ``evaluate.attack: autoattack`` included; a
+config file's value under a preset given by ``-o`` is replaced (a run's config.yaml holds the
+settings of its paper evaluation)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -178,6 +202,8 @@ SCHEMA: dict[str, Any] = {
             "attack": {"type": "string", "allowed": ["fgsm", "ffgsm", "pgd"], "default": "fgsm"},
             "eps": _number(min=0, max=255, default=2.0),
             "pgd_steps": _integer(min=1, default=7),
+            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "attack_target": {
                 "type": "string",
                 "allowed": ["initial", "adapted"],
@@ -185,6 +211,12 @@ SCHEMA: dict[str, Any] = {
                 "default": None,
             },
             "adversarial_fraction": _number(min=0, max=1, default=1.0),
+            # how adversarial query rows are scored (l2l_adversarial.algorithms.robust): the
+            # task loss (ce) or TRADES's CE(clean) + trades_beta * KL(clean || adversarial)
+            "robust_loss": {"type": "string", "allowed": ["ce", "trades"], "default": "ce"},
+            "trades_beta": _number(min=0, default=6.0),
+            # r-maml's lambda; null: 0.2 with robust_loss ce, trades_beta with trades
+            "robust_weight": _number(min=0, nullable=True, default=None),
             # query-set passes in channels-last memory format; null: on when the device is the
             # CPU, where it measured faster (benchmarks/); same results either way
             "channels_last": {"type": "boolean", "nullable": True, "default": None},
@@ -226,7 +258,13 @@ SCHEMA: dict[str, Any] = {
                 "schema": _number(min=0, max=255),
                 "default": [2.0, 0.2],
             },
-            "protocol": {"type": "string", "allowed": ["paper", "adapted"], "default": "paper"},
+            # paper: attacks against theta; adapted: the query against the scored model;
+            # literature: the preset PROTOCOL_PRESETS["literature"] (adapted, PGD-20 at 8/255)
+            "protocol": {
+                "type": "string",
+                "allowed": ["paper", "adapted", "literature"],
+                "default": "paper",
+            },
             # autoattack: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square)
             "attack": {
                 "type": "string",
@@ -246,6 +284,8 @@ SCHEMA: dict[str, Any] = {
             },
             # tasks checked, read back (and, with vmap, stacked) at once; bounds memory
             "chunk_size": _integer(min=1, default=20),
+            # score (and attack) the model after every adaptation step; false: the last only
+            "curves": {"type": "boolean", "default": True},
         }
     ),
 }
@@ -301,6 +341,7 @@ def validate_config(
         fix = "these keys" if len(problems) > 1 else "this key"
         raise ConfigError(f"invalid configuration ({count}): {listed}; fix {fix}")
     config: dict[str, Any] = validator.document
+    _apply_protocol_preset(config, raw, sources or {})
     _check_dataset_root(config["dataset"])
     if config["train"]["meta_update"] == "sequential":
         _check_sequential_update(config["method"])
@@ -310,6 +351,7 @@ def validate_config(
             f"classes), not {config['task']['ways']}; use evaluate.attack=pgd for 2- and 3-way "
             "tasks"
         )
+    _check_method_keys(config["method"], config["train"])
     for section in ("train", "evaluate"):
         if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
             raise ConfigError(
@@ -319,6 +361,29 @@ def validate_config(
     return config
 
 
+def _apply_protocol_preset(
+    config: dict[str, Any], raw: Mapping[str, Any], sources: Mapping[str, str]
+) -> None:
+    """Set the keys of ``evaluate.protocol``'s preset (:data:`PROTOCOL_PRESETS`) that were not
+    set next to it: by ``-o`` where ``-o`` gave the preset, in ``raw`` otherwise.
+
+    >>> config = load_config(None, ["dataset.name=digits", "evaluate.protocol=literature",
+    ...                             "evaluate.tasks=50"])
+    >>> {key: config["evaluate"][key] for key in ("attack", "pgd_steps", "eps", "tasks")}
+    {'attack': 'pgd', 'pgd_steps': 20, 'eps': [8.0], 'tasks': 50}
+    """
+    settings = config["evaluate"]
+    preset = PROTOCOL_PRESETS.get(settings["protocol"], {})
+    if "evaluate.protocol" in sources:  # the preset by -o: only -o's values win over it
+        given = {key for key in preset if f"evaluate.{key}" in sources}
+    else:  # the preset in a file (or -o evaluate={...}): the values beside it win
+        section = raw.get("evaluate")
+        given = set(section) if isinstance(section, Mapping) else set()
+    for key, value in preset.items():
+        if key not in given:
+            settings[key] = copy.deepcopy(value)
+
+
 def _check_sequential_update(method: str) -> None:
     if method not in TWO_OPTIMIZER_METHODS:
         raise ConfigError(
@@ -326,6 +391,21 @@ def _check_sequential_update(method: str) -> None:
             "two-optimizer update (Algorithm 1, line 11: a beta1 step on the adversarially "
             "adapted branch, then a beta2 step on the clean one), which "
             f"{method} does not have; set train.meta_update=joint or method=adml"
+        )
+
+
+def _check_method_keys(method: str, train: Mapping[str, Any]) -> None:
+    """Refuse training keys that the method would ignore."""
+    if train["robust_weight"] is not None and method != "r-maml":
+        raise ConfigError(
+            f"train.robust_weight applies to method r-maml only (its lambda), not {method}; "
+            "remove it, or set train.trades_beta for the TRADES weight of the other methods"
+        )
+    if train["robust_loss"] != "ce" and method not in ADVERSARIAL_METHODS:
+        raise ConfigError(
+            f"train.robust_loss: {train['robust_loss']!r} scores adversarial rows, which "
+            f"{method} does not make; use one of {', '.join(ADVERSARIAL_METHODS)} or "
+            "train.robust_loss=ce"
         )
 
 

@@ -20,31 +20,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l_adversarial.algorithms import ADML, MAML, MAMLAD, AdversarialQuerying, MatchingNetwork
+from l2l_adversarial.algorithms import (
+    ADML,
+    MAML,
+    MAMLAD,
+    RMAML,
+    AdversarialQuerying,
+    MatchingNetwork,
+)
 from l2l_adversarial.app.config import METHODS, ConfigError
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.data import DATASET_INFO, make_tasks
 from l2l_adversarial.distributed import cuda_device
 from l2l_adversarial.errors import DeviceError
+from l2l_adversarial.evaluation import Scenario
 from l2l_adversarial.models import CNN4
 
 __all__ = [
     "DATASET_TITLES",
+    "LITERATURE_SCENARIOS",
     "METHOD_NAMES",
     "build_attack",
     "build_learner",
     "evaluation_attack",
+    "evaluation_options",
     "resolve_device",
     "task_source",
 ]
 
 DATASET_TITLES = {name: info.title for name, info in DATASET_INFO.items()}
+LITERATURE_SCENARIOS = (Scenario(0.0, 0.0), Scenario(0.0, 1.0))
+"""``evaluate.protocol: literature``: clean fine-tuning; the query clean, and attacked."""
 METHOD_NAMES = {
     "maml": "MAML",
     "maml-ad": "MAML-AD",
     "adml": "ADML",
     "aq": "AQ",
+    "r-maml": "R-MAML",
     "matching-nets": "Matching Nets",
 }
 
@@ -65,8 +78,15 @@ def resolve_device(name: str) -> torch.device:
     return cuda_device() if device.type == "cuda" and device.index is None else device
 
 
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+def build_attack(
+    name: str,
+    eps_255: float,
+    pgd_steps: int,
+    seed: int | None = None,
+    pgd_step_size: float | None = None,
+) -> Attack:
+    """The attack named in a config, eps and PGD's step (default ``2.5 * eps / pgd_steps``)
+    given in 8-bit pixel levels (``2`` -> 2/255).
 
     Its per-call value checks are off (``check_values=False``): the data was validated when
     loaded, and training's divergence guard stops a non-finite loss with the setting to
@@ -79,7 +99,9 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     if name == "ffgsm":
         return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
+        step = None if pgd_step_size is None else pixel_levels(pgd_step_size)
+        return PGD(eps=eps, steps=pgd_steps, step_size=step, generator=generator,
+                   check_values=False)  # fmt: skip
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
@@ -115,22 +137,31 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     }
     if method == "maml":
         return MAML(model, **common)
-    attack = build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"])
+    common.update(
+        attack=build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"],
+                            pgd_step_size=train["pgd_step_size"]),
+        robust_loss=train["robust_loss"],
+        trades_beta=train["trades_beta"],
+    )  # fmt: skip
     if method == "adml":
         return ADML(
             model,
             **common,
-            attack=attack,
             clean_lr=train["clean_inner_lr"],
             attack_target=train["attack_target"] or "initial",
         )
     if method == "maml-ad":
-        return MAMLAD(
-            model, **common, attack=attack, adversarial_fraction=train["adversarial_fraction"]
-        )
+        return MAMLAD(model, **common, adversarial_fraction=train["adversarial_fraction"])
     if method == "aq":
         return AdversarialQuerying(
-            model, **common, attack=attack, attack_target=train["attack_target"] or "adapted"
+            model, **common, attack_target=train["attack_target"] or "adapted"
+        )
+    if method == "r-maml":
+        return RMAML(
+            model,
+            **common,
+            robust_weight=train["robust_weight"],
+            attack_target=train["attack_target"] or "adapted",
         )
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
@@ -144,6 +175,34 @@ def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:
             PGD, steps=settings["pgd_steps"], step_size=None if step is None else pixel_levels(step)
         )
     return AutoAttack if settings["attack"] == "autoattack" else FGSM
+
+
+def evaluation_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~l2l_adversarial.evaluation.evaluate` that a config's
+    ``evaluate`` section sets. ``protocol: literature`` (its preset already applied by the
+    config, :data:`~l2l_adversarial.app.config.PROTOCOL_PRESETS`) is the library's
+    ``"adapted"`` protocol in :data:`LITERATURE_SCENARIOS`; other protocols score the paper's
+    scenarios.
+
+    Example:
+        >>> from l2l_adversarial.app.config import validate_config
+        >>> config = validate_config({"dataset": {"name": "digits"},
+        ...                           "evaluate": {"protocol": "literature"}})
+        >>> options = evaluation_options(config["evaluate"])
+        >>> options["protocol"], options["epsilons"], options["make_attack"](eps=8 / 255)
+        ('adapted', [8.0], PGD(eps=0.0313725, steps=20, step_size=0.00784314, random_start=True))
+    """
+    literature = settings["protocol"] == "literature"
+    return {
+        "epsilons": settings["eps"],
+        "make_attack": evaluation_attack(settings),
+        "protocol": "adapted" if literature else settings["protocol"],
+        "scenarios": LITERATURE_SCENARIOS if literature else None,
+        "seed": settings["seed"],
+        "engine": settings["engine"],
+        "chunk_size": settings["chunk_size"],
+        "curves": settings["curves"],
+    }
 
 
 def task_source(config: dict[str, Any], mode: str, seed: int, num_tasks: int = -1) -> Any:

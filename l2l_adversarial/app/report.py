@@ -72,6 +72,8 @@ EPSILON_LABEL = "ε (8-bit pixel levels: ε/255 on [0, 1] images)"
 
 __all__ = [
     "FIGURE_SCENARIOS",
+    "benchmark_json",
+    "format_benchmark",
     "ResultsExistError",
     "ResultsFileError",
     "PAPER_METHODS",
@@ -377,6 +379,78 @@ def format_table(results: Sequence[EvaluationResult], dataset: str, shots: int) 
                 + f", attacks: {'; '.join(m['attacks'])}"
             )
     lines += format_comparisons(table["comparisons"])
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_json(results: Mapping[str, Sequence[EvaluationResult]]) -> dict[str, Any]:
+    """One table of several protocols (``{protocol: results}``) of one dataset and shots:
+    per protocol, the measured columns (radius, support, query), one row per method with a
+    cell per column (``{"accuracy", "ci95"}``, and ``seed_std``, ``per_seed`` and ``seeds``
+    over several training seeds, as in :func:`table_json`), how each run was measured, and
+    the paired comparisons of every two methods
+    (:func:`~l2l_adversarial.app.seeds.compare_all`).
+
+    Example:
+        >>> benchmark_json({"paper": []})["protocols"]["paper"]["rows"]
+        []
+    """
+    every = [result for group in results.values() for result in group]
+    dataset = next((r.dataset for r in every if r.dataset), "unknown")
+    shots = every[0].shots if every else 1
+    protocols = {}
+    for protocol, group in results.items():
+        checked = _check_results(group, dataset, shots)
+        summaries = summarise(checked)
+        columns = list(dict.fromkeys((s.epsilon, s.support, s.query) for s in summaries))
+        cells = {(s.method, s.epsilon, s.support, s.query): s for s in summaries}
+        protocols[protocol] = {
+            "columns": [
+                dict(zip(("epsilon", "support", "query"), c, strict=True)) for c in columns
+            ],
+            "rows": [
+                {"method": method, "cells": [_ours(cells.get((method, *c))) for c in columns]}
+                for method in dict.fromkeys(r.method for r in checked)
+            ],
+            "methods": [_method_json(r) for r in checked],
+            "comparisons": [dataclasses.asdict(c) for c in compare_all(checked)],
+        }
+    ways = {r.ways for r in every}
+    return {"dataset": dataset, "ways": ways.pop() if len(ways) == 1 else None, "shots": shots,
+            "protocols": protocols}  # fmt: skip
+
+
+def format_benchmark(table: Mapping[str, Any]) -> str:
+    """:func:`benchmark_json`'s table in Markdown: one section per protocol.
+
+    Example:
+        >>> print(format_benchmark(benchmark_json({"paper": []})).splitlines()[0])
+        ### Benchmark: unknown, ?-way 1-shot
+    """
+    lines = [
+        f"### Benchmark: {table['dataset']}, {table['ways'] or '?'}-way {table['shots']}-shot",
+        "",
+        "Accuracy (%): over several training seeds, mean ± standard deviation across seeds "
+        "[mean 95% interval of the test tasks]; one seed: ± the 95% interval of the test tasks.",
+    ]
+    for protocol, part in table["protocols"].items():
+        header = ["Method"] + [
+            f"{c['support'].capitalize()}-{c['query'].capitalize()}, ε = {c['epsilon']:g}"
+            for c in part["columns"]
+        ]
+        lines += ["", f"#### Protocol `{protocol}`", "", "| " + " | ".join(header) + " |",
+                  "|" + " --- |" * len(header)]  # fmt: skip
+        for row in part["rows"]:
+            lines.append(f"| {row['method']} | " + " | ".join(map(_cell, row["cells"])) + " |")
+        if part["methods"]:
+            first = part["methods"][0]
+            seeds: dict[str, list[int | None]] = {m["method"]: [] for m in part["methods"]}
+            for m in part["methods"]:
+                seeds[m["method"]].append(m["training_seed"])
+            lines += ["", f"Tasks {first['num_tasks']} (evaluation seed {first['seed']}), "
+                      f"protocol {first['protocol']!r}, attacks: {'; '.join(first['attacks'])}; "
+                      "training seeds: "
+                      + ", ".join(f"{name} {values}" for name, values in seeds.items())]  # fmt: skip
+        lines += format_comparisons(part["comparisons"])
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ from l2l_adversarial.app.factory import (
     DATASET_TITLES,
     METHOD_NAMES,
     build_learner,
-    evaluation_attack,
+    evaluation_options,
     resolve_device,
     task_source,
 )
@@ -147,9 +147,13 @@ def evaluate_run(
     scenarios: Sequence[Scenario] | None = None,
 ) -> tuple[EvaluationResult, dict[str, Any]]:
     """Evaluate a trained run on the seeded test tasks in the paper's scenarios (or in
-    ``scenarios``); return the result and the evaluated checkpoint's iteration and digest
-    (read under the folder's shared lock)."""
+    ``scenarios``) under ``evaluate``'s settings (:func:`evaluation_options`); return the
+    result and the evaluated checkpoint's iteration and digest (read under the folder's shared
+    lock). The result records ``evaluate.protocol`` (``literature`` included)."""
     settings = config["evaluate"]
+    options = evaluation_options(settings)
+    if scenarios is not None:
+        options["scenarios"] = scenarios
     device = resolve_device(config["device"])
     tasks = task_source(config, "test", seed=settings["seed"], num_tasks=settings["tasks"])
     with contextlib.ExitStack() as stack:  # rank 0 locks; its refusal stops every rank
@@ -167,23 +171,20 @@ def evaluate_run(
             ),
             tasks,
             method=METHOD_NAMES[config["method"]],
-            epsilons=settings["eps"],
-            make_attack=evaluation_attack(settings),
-            protocol=settings["protocol"],
-            scenarios=scenarios,
-            seed=settings["seed"],
             dataset=DATASET_TITLES[config["dataset"]["name"]],
             device=device,
             progress=bar,
-            engine=settings["engine"],
-            chunk_size=settings["chunk_size"],
+            **options,
         )
     if not all(math.isfinite(s.accuracy) for s in result.scenarios):
         raise CheckpointError(
             f"evaluating {str(run_dir)!r} gave non-finite accuracies; check its checkpoint "
             "and evaluate.inner_lr (lower it)"
         )
-    return dataclasses.replace(result, training_seed=config["seed"]), evaluated
+    recorded = dataclasses.replace(
+        result, training_seed=config["seed"], protocol=settings["protocol"]
+    )
+    return recorded, evaluated
 
 
 def _run_folders(run_dir: Path) -> list[Path]:

@@ -16,21 +16,18 @@ Both hold the same pixels, so they give the same rows and the same tasks for a s
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from torch import Tensor
 
-from l2l_adversarial.data._images import MODES, as_root, check_mode, is_data_file
+from l2l_adversarial.data._images import MODES, is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.cifar100 import _FILES, _FOLDER, _download, _how_to_obtain, _read_cifar100
 from l2l_adversarial.data.errors import DatasetFileError
 from l2l_adversarial.data.mini_imagenet import metaoptnet_record
-from l2l_adversarial.data.split import GUIDE, Format, ImageSplit
+from l2l_adversarial.data.split import GUIDE, Format, StandardSplit
 
 __all__ = ["CIFARFS", "FC100", "few_shot_cifar_split"]
 
@@ -55,36 +52,18 @@ def _fine_names() -> list[str]:
     return sorted(name for names in few_shot_cifar_split("cifar-fs").values() for name in names)
 
 
-class _FewShotCIFAR(ImageSplit):
+class _FewShotCIFAR(StandardSplit):
     SPLIT: ClassVar[str] = ""
     PICKLE_PREFIX: ClassVar[str] = ""
     FOLDER: ClassVar[str] = ""
-    STANDARD_CLASSES: ClassVar[dict[str, int]] = {}
     IMAGES_PER_CLASS = 600
+    IMAGE_SHAPE = (3, 32, 32)
+    DOWNLOAD_FORMAT = "cifar-100-python"
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        mode: str = "train",
-        transform: Callable[[Tensor], Tensor] | None = None,
-        download: bool = False,
-        strict: bool = True,
-        *,
-        format: str = "auto",
-        cache_dir: str | os.PathLike[str] | bool | None = None,
-    ) -> None:
-        check_mode(mode)
-        folder = as_root(root, self.NAME)
-        self.strict = strict
-        if (
-            download
-            and format in ("auto", "cifar-100-python")
-            and self.missing(folder, mode, format)
-        ):
-            _download(folder)
-        super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)
-        if strict:
-            self.check_standard(self.STANDARD_CLASSES[mode], self.IMAGES_PER_CLASS, (3, 32, 32))
+    @classmethod
+    def fetch(cls, folder: Path, mode: str, strict: bool) -> None:
+        """Download CIFAR-100 (python version) into ``folder``."""
+        _download(folder)
 
     @classmethod
     def _pickle_name(cls, mode: str) -> str:

@@ -28,14 +28,13 @@ from typing import Any
 
 import numpy as np
 from learn2learn.data import utils as l2l_data_utils
-from torch import Tensor
 
 from l2l_adversarial.data._decode import decode_image
-from l2l_adversarial.data._images import MODES, as_root, check_mode, is_data_file
+from l2l_adversarial.data._images import MODES, check_mode, is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import python2_text, safe_load
-from l2l_adversarial.data.split import GUIDE, Format, ImageSplit
+from l2l_adversarial.data.split import GUIDE, Format, StandardSplit
 
 __all__ = ["MiniImageNet", "open_hdf5"]
 
@@ -353,7 +352,7 @@ _FORMATS = (
 )
 
 
-class MiniImageNet(ImageSplit):
+class MiniImageNet(StandardSplit):
     """MiniImageNet (Vinyals et al. 2016; Ravi & Larochelle split) as ``(image, label)`` pairs.
 
     Reads any of the four formats of the module doc from ``root`` (``format="auto"``) or the
@@ -384,46 +383,13 @@ class MiniImageNet(ImageSplit):
     FORMATS = _FORMATS
     STANDARD_CLASSES = {"train": 64, "validation": 16, "test": 20}
     IMAGES_PER_CLASS = 600
-    IMAGE_SHAPE = (84, 84, 3)
+    IMAGE_SHAPE = (3, 84, 84)
+    DOWNLOAD_FORMAT = "learn2learn"
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        mode: str = "train",
-        transform: Callable[[Tensor], Tensor] | None = None,
-        download: bool = False,
-        strict: bool = True,
-        *,
-        format: str = "auto",
-        cache_dir: str | os.PathLike[str] | bool | None = None,
-    ) -> None:
-        check_mode(mode)
-        folder = as_root(root, "MiniImageNet")
-        path = self.file_path(folder, mode)
-        if download and format in ("auto", "learn2learn") and self.missing(folder, mode, format):
-            _download(path, mode, strict)
-        self.strict = strict
-        super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)
-        if strict:
-            self._check_standard()
-
-    def _check_standard(self) -> None:
-        height, width, channels = self.IMAGE_SHAPE
-        if tuple(self.images.shape[1:]) != (channels, height, width):
-            raise DatasetFileError(
-                f"the mini-ImageNet {self.mode} split in {self.root} ({self.format}) has images of "
-                f"{tuple(self.images.shape[2:])} but standard mini-ImageNet images are 84 x 84 x 3 "
-                "(pass strict=False to accept other sizes)"
-            )
-        counts = np.bincount(self.targets, minlength=len(self.classes))
-        expected = self.STANDARD_CLASSES[self.mode]
-        if len(self.classes) != expected or (counts != self.IMAGES_PER_CLASS).any():
-            raise DatasetFileError(
-                f"the mini-ImageNet {self.mode} split in {self.root} ({self.format}) is not "
-                f"standard: expected {expected} classes of {self.IMAGES_PER_CLASS} images for "
-                f"mode {self.mode!r}, found {len(self.classes)} classes with {np.min(counts)} to "
-                f"{np.max(counts)} images (pass strict=False to accept a non-standard copy)"
-            )
+    @classmethod
+    def fetch(cls, folder: Path, mode: str, strict: bool) -> None:
+        """Download learn2learn's cache of ``mode`` into ``folder``."""
+        _download(cls.file_path(folder, mode), mode, strict)
 
     @staticmethod
     def file_path(root: str | os.PathLike[str], mode: str) -> Path:
@@ -457,7 +423,7 @@ def _read_cache(path: Path, mode: str, strict: bool) -> tuple[np.ndarray, np.nda
             f"'image_data' must be a uint8 array of shape (N, H, W, 3), got "
             f"{type(images).__name__} dtype={getattr(images, 'dtype', None)} shape={shape}"
         )
-    if strict and images.shape[1:] != MiniImageNet.IMAGE_SHAPE:
+    if strict and images.shape[1:] != (84, 84, 3):
         raise bad(
             f"images are {images.shape[1:]} but standard mini-ImageNet images are 84 x 84 x 3 "
             "(pass strict=False to accept other sizes)"

@@ -22,7 +22,7 @@ from l2l_adversarial.data.cache import Decoded, Plan, cache_folder, load_decoded
 from l2l_adversarial.data.errors import DatasetFileError, DatasetNotFoundError
 from l2l_adversarial.validation import check_choice
 
-__all__ = ["Format", "ImageSplit"]
+__all__ = ["Format", "ImageSplit", "StandardSplit"]
 
 #: Where the data guide lives (named by error messages).
 GUIDE = "docs/data-formats.md"
@@ -144,26 +144,6 @@ class ImageSplit(UInt8Items, Dataset[tuple[Tensor, int]]):
             f"them); every format is described in {GUIDE}.{_folder_hint(self.root)}"
         )
 
-    def check_standard(self, classes: int, per_class: int | None, shape: tuple[int, ...]) -> None:
-        """Raise :class:`DatasetFileError` unless the split has the standard sizes."""
-        counts = np.bincount(self.targets, minlength=len(self.classes))
-        problems = []
-        if len(self.classes) != classes:
-            problems.append(f"{len(self.classes)} classes instead of {classes}")
-        if per_class is not None and len(counts) and (counts != per_class).any():
-            problems.append(
-                f"{counts.min()} to {counts.max()} images per class instead of {per_class}"
-            )
-        if tuple(self.images.shape[1:]) != shape:
-            problems.append(f"images of {tuple(self.images.shape[1:])} instead of {shape}")
-        if problems:
-            raise DatasetFileError(
-                f"the {self.NAME} {self.mode} split read from {self.root} ({self.format}) has "
-                f"{'; '.join(problems)}: not the standard {self.NAME}. Check that dataset.root "
-                "holds the right files, or pass strict=False (dataset.strict: false) to accept "
-                "a non-standard copy."
-            )
-
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for worker processes) without the images: the copy maps the cache file
         again instead of carrying (and copying) the whole split."""
@@ -182,3 +162,74 @@ class ImageSplit(UInt8Items, Dataset[tuple[Tensor, int]]):
             f"{type(self).__name__}({str(self.root)!r}, {self.mode!r}, format={self.format!r}: "
             f"{len(self)} images of {len(self.classes)} classes, {tuple(self.images.shape[1:])})"
         )
+
+
+class StandardSplit(ImageSplit):
+    """A benchmark's split (mini-ImageNet, CIFAR-FS, FC100, tieredImageNet): downloadable where
+    a public copy exists, checked against the benchmark's standard sizes when ``strict``.
+
+    Subclasses name ``STANDARD_CLASSES`` (per mode), ``IMAGES_PER_CLASS`` (None: any),
+    ``IMAGE_SHAPE`` (C, H, W) and, where a download exists, ``DOWNLOAD_FORMAT`` and
+    :meth:`fetch`.
+    """
+
+    STANDARD_CLASSES: ClassVar[dict[str, int]] = {}
+    IMAGES_PER_CLASS: ClassVar[int | None] = None
+    IMAGE_SHAPE: ClassVar[tuple[int, int, int]] = (3, 84, 84)
+    #: the format a download provides (None: the dataset cannot be downloaded)
+    DOWNLOAD_FORMAT: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        mode: str = "train",
+        transform: Callable[[Tensor], Tensor] | None = None,
+        download: bool = False,
+        strict: bool = True,
+        *,
+        format: str = "auto",
+        cache_dir: str | os.PathLike[str] | bool | None = None,
+    ) -> None:
+        check_mode(mode)
+        self.strict = strict
+        if download:
+            folder = as_root(root, self.NAME)
+            if self.DOWNLOAD_FORMAT is None:
+                raise ValueError(
+                    f"{self.NAME} has no public download; obtain its files as {GUIDE} says "
+                    "and pass download=False"
+                )
+            if format in ("auto", self.DOWNLOAD_FORMAT) and self.missing(folder, mode, format):
+                self.fetch(folder, mode, strict)
+        super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)
+        if strict:
+            self.check_standard()
+
+    @classmethod
+    def fetch(cls, folder: Path, mode: str, strict: bool) -> None:
+        """Download ``mode``'s files into ``folder`` (only where ``DOWNLOAD_FORMAT`` is set)."""
+        raise NotImplementedError
+
+    def check_standard(self) -> None:
+        """Raise :class:`DatasetFileError` unless the split has the standard sizes."""
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        classes, per_class = self.STANDARD_CLASSES[self.mode], self.IMAGES_PER_CLASS
+        problems = []
+        if len(self.classes) != classes:
+            problems.append(f"{len(self.classes)} classes instead of {classes}")
+        if per_class is not None and len(counts) and (counts != per_class).any():
+            problems.append(
+                f"{counts.min()} to {counts.max()} images per class instead of {per_class}"
+            )
+        if tuple(self.images.shape[1:]) != self.IMAGE_SHAPE:
+            found, standard = (
+                " x ".join(map(str, s)) for s in (self.images.shape[1:], self.IMAGE_SHAPE)
+            )
+            problems.append(f"images of {found} instead of {standard}")
+        if problems:
+            raise DatasetFileError(
+                f"the {self.NAME} {self.mode} split read from {self.root} ({self.format}) has "
+                f"{'; '.join(problems)}: not the standard {self.NAME}. Check that dataset.root "
+                "holds the right files, or pass strict=False (dataset.strict: false) to accept "
+                "a non-standard copy."
+            )

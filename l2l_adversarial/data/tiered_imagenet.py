@@ -14,20 +14,18 @@ read back from it by the operating system's page cache afterwards.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
 from l2l_adversarial.data._decode import decode_image
 from l2l_adversarial.data._images import is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetFileError
 from l2l_adversarial.data.safe_pickle import python2_text, safe_load
-from l2l_adversarial.data.split import GUIDE, Format, ImageSplit
+from l2l_adversarial.data.split import GUIDE, Format, StandardSplit
 
 __all__ = ["TieredImageNet"]
 
@@ -122,7 +120,7 @@ def _plan(root: Path, mode: str, sources: list[Path], options: dict[str, Any]) -
     )
 
 
-class TieredImageNet(ImageSplit):
+class TieredImageNet(StandardSplit):
     """tieredImageNet: 608 ImageNet classes under 34 categories, 351 / 97 / 160 classes.
 
     Reads the PNG-bytes pickles of the module doc and decodes them once into the uint8
@@ -138,18 +136,3 @@ class TieredImageNet(ImageSplit):
     NAME = "tiered-imagenet"
     FORMATS = (Format("png-pickles", _locate, _expected, _plan),)
     STANDARD_CLASSES = {"train": 351, "validation": 97, "test": 160}
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        mode: str = "train",
-        transform: Callable[[Tensor], Tensor] | None = None,
-        strict: bool = True,
-        *,
-        format: str = "auto",
-        cache_dir: str | os.PathLike[str] | bool | None = None,
-    ) -> None:
-        self.strict = strict
-        super().__init__(root, mode, format=format, transform=transform, cache_dir=cache_dir)
-        if strict:
-            self.check_standard(self.STANDARD_CLASSES[mode], None, (3, 84, 84))

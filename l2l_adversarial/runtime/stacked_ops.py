@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch.func import vmap
 from l2l_adversarial.algorithms.task_ops import (
     AdaptSet,
     AttackSet,
+    OutputSet,
     ScoreSet,
     TaskObjective,
     TaskOps,
@@ -86,26 +87,42 @@ class StackedOps(TaskOps):
         return adapted
 
     def score(self, sets: Sequence[ScoreSet]) -> list[TaskObjective]:
-        if len(sets) > 1 and all(p is not None for p, _, _ in sets):
-            groups = _groups([(x.shape, y.shape) for _, x, y in sets])
+        scored: list[TaskObjective] = [TaskObjective(torch.empty(0), torch.empty(0))] * len(sets)
+        for members, params, per_task, inputs in self._joined_sets([(p, x) for p, x, _ in sets]):
+            labels = _joined([sets[i][2] for i in members])
+            losses, accuracies = layouts.losses(
+                self.learner.functional, params, per_task, inputs, labels
+            )
+            for i, part in _parts(members, sets[members[0]][1].shape[0]):
+                scored[i] = TaskObjective(losses[part], accuracies[part])
+        return scored
+
+    def outputs(self, sets: Sequence[OutputSet]) -> list[Tensor]:
+        outputs: list[Tensor] = [torch.empty(0)] * len(sets)
+        for members, params, per_task, inputs in self._joined_sets(sets):
+            joined = layouts.outputs(self.learner.functional, params, per_task, inputs)
+            for i, part in _parts(members, sets[members[0]][1].shape[0]):
+                outputs[i] = joined[part]
+        return outputs
+
+    def scored(self, outputs: Tensor, labels: Tensor) -> TaskObjective:
+        return TaskObjective(*layouts.scored(self.learner.functional, outputs, labels))
+
+    def _joined_sets(
+        self, sets: Sequence[OutputSet]
+    ) -> Iterator[tuple[list[int], Params, bool, Tensor]]:
+        """``(members, params, per_task, inputs)``: sets of equal shapes at per-task
+        parameters joined as extra tasks of one stack (theta's sets one by one)."""
+        if len(sets) > 1 and all(p is not None for p, _ in sets):
+            groups = _groups([x.shape for _, x in sets])
         else:
             groups = [[i] for i in range(len(sets))]
-        scored: list[TaskObjective] = [TaskObjective(torch.empty(0), torch.empty(0))] * len(sets)
         for members in groups:
             params, per_task = self._stacked(sets[members[0]][0])
             if len(members) > 1:
                 joined = [self._stacked(sets[i][0])[0] for i in members]
                 params = {n: torch.cat([p[n] for p in joined]) for n in params}
-            inputs = _joined([sets[i][1] for i in members])
-            labels = _joined([sets[i][2] for i in members])
-            losses, accuracies = layouts.losses(
-                self.learner.functional, params, per_task, inputs, labels
-            )
-            tasks = sets[members[0]][1].shape[0]
-            for slot, i in enumerate(members):
-                part = slice(slot * tasks, (slot + 1) * tasks)
-                scored[i] = TaskObjective(losses[part], accuracies[part])
-        return scored
+            yield members, params, per_task, _joined([sets[i][1] for i in members])
 
     def _perturb(
         self,
@@ -123,7 +140,7 @@ class StackedOps(TaskOps):
             for t in range(tasks):
                 for x, _, _ in sets:
                     with self.starts.generator(self.first_task + t, stream) as generator:
-                        noise.append(attack.uniform_noise(x[t], generator or attack.generator))
+                        noise.append(attack.start_offset(x[t], generator or attack.generator))
             attack = attack.with_start_noise(torch.cat(noise))
         return attack_stacked(
             attack, self.learner.functional, params, per_task, [(x, y) for x, y, _ in sets]
@@ -165,6 +182,12 @@ class StackedOps(TaskOps):
             tasks = torch.arange(labels.shape[0], device=labels.device)[:, None]
             adversarial, extra_labels = adversarial[tasks, rows], labels.gather(1, rows)
         return torch.cat([inputs, adversarial], dim=1), torch.cat([labels, extra_labels], dim=1)
+
+
+def _parts(members: Sequence[int], tasks: int) -> Iterator[tuple[int, slice]]:
+    """Each member set's slice of a stack that joined ``members`` as extra tasks."""
+    for slot, i in enumerate(members):
+        yield i, slice(slot * tasks, (slot + 1) * tasks)
 
 
 def _step_sizes(rates: Sequence[float], tasks: int, like: Tensor) -> Tensor | float:
@@ -217,7 +240,7 @@ def attack_stacked(
         return _joined([forward(s) for s in segments(flat)], dim=1).flatten(0, 1)
 
     attack = copy.copy(attack)
-    attack.loss_fn = _summed_segment_losses(attack.loss_fn, tasks, sizes, segments)
+    attack.gradient_loss = _summed_segment_losses(attack.gradient_loss, tasks, sizes, segments)
     inputs = _joined([inputs for inputs, _ in sets], dim=1).flatten(0, 1)
     labels = _joined([labels for _, labels in sets], dim=1).flatten(0, 1)
     return list(segments(attack(model, inputs, labels)))

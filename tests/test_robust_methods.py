@@ -1,0 +1,211 @@
+"""R-MAML, the TRADES robustness term and the KL attack against independent references.
+
+The references are written out by hand for softmax regression (test_algorithms.py's closed
+forms): the inner loop, the attacks' signed-gradient steps (for the KL objective
+``grad_x' KL(p(x) || q(x')) = (q(x') - p(x)) W / N``), the two-class KL divergence, and each
+meta-objective composed from them in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_algorithms import EPS, WAYS, Weights, ce, inner_loop, make_linear, make_task, weights_of
+from test_engines import assert_gradients_close, make_model, make_tasks, meta_gradient
+from torch import Tensor, nn
+
+from l2l_adversarial import FFGSM, FGSM, PGD, RMAML, engines
+from l2l_adversarial.app.config import ConfigError, load_config
+from l2l_adversarial.app.configs import CONFIG_FOLDER
+from l2l_adversarial.app.factory import build_learner
+from l2l_adversarial.attacks import Attack
+from l2l_adversarial.functional import kl_divergence
+
+ALPHA, LAMBDA = 0.4, 0.7
+
+
+# -- hand-written references -------------------------------------------------------------
+def probabilities(w: Weights, x: Tensor) -> Tensor:
+    return torch.softmax(x @ w[0].T + w[1], 1)
+
+
+def kl_by_hand(w: Weights, clean: Tensor, adversarial: Tensor) -> Tensor:
+    """``mean_i sum_k p_ik (log p_ik - log q_ik)``, p on the clean rows, q on the adversarial."""
+    p, q = probabilities(w, clean), probabilities(w, adversarial)
+    return (p * (p.log() - q.log())).sum(1).mean()
+
+
+def signed_steps(
+    w: Weights, x: Tensor, y: Tensor, start: Tensor, step: float, steps: int, kl: bool
+) -> Tensor:
+    """``steps`` projected signed-gradient steps from ``start`` with the closed-form input
+    gradient of the cross-entropy (``(q - onehot(y)) W``) or of the KL divergence from the
+    clean prediction (``(q - p(x)) W``); row scaling does not change a sign."""
+    with torch.no_grad():
+        target = probabilities(w, x) if kl else nn.functional.one_hot(y, WAYS).to(x)
+        adversarial = start.clamp(0, 1)
+        for _ in range(steps):
+            gradient = (probabilities(w, adversarial) - target) @ w[0]
+            adversarial = adversarial + step * gradient.sign()
+            adversarial = torch.min(torch.max(adversarial, x - EPS), x + EPS).clamp(0, 1)
+        return adversarial
+
+
+# -- the KL term and the KL attack --------------------------------------------------------
+def test_kl_term_matches_the_two_class_closed_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    clean, adversarial = torch.randn(2, 7, 2, generator=g, dtype=torch.float64)
+    p, q = (
+        torch.sigmoid(clean[:, 0] - clean[:, 1]),
+        torch.sigmoid(adversarial[:, 0] - adversarial[:, 1]),
+    )
+    closed = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    torch.testing.assert_close(kl_divergence(adversarial, clean, reduction="none"), closed)
+    torch.testing.assert_close(kl_divergence(adversarial, clean), closed.mean())
+    assert kl_divergence(clean, clean).abs().item() < 1e-15  # zero at the clean point
+
+
+@pytest.mark.parametrize(
+    ("attack", "step", "steps"),
+    [
+        (FGSM(eps=EPS, objective="kl"), EPS, 1),
+        (FFGSM(eps=EPS, objective="kl"), 1.25 * EPS, 1),
+        (PGD(eps=EPS, steps=3, step_size=EPS / 2, objective="kl"), EPS / 2, 3),
+        (PGD(eps=EPS, steps=3, step_size=EPS / 2), EPS / 2, 3),  # cross-entropy, same start
+    ],
+    ids=["fgsm-kl", "ffgsm-kl", "pgd-kl", "pgd-ce"],
+)
+def test_attack_objective_matches_closed_form_signed_steps(
+    attack: Attack, step: float, steps: int
+) -> None:
+    linear, (_, _, x, y) = make_linear(), make_task()
+    w = weights_of(linear)
+    noise = (
+        torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype) - 0.5
+    ) * EPS
+    expected = signed_steps(w, x, y, x + noise, step, steps, kl=attack.objective == "kl")
+    adversarial = attack.with_start_noise(noise)(linear, x, y)
+    torch.testing.assert_close(adversarial, expected, rtol=0, atol=1e-12)
+    assert (adversarial - x).abs().max() <= EPS + 1e-12 and not torch.equal(adversarial, x + noise)
+
+
+def test_kl_attack_without_a_start_of_its_own_starts_as_trades() -> None:
+    """FGSM maximising the KL starts at x + 0.001 N(0, 1) (at x the KL gradient is zero)."""
+    linear, (_, _, x, y) = make_linear(), make_task()
+    attack = FGSM(eps=EPS, objective="kl", generator=torch.Generator().manual_seed(5))
+    assert attack.draws_random and not FGSM(eps=EPS).draws_random
+    start = x + 0.001 * torch.randn(
+        x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype
+    )
+    expected = signed_steps(weights_of(linear), x, y, start, EPS, 1, kl=True)
+    torch.testing.assert_close(attack(linear, x, y), expected, rtol=0, atol=1e-12)
+
+
+def test_kl_objective_needs_a_classification_loss() -> None:
+    with pytest.raises(ValueError, match="objective='kl' compares the class distributions"):
+        FGSM(eps=EPS, objective="kl", loss_fn=nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl'; got 'l2'"):
+        PGD(eps=EPS).maximising("l2")
+
+
+# -- R-MAML's meta-gradient -----------------------------------------------------------------
+@pytest.mark.parametrize("robust_loss", ["ce", "trades"])
+@pytest.mark.parametrize("target", ["adapted", "initial"])
+def test_rmaml_meta_gradient_matches_a_float64_reference_loop(
+    robust_loss: str, target: str
+) -> None:
+    linear, task = make_linear(), make_task()
+    sx, sy, qx, qy = task
+    seed, steps = 11, 2
+    rmaml = RMAML(
+        linear, lr=ALPHA, adaptation_steps=steps, robust_weight=LAMBDA, attack_target=target,
+        robust_loss=robust_loss, attack=FGSM(eps=EPS, generator=torch.Generator().manual_seed(seed)),
+    )  # fmt: skip
+    w = weights_of(linear)
+    adapted = inner_loop(w, sx, sy, ALPHA, steps)
+    attacked = adapted if target == "adapted" else w
+    start = qx  # FGSM on the cross-entropy starts at x; on the KL, at x + 0.001 N(0, 1)
+    if robust_loss == "trades":
+        noise = torch.randn(qx.shape, generator=torch.Generator().manual_seed(seed), dtype=qx.dtype)
+        start = qx + 0.001 * noise
+    q_adv = signed_steps(attacked, qx, qy, start, EPS, 1, kl=robust_loss == "trades")
+
+    def objective(v: Weights) -> Tensor:
+        fast = inner_loop(v, sx, sy, ALPHA, steps)
+        robust = kl_by_hand(fast, qx, q_adv) if robust_loss == "trades" else ce(fast, q_adv, qy)
+        return ce(fast, qx, qy) + LAMBDA * robust
+
+    result = rmaml.task_objective(task)
+    torch.testing.assert_close(result.total, objective(w), rtol=1e-12, atol=0)
+    expected = torch.autograd.grad(objective(w), w)
+    ours = torch.autograd.grad(result.total, [linear.weight, linear.bias])
+    for a, e in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    assert result.robust_loss.item() > 0 and result.clean_loss.item() > 0
+
+
+def test_rmaml_default_weights() -> None:
+    assert RMAML(nn.Linear(2, 2), lr=0.1).robust_weight == 0.2
+    assert RMAML(nn.Linear(2, 2), lr=0.1, robust_loss="trades", trades_beta=3).robust_weight == 3
+    with pytest.raises(ValueError, match="robust_weight must be a finite number >= 0"):
+        RMAML(nn.Linear(2, 2), lr=0.1, robust_weight=-1.0)
+    with pytest.raises(ValueError, match="robust_loss must be one of 'ce', 'trades'"):
+        RMAML(nn.Linear(2, 2), lr=0.1, robust_loss="kl")
+
+
+# -- engines ------------------------------------------------------------------------------
+@pytest.mark.parametrize("robust_loss", ["ce", "trades"])
+@pytest.mark.parametrize("model_name", ["cnn4", "cnn4-vmapped"])
+def test_rmaml_vmap_engine_matches_sequential(model_name: str, robust_loss: str) -> None:
+    model, tasks = make_model(model_name), make_tasks(3)
+    generator = torch.Generator()
+    rmaml = RMAML(
+        model, lr=0.3, adaptation_steps=2, robust_loss=robust_loss,
+        attack=FFGSM(eps=8 / 255, generator=generator),
+    )  # fmt: skip
+    results = []
+    for engine in ("sequential", "vmap"):
+        generator.manual_seed(7)  # every task's start from its own stream of this seed
+        objective = engines.meta_batch_objective(rmaml, tasks, engine=engine, chunk_size=2)
+        results.append((objective, meta_gradient(model, objective.total)))
+    (sequential, expected), (vmapped, actual) = results
+    for a, e in zip(vmapped, sequential, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, equal_nan=True)
+    assert_gradients_close(actual, expected)
+
+
+# -- application --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    sorted(set(CONFIG_FOLDER.glob("*-r-maml*.yaml")) - set(CONFIG_FOLDER.glob("benchmark-*"))),
+    ids=lambda p: Path(p).stem,
+)
+def test_r_maml_configs_build_their_learner(path: Path, tmp_path: Path) -> None:
+    config = load_config(path, [f"dataset.root={tmp_path}"])
+    learner = build_learner(config, in_channels=3, image_size=32)
+    trades = path.stem.endswith("-trades")
+    assert isinstance(learner, RMAML) and learner.attack_target == "adapted"
+    assert learner.robust.kind == ("trades" if trades else "ce")
+    assert learner.robust_weight == (3.0 if trades else 0.2)
+    assert isinstance(learner.attack, FFGSM)
+    assert learner.robust_attack.objective == ("kl" if trades else "ce")
+    assert config["evaluate"]["attack"] == "pgd" and config["evaluate"]["eps"] == [2, 4]
+
+
+def test_robustness_keys_are_refused_where_they_mean_nothing() -> None:
+    base = ["dataset.name=digits"]
+    with pytest.raises(ConfigError, match="train.robust_weight applies to method r-maml only"):
+        load_config(None, [*base, "method=adml", "train.robust_weight=1"])
+    with pytest.raises(ConfigError, match="train.robust_loss: 'trades' scores adversarial rows"):
+        load_config(None, [*base, "method=maml", "train.robust_loss=trades"])
+    config = load_config(
+        None, [*base, "method=aq", "train.robust_loss=trades", "train.trades_beta=2"]
+    )
+    learner = build_learner(config, in_channels=1, image_size=16)
+    assert learner.robust.kind == "trades" and learner.robust.beta == 2.0
+    assert math.isclose(
+        build_learner(load_config(None, [*base, "method=r-maml"]), 1, 16).robust_weight, 0.2
+    )
