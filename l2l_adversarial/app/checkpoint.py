@@ -107,7 +107,8 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"no checkpoint, {str(path)!r} is missing or not a file; train the run first"
+            f"no checkpoint, {str(path)!r} is "
+            f"{'a folder, not a file' if path.is_dir() else 'missing'}; train the run first"
         )
     data = path.read_bytes()
     try:

@@ -875,7 +875,8 @@ def _check_figure_epsilon(
         raise ResultsFileError(
             f"--epsilon {epsilon:g} is not a radius of the results in "
             f"{', '.join(repr(os.fspath(f)) for f in files)} (evaluated: "
-            f"{', '.join(f'{radius:g}' for radius in radii)}); pass --epsilon one of those"
+            f"{', '.join(f'{radius:g}' for radius in radii) or 'none'}); pass --epsilon one "
+            "of those"
         )
 
 
