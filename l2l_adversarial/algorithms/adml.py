@@ -15,15 +15,13 @@ objectives, task by task or batched.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from torch import Tensor, nn
-from typing_extensions import Unpack
+from torch import Tensor
 
 from l2l_adversarial.algorithms.base import (
     ATTACK_TARGETS,
     AdversarialMetaLearner,
-    AdversarialOptions,
     check_step_size,
 )
 from l2l_adversarial.algorithms.task_ops import TaskOps
@@ -83,19 +81,14 @@ class ADML(AdversarialMetaLearner):
         ("clean_support_loss", "clean_support_accuracy"),
     )
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         clean_lr: float | None = None,
         attack_target: str = "initial",
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         self.clean_lr = self.lr if clean_lr is None else check_step_size("clean_lr", clean_lr)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target

@@ -8,13 +8,11 @@ By default the queries are attacked against the adapted parameters theta', as in
 
 from __future__ import annotations
 
-from torch import nn
-from typing_extensions import Unpack
+from typing import Any
 
 from l2l_adversarial.algorithms.base import (
     ATTACK_TARGETS,
     AdversarialMetaLearner,
-    AdversarialOptions,
 )
 from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
 from l2l_adversarial.task import Task
@@ -37,18 +35,13 @@ class AdversarialQuerying(AdversarialMetaLearner):
         >>> aq.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         attack_target: str = "adapted",
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         check_choice("attack_target", attack_target, ATTACK_TARGETS)
         self.attack_target = attack_target
 

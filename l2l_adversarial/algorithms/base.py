@@ -3,14 +3,15 @@ a functional inner loop and one per-task objective, and the options they all tak
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from typing import cast
+from typing import Any
 
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import TypedDict
 
 from l2l_adversarial.algorithms.robust import DEFAULT_TRADES_BETA, RobustLoss, RobustOptions
 from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOps
@@ -121,16 +122,12 @@ class MetaLearner(MAML):
         first_order: bool = False,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
-        **options: Unpack[LearnerOptions],
+        **options: Any,
     ) -> None:
-        for name in options:
-            if name not in LearnerOptions.__optional_keys__:
-                accepted = ", ".join(sorted(AdversarialOptions.__optional_keys__))
-                raise TypeError(
-                    f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
-                    "the learners take learn2learn's model, lr, first_order, allow_unused, "
-                    f"allow_nograd and {accepted} (attack for the adversarial ones)"
-                )
+        own = {
+            k: options.pop(k) for k in list(options) if k not in LearnerOptions.__optional_keys__
+        }
+        self._check_keywords(own)
         functional = FunctionalModel(
             model,
             options.get("loss_fn"),
@@ -149,6 +146,42 @@ class MetaLearner(MAML):
         )
         self.adaptation_steps = check_steps("adaptation_steps", options.get("adaptation_steps", 1))
         self.functional = functional
+        self.configure(**own)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """The signature a subclass shows (``help``, ``inspect``): learn2learn's arguments,
+        its own keywords (every :meth:`configure` up the hierarchy) and ``**options``."""
+        super().__init_subclass__(**kwargs)
+        init = inspect.signature(MetaLearner.__init__).parameters.values()
+        learn2learn = [p for p in init if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # not self
+        options = [p for p in init if p.kind is p.VAR_KEYWORD]
+        cls.__signature__ = inspect.Signature([*learn2learn, *cls._own_keywords(), *options])
+
+    @classmethod
+    def _own_keywords(cls) -> list[inspect.Parameter]:
+        """The keyword-only parameters of every :meth:`configure` in the class hierarchy."""
+        return [
+            parameter
+            for klass in cls.__mro__
+            if "configure" in vars(klass)
+            for parameter in inspect.signature(vars(klass)["configure"]).parameters.values()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        ]
+
+    def _check_keywords(self, own: dict[str, Any]) -> None:
+        accepted = [p.name for p in self._own_keywords()]
+        for name in own:
+            if name not in accepted:
+                known = ", ".join([*sorted(LearnerOptions.__optional_keys__), *accepted])
+                raise TypeError(
+                    f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
+                    "it takes learn2learn's model, lr, first_order, allow_unused, allow_nograd "
+                    f"and the keywords {known}"
+                )
+
+    def configure(self, **options: Any) -> None:
+        """Take the learner's own keywords (the constructor's beyond :class:`LearnerOptions`):
+        a subclass declares them keyword-only, sets them and passes the rest up."""
 
     @property
     def classification(self) -> bool:
@@ -198,17 +231,16 @@ class MetaLearner(MAML):
         objective = self.task_objective(task, steps)
         return objective.total, objective.accuracy
 
-    def meta_loss(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> Tensor:
-        """The meta-objective of one task, differentiable in theta."""
-        task = Task(support_inputs, support_labels, query_inputs, query_labels)
-        return self.task_objective(task, steps).total
+    def meta_loss(self, *task: Tensor, steps: int | None = None) -> Tensor:
+        """The meta-objective of one task (the arguments of :meth:`loss_and_accuracy`),
+        differentiable in theta."""
+        if len(task) != 4:
+            raise TypeError(
+                f"meta_loss takes a task's four tensors (support_inputs, support_labels, "
+                f"query_inputs, query_labels) and steps= by keyword, got {len(task)} positional "
+                "arguments"
+            )
+        return self.task_objective(Task(*task), steps).total
 
     attack: Attack | None = None
     """The attack of the adversarial learners (``None``: a clean learner)."""
@@ -239,22 +271,16 @@ class AdversarialMetaLearner(MetaLearner):
     robust: RobustLoss
     """How the adversarial query rows are scored (:mod:`~l2l_adversarial.algorithms.robust`)."""
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        **options: Unpack[AdversarialOptions],
+        *,
+        attack: Attack | None = None,
+        robust_loss: str = "ce",
+        trades_beta: float = DEFAULT_TRADES_BETA,
+        **options: Any,
     ) -> None:
-        attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
-        robust = RobustLoss(
-            options.pop("robust_loss", "ce"), options.pop("trades_beta", DEFAULT_TRADES_BETA)
-        )
-        super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, **cast(LearnerOptions, options)
-        )
+        """The attack (default ``FGSM(eps=2/255)``) and the robustness term (:attr:`robust`)."""
+        super().configure(**options)
         if attack is None:
             attack = FGSM(eps=DEFAULT_TRAINING_EPS)
         if not isinstance(attack, Attack):
@@ -263,7 +289,7 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
-        self.robust = robust
+        self.robust = RobustLoss(robust_loss, trades_beta)
 
     @property
     def robust_attack(self) -> Attack:

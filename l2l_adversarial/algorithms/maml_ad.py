@@ -8,10 +8,9 @@ sample is joined by its adversarial copy: the same K + K samples ADML's inner lo
 
 from __future__ import annotations
 
-from torch import nn
-from typing_extensions import Unpack
+from typing import Any
 
-from l2l_adversarial.algorithms.base import AdversarialMetaLearner, AdversarialOptions
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner
 from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
 from l2l_adversarial.task import Task
 
@@ -33,18 +32,13 @@ class MAMLAD(AdversarialMetaLearner):
         >>> mamlad.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         adversarial_fraction: float = 1.0,
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         if isinstance(adversarial_fraction, bool) or not (
             isinstance(adversarial_fraction, (int, float)) and 0.0 <= adversarial_fraction <= 1.0
         ):

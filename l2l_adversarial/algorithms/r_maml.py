@@ -14,15 +14,13 @@ their R-MAML with adversarial cross-entropy) or TRADES's ``KL(f(D') || f(D'_adv)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from torch import Tensor, nn
-from typing_extensions import Unpack
+from torch import Tensor
 
 from l2l_adversarial.algorithms.base import (
     ATTACK_TARGETS,
     AdversarialMetaLearner,
-    AdversarialOptions,
 )
 from l2l_adversarial.algorithms.robust import check_weight
 from l2l_adversarial.algorithms.task_ops import TaskOps
@@ -71,19 +69,14 @@ class RMAML(AdversarialMetaLearner):
         >>> rmaml.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         robust_weight: float | None = None,
         attack_target: str = "adapted",
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         if robust_weight is None:
             trades = self.robust.kind == "trades"
             robust_weight = self.robust.beta if trades else DEFAULT_ROBUST_WEIGHT
