@@ -182,7 +182,7 @@ class FunctionalModel:
         features: nn.Module | None = None,
     ) -> None:
         for name, given in (("model", module), ("features", features)):
-            if given is not None and not isinstance(given, nn.Module):
+            if not isinstance(given, nn.Module) and (name == "model" or given is not None):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(given).__name__}")
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(
@@ -267,13 +267,13 @@ class FunctionalModel:
             if not self.channels_last or "view size is not compatible" not in str(error):
                 raise
             raise RuntimeError(
-                f"{type(self.module).__name__} calls .view() on a channels-last activation; "
+                f"{type(self.network).__name__} calls .view() on a channels-last activation; "
                 "replace it with .reshape() (or torch.flatten), or pass channels_last=False"
             ) from error
 
     def query_outputs(self, params: Params, inputs: Tensor) -> Tensor:
-        """The module's outputs at ``params`` on a query set, in the :meth:`query_layout`
-        memory format.
+        """The network's outputs (the module at ``params``) on a query set, in the
+        :meth:`query_layout` memory format.
 
         With :attr:`channels_last`, convolution weight gradients come back channels-last; fast
         weights get them contiguous, so the inner loop's backward pass stays in its faster

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from l2l_adversarial import ADML, FGSM, AdversarialQuerying, Task
+from l2l_adversarial import ADML, FGSM, MAML, AdversarialQuerying, Task
 from l2l_adversarial.evaluation import GradientLearner, evaluate
 from l2l_adversarial.models import FeaturesThenHead
 from l2l_adversarial.runtime.engine import meta_batch_objective
@@ -191,6 +191,22 @@ def test_clone_is_learn2learns_anil_clone_sharing_the_features():
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     for ours, theirs in zip(*gradients, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_maml_with_features_is_learn2learns_anil():
+    features, head = network()
+    sx, sy, qx, qy = make_task()
+    loss = MAML(head, LR, features=features, adaptation_steps=STEPS).meta_loss(sx, sy, qx, qy)
+    ours = torch.autograd.grad(loss, [*features.parameters(), *head.parameters()])
+    anil = l2l.algorithms.MAML(head, lr=LR)  # fast_adapt of learn2learn's anil_fc100.py
+    learner = anil.clone()
+    for _ in range(STEPS):
+        learner.adapt(F.cross_entropy(learner(features(sx)), sy))
+    expected = F.cross_entropy(learner(features(qx)), qy)
+    theirs = torch.autograd.grad(expected, [*features.parameters(), *head.parameters()])
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_inputs_are_checked_against_the_features_and_the_head():

@@ -161,8 +161,8 @@ class MetaLearner(MAML):
         return self.functional.features
 
     def meta_parameters(self) -> Params:
-        """The wrapped model's trainable parameters, by name: where every inner loop starts
-        (with ``features=``, theta also holds the features' parameters, which are not adapted)."""
+        """theta of the inner loop: the wrapped model's trainable parameters, by name (the
+        ``features``' parameters, also meta-learned, are never adapted: not among them)."""
         return self.functional.parameters()
 
     def task_objective(

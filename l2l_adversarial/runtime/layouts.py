@@ -213,7 +213,8 @@ def forward(
 
 
 def outputs(functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor) -> Tensor:
-    """Each task's outputs ``[T, N, ...]`` at its parameters, differentiable in them."""
+    """Each task's outputs ``[T, N, ...]`` at its parameters (after the features, if any),
+    differentiable in them."""
     inputs = _embedded(functional, inputs)
     if not _folds(functional, inputs):
         with PrimitiveNormalisation():
