@@ -73,6 +73,7 @@ __all__ = [
     "FFGSM",
     "PGD",
     "is_classification_loss",
+    "paper_attack",
     "pixel_levels",
 ]
 
@@ -480,3 +481,14 @@ class PGD(Attack):
             gradient = self.input_gradient(forward, adversarial, labels)
             adversarial = self.project(adversarial + self.step_size * gradient.sign(), pixels)
         return adversarial
+
+
+def paper_attack(eps: float) -> Attack:
+    """The paper's meta-test attack at radius ``eps``: FGSM (Sec. 4), the default of
+    :func:`~l2l_adversarial.evaluation.evaluate`.
+
+    Example:
+        >>> paper_attack(2 / 255)
+        FGSM(eps=0.00784314, data_range=(0.0, 1.0))
+    """
+    return FGSM(eps)
