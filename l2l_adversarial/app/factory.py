@@ -73,8 +73,15 @@ def resolve_device(name: str) -> torch.device:
     return cuda_device() if device.type == "cuda" and device.index is None else device
 
 
-def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = None) -> Attack:
-    """The attack named in a config, eps given in 8-bit pixel levels (``2`` -> 2/255).
+def build_attack(
+    name: str,
+    eps_255: float,
+    pgd_steps: int,
+    seed: int | None = None,
+    pgd_step_size: float | None = None,
+) -> Attack:
+    """The attack named in a config, eps (and PGD's step, ``None``: its default) given in
+    8-bit pixel levels (``2`` -> 2/255).
 
     Its per-call value checks are off (``check_values=False``): the data was validated when
     loaded, and training's divergence guard stops a non-finite loss with the setting to
@@ -87,7 +94,10 @@ def build_attack(name: str, eps_255: float, pgd_steps: int, seed: int | None = N
     if name == "ffgsm":
         return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
-        return PGD(eps=eps, steps=pgd_steps, generator=generator, check_values=False)
+        step = None if pgd_step_size is None else pixel_levels(pgd_step_size)
+        return PGD(
+            eps=eps, steps=pgd_steps, step_size=step, generator=generator, check_values=False
+        )
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
@@ -118,30 +128,24 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     if method == "maml":
         return MAML(model, **common)
     common.update(
-        attack=build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"]),
+        attack=build_attack(
+            train["attack"], train["eps"], train["pgd_steps"], config["seed"],
+            train["pgd_step_size"],
+        ),
         robust_loss=train["robust_loss"],
         trades_beta=train["trades_beta"],
-    )
+    )  # fmt: skip
+    for key in ("attack_sets", "attack_target"):  # null: the method's published placement
+        if train[key] is not None:
+            common[key] = train[key]
     if method == "adml":
-        return ADML(
-            model,
-            **common,
-            clean_lr=train["clean_inner_lr"],
-            attack_target=train["attack_target"] or "initial",
-        )
+        return ADML(model, **common, clean_lr=train["clean_inner_lr"])
     if method == "maml-ad":
         return MAMLAD(model, **common, adversarial_fraction=train["adversarial_fraction"])
     if method == "aq":
-        return AdversarialQuerying(
-            model, **common, attack_target=train["attack_target"] or "adapted"
-        )
+        return AdversarialQuerying(model, **common)
     if method == "r-maml":
-        return RMAML(
-            model,
-            **common,
-            robust_weight=train["robust_weight"],
-            attack_target=train["attack_target"] or "adapted",
-        )
+        return RMAML(model, **common, robust_weight=train["robust_weight"])
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
