@@ -155,7 +155,8 @@ class GradientLearner(FewShotLearner):
 
     Args:
         model: the meta-learned network: an ``nn.Module``, a learn2learn ``MAML`` (ADML,
-            MAMLAD, AdversarialQuerying included; the wrapped module is used) or a
+            MAMLAD, AdversarialQuerying included; the wrapped module is used, after the
+            learner's ``features`` if it has them) or a
             :class:`~l2l_adversarial.functional.FunctionalModel`.
         lr: adaptation step size.
         steps: number of adaptation steps (0: score theta itself).
@@ -177,12 +178,15 @@ class GradientLearner(FewShotLearner):
         *,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if isinstance(model, MetaLearner) and loss_fn is None:
-            self.functional = model.functional
+        functional = model.functional if isinstance(model, MetaLearner) else model
+        if isinstance(functional, FunctionalModel):  # features (ANIL) kept
+            self.functional = functional
+            if loss_fn is not None:
+                self.functional = FunctionalModel(
+                    functional.module, loss_fn, features=functional.features
+                )
         elif isinstance(model, MAML):
             self.functional = FunctionalModel(model.module, loss_fn)
-        elif isinstance(model, FunctionalModel):
-            self.functional = model if loss_fn is None else FunctionalModel(model.module, loss_fn)
         elif isinstance(model, nn.Module):
             self.functional = FunctionalModel(model, loss_fn)
         else:
@@ -686,7 +690,7 @@ class _Protocol:
         prefetch = 2 if getattr(tasks, "thread_safe", False) else 0
         per_rank: list[Curves] = []
         functional = getattr(learner, "functional", None)
-        model = functional.module if isinstance(functional, FunctionalModel) else None
+        model = functional.network if isinstance(functional, FunctionalModel) else None
         with MetaBatches(
             tasks, chunks.__getitem__, 0, len(chunks), device=device, prefetch=prefetch
         ) as batches:
@@ -719,7 +723,7 @@ class _Protocol:
             assert isinstance(learner, GradientLearner)
             stack = Task(*(torch.stack(list(sets)) for sets in zip(*chunk, strict=True)))
             stacked = _RuntimeOps(StackedOps(learner, starts=SeededStarts(seeds)), learner)
-            with explain_randomness(learner.functional.module):
+            with explain_randomness(learner.functional.network):
                 curves = self.curves(stacked, stack)
             return [
                 {key: (v[0][t], v[1][t]) for key, v in curves.items()} for t in range(len(chunk))

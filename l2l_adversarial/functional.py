@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from l2l_adversarial.models import FeaturesThenHead
 from l2l_adversarial.validation import shape_checked
 
 Params = dict[str, Tensor]
@@ -147,10 +148,10 @@ def _contiguous(gradient: Tensor) -> Tensor:
 
 
 class FunctionalModel:
-    """Evaluate ``module`` at arbitrary (fast) parameters.
+    """Evaluate ``module`` at arbitrary (fast) parameters, after ``features`` if given.
 
     Args:
-        module: any ``nn.Module`` with at least one trainable parameter.
+        module: any ``nn.Module`` with at least one trainable parameter: what is adapted.
         loss_fn: task loss, ``loss_fn(logits, labels)``; cross-entropy by default.
         channels_last: run query-set passes (:meth:`query_loss`, attacks on
             :meth:`query_layout` inputs) on 4-D image batches in channels-last memory format.
@@ -159,20 +160,39 @@ class FunctionalModel:
             support sets keep the default format: second-order BatchNorm through channels-last
             tensors is slower there. The module must not call ``.view()`` on activations
             (``.reshape()``, ``flatten`` and ``nn.Flatten`` work).
+        features: a feature extractor run before ``module`` at its own (live) parameters,
+            never adapted (ANIL: ``module`` is the head). Every method but :meth:`head` takes
+            raw inputs; an inner loop runs the features once per set.
+
+    Example:
+        >>> from l2l_adversarial import CNN4
+        >>> net = CNN4(ways=3, image_size=16)
+        >>> anil = FunctionalModel(net.classifier, features=net.features)
+        >>> list(anil.parameters())  # what the inner loop adapts
+        ['weight', 'bias']
+        >>> anil(anil.parameters(), torch.rand(2, 3, 16, 16)).shape
+        torch.Size([2, 3])
     """
 
     def __init__(
-        self, module: nn.Module, loss_fn: LossFn | None = None, channels_last: bool = False
+        self,
+        module: nn.Module,
+        loss_fn: LossFn | None = None,
+        channels_last: bool = False,
+        features: nn.Module | None = None,
     ) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(module).__name__}")
+        for name, given in (("model", module), ("features", features)):
+            if given is not None and not isinstance(given, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(given).__name__}")
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(
                 f"{type(module).__name__} has no trainable parameters (requires_grad=True): "
                 "meta-learning needs at least one"
             )
-        _warn_on_tracked_batchnorm(module)
-        self.module = module
+        self.module, self.features = module, features
+        self.network: nn.Module = module if features is None else FeaturesThenHead(features, module)
+        """The whole network on raw inputs (``FeaturesThenHead`` with features)."""
+        _warn_on_tracked_batchnorm(self.network)
         self.loss_fn: LossFn = shape_checked(
             loss_fn if loss_fn is not None else nn.functional.cross_entropy
         )
@@ -201,16 +221,30 @@ class FunctionalModel:
                 "trainable parameters only (frozen ones keep their values and get no gradient)"
             )
 
+    def embed(self, inputs: Tensor) -> Tensor:
+        """What :attr:`module` takes: ``features(inputs)``, differentiable in the features'
+        parameters (``inputs`` themselves without features)."""
+        return inputs if self.features is None else self.features(inputs)
+
+    def head(self, params: Params, embedded: Tensor) -> Tensor:
+        """Logits of :attr:`module` at ``params`` on :meth:`embed`'s outputs."""
+        return functional_call(self.module, params, (embedded,))
+
     def __call__(self, params: Params, inputs: Tensor) -> Tensor:
-        """Logits of the module evaluated at ``params``."""
-        return functional_call(self.module, params, (inputs,))
+        """Logits of the network on ``inputs``, :attr:`module` evaluated at ``params``."""
+        return self.head(params, self.embed(inputs))
 
     def at(self, params: Params) -> Callable[[Tensor], Tensor]:
-        """A callable for attacks: the module at detached ``params`` with copied buffers."""
-        return stateless(self.module, params)
+        """A callable for attacks: the network at detached ``params`` (and features) with
+        copied buffers."""
+        head = stateless(self.module, params)
+        if self.features is None:
+            return head
+        features = stateless(self.features)
+        return lambda inputs: head(features(inputs))
 
     def loss(self, params: Params, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Task loss and accuracy of the module at ``params``."""
+        """Task loss and accuracy of the network on ``inputs``, the module at ``params``."""
         return self.scored(self(params, inputs), labels)
 
     def scored(self, outputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,13 +329,14 @@ class FunctionalModel:
         """The fast weights after each of ``steps`` gradient-descent steps on ``(inputs,
         labels)`` from ``params`` (``allow_unused``: as for :meth:`step`). With gradients
         disabled (meta-testing) every step starts from detached weights and returns detached
-        ones: no graph is kept."""
+        ones: no graph is kept. The features (if any) run once, in the caller's grad mode."""
         graph, stepped = torch.is_grad_enabled(), []
+        embedded = self.embed(inputs) if steps else inputs
         with torch.enable_grad():
             for _ in range(steps):
                 if not graph:
                     params = {name: p.detach().requires_grad_() for name, p in params.items()}
-                loss = self.loss_fn(self(params, inputs), labels)
+                loss = self.loss_fn(self.head(params, embedded), labels)
                 params = self.step(params, loss, lr, first_order or not graph, allow_unused)
                 if not graph:
                     params = {name: p.detach() for name, p in params.items()}

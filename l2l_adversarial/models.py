@@ -10,9 +10,11 @@ tasks, clones, attacks and evaluation.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import Tensor, nn
 
-__all__ = ["CNN4", "MLP"]
+__all__ = ["CNN4", "MLP", "FeaturesThenHead"]
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -81,3 +83,23 @@ class MLP(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.net(inputs)
+
+
+class FeaturesThenHead(nn.Sequential):
+    """``head(features(x))``: the network of a learner built with ``features=`` (ANIL's
+    split, :class:`~l2l_adversarial.algorithms.base.LearnerOptions`). Attacks and query scores
+    see it on raw inputs; the inner loop adapts ``head`` alone. Holds the two modules, copies
+    nothing.
+
+    Example:
+        >>> import torch
+        >>> net = CNN4(ways=5, image_size=32)
+        >>> FeaturesThenHead(net.features, net.classifier)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 5])
+    """
+
+    features: nn.Module
+    head: nn.Module
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__(OrderedDict(features=features, head=head))

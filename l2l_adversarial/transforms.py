@@ -167,7 +167,9 @@ class AdversarialTaskTransform:
         attack: an :class:`~l2l_adversarial.attacks.Attack` (FGSM, FFGSM, PGD, ...).
         model: what the attack differentiates: a callable returning logits or an
             ``nn.Module`` (read at its current parameters on every call), or a
-            :class:`~l2l_adversarial.functional.FunctionalModel` evaluated at ``params``.
+            :class:`~l2l_adversarial.functional.FunctionalModel` evaluated at ``params``. A
+            gradient-based learner (``ADML``, ``MAML``, ...) is its ``FunctionalModel``:
+            its network on raw inputs, ``features`` included.
         support_fraction: fraction of every class's support samples to perturb, in [0, 1].
         query_fraction: fraction of every class's query samples to perturb, in [0, 1].
         params: parameters to attack the model at (``FunctionalModel`` or ``nn.Module``);
@@ -201,6 +203,9 @@ class AdversarialTaskTransform:
         params: Mapping[str, Tensor] | None = None,
     ) -> None:
         _check_attack(attack)
+        functional = getattr(model, "functional", None)
+        if isinstance(model, nn.Module) and isinstance(functional, FunctionalModel):
+            model = functional  # a learner: its network, features (ANIL) included
         if params is not None and not isinstance(model, (FunctionalModel, nn.Module)):
             raise TypeError(
                 "params= needs model to be an nn.Module or a FunctionalModel, got "

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from l2l_adversarial.models import FeaturesThenHead
 from l2l_adversarial.task import Task
 
 __all__ = [
@@ -197,6 +198,10 @@ def check_inputs_fit(model: nn.Module, inputs: Tensor, where: str = "") -> None:
     floating-point dtype or a device other than its parameters', or a channel count other
     than its first convolution's (a feature count other than its own ``nn.Linear``'s).
 
+    A :class:`~l2l_adversarial.models.FeaturesThenHead` (a learner with ``features=``) is
+    checked as its features against the inputs, and its head against the features' outputs:
+    the inputs' dtype and device.
+
     The one check of model against inputs for direct calls (``meta_loss``), the engines,
     :func:`~l2l_adversarial.evaluation.evaluate` and the attacks.
 
@@ -206,22 +211,16 @@ def check_inputs_fit(model: nn.Module, inputs: Tensor, where: str = "") -> None:
         ...
         ValueError: inputs have 3 channel(s) (shape (2, 3, 8, 8)) but Conv2d's first ...
     """
-    name = type(model).__name__
     at = f"{where}: " if where else ""
-    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if parameter is not None and inputs.is_floating_point():
-        if inputs.dtype != parameter.dtype:
-            raise TypeError(
-                f"{at}inputs are {inputs.dtype} but {name}'s parameters are "
-                f"{parameter.dtype}; convert one of them (inputs.to({parameter.dtype}) for "
-                f"every set of the task, or model.to({inputs.dtype}) before building the "
-                "learner)"
-            )
-        if inputs.device != parameter.device:
-            raise ValueError(
-                f"{at}inputs are on {inputs.device} but {name}'s parameters on "
-                f"{parameter.device}; move the task with .to({parameter.device})"
-            )
+    if isinstance(model, FeaturesThenHead):
+        check_inputs_fit(model.features, inputs, where)
+        _check_dtype_and_device(
+            f"the head {type(model.head).__name__} (on the features' outputs)", model.head,
+            inputs, at,
+        )  # fmt: skip
+        return
+    name = type(model).__name__
+    _check_dtype_and_device(name, model, inputs, at)
     first = next(
         (m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))),
         None,
@@ -245,6 +244,25 @@ def check_inputs_fit(model: nn.Module, inputs: Tensor, where: str = "") -> None:
         raise ValueError(
             f"{at}inputs have {inputs.shape[-1]} features (shape {tuple(inputs.shape)}) "
             f"but {name} takes {first.in_features}; pass (N, {first.in_features}) inputs"
+        )
+
+
+def _check_dtype_and_device(name: str, model: nn.Module, inputs: Tensor, at: str) -> None:
+    """Floating-point ``inputs`` of the dtype and on the device of ``model``'s parameters."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is None or not inputs.is_floating_point():
+        return
+    if inputs.dtype != parameter.dtype:
+        raise TypeError(
+            f"{at}inputs are {inputs.dtype} but {name}'s parameters are "
+            f"{parameter.dtype}; convert one of them (inputs.to({parameter.dtype}) for "
+            f"every set of the task, or model.to({inputs.dtype}) before building the "
+            "learner)"
+        )
+    if inputs.device != parameter.device:
+        raise ValueError(
+            f"{at}inputs are on {inputs.device} but {name}'s parameters on "
+            f"{parameter.device}; move the task with .to({parameter.device})"
         )
 
 

@@ -485,3 +485,14 @@ def write_image_folder(
         (folder / f"image_{index:03d}{suffix}").write_bytes(encode_image(image, suffix.lower()))
     (root / "class_00" / "notes.txt").write_text("not an image")
     return root
+
+
+def digits_config(method: str = "adml", **train: object) -> dict:
+    """A tiny digits run's config (3-way 1-shot, hidden 4); ``train`` overrides ``train.*``."""
+    from l2l_adversarial.app.config import load_config
+
+    train = {"iterations": 6, "meta_batch_size": 2, "adaptation_steps": 2, "checkpoint_every": 2,
+             "log_every": 1, "inner_lr": 0.1, **train}  # fmt: skip
+    overrides = [f"method={method}", "dataset.name=digits", "device=cpu", "task.ways=3",
+                 "task.shots=1", "task.query_shots=2", "model.hidden=4"]  # fmt: skip
+    return load_config(None, overrides + [f"train.{k}={v}" for k, v in train.items()])

@@ -24,12 +24,11 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from data_factories import SyntheticTasks
+from data_factories import SyntheticTasks, digits_config
 
 from l2l_adversarial import CNN4, PGD
 from l2l_adversarial.app.checkpoint import load_checkpoint
 from l2l_adversarial.app.cli import main
-from l2l_adversarial.app.config import load_config
 from l2l_adversarial.app.training import CHECKPOINT, RunFolderError, Trainer, build_learner, train
 from l2l_adversarial.distributed import (
     average_gradients,
@@ -60,23 +59,7 @@ CLI_OPTIONS = ["-o", "dataset.name=digits", "-o", "device=cpu", "-o", "model.hid
 
 
 def config(method: str, **train_options: object) -> dict:
-    overrides = [
-        f"method={method}",
-        "dataset.name=digits",
-        "device=cpu",
-        "task.ways=3",
-        "task.shots=1",
-        "task.query_shots=2",
-        "model.hidden=4",
-        "train.iterations=1",
-        "train.meta_batch_size=4",
-        "train.adaptation_steps=2",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "train.inner_lr=0.1",
-        *(f"train.{k}={v}" for k, v in train_options.items()),
-    ]
-    return load_config(None, overrides)
+    return digits_config(method, **{"iterations": 1, "meta_batch_size": 4, **train_options})
 
 
 def parameters(learner: torch.nn.Module) -> dict[str, torch.Tensor]:

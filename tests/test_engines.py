@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from data_factories import SyntheticTasks
+from data_factories import digits_config as training_config
 from test_training import Killed, final_parameters, stop_at
-from test_training import config as training_config
 from torch import Tensor, nn
 
 from benchmarks.op_counter import OpCounter

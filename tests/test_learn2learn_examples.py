@@ -23,13 +23,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from data_factories import write_mini_imagenet_cache
+from data_factories import write_cifar100, write_metaoptnet_cifar, write_mini_imagenet_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SDIST = "learn2learn-0.2.0.tar.gz"
 MINI_IMAGENET_EXAMPLE = "examples/vision/maml_miniimagenet.py"
 SINE_EXAMPLE = "examples/maml_sine.py"
 SINE_DIFF = REPO / "docs" / "maml_sine_adml.diff"
+ANIL_EXAMPLE = "examples/vision/anil_fc100.py"
+ANIL_DIFF = REPO / "docs" / "anil_fc100_adml.diff"
 
 
 def sdist_folder() -> Path:
@@ -118,34 +120,60 @@ def called(output: str) -> collections.Counter[str]:
     return collections.Counter(json.loads(re.search(r"^calls (.*)$", output, re.M).group(1)))
 
 
+def run_vision_example(root: Path, home: Path, call: str) -> collections.Counter[str]:
+    """Run ``call`` (``module.main(...)`` of ``examples/vision``) with the name-only-swap
+    warning as an error; check the metrics it prints are numbers, return its calls."""
+    module = call.split(".")[0]
+    output = run_python(
+        COUNTING
+        + f"""
+    import sys, warnings
+    sys.path.insert(0, "examples/vision")
+    import {module}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", l2la.algorithms.base.NameOnlySwapWarning)
+        {call}
+    print("calls", json.dumps(calls))
+    """,
+        cwd=root,
+        home=home,
+    )
+    for metric in ("Meta Train Error", "Meta Valid Accuracy", "Meta Test Accuracy"):
+        value = float(re.search(rf"^{metric} (\S+)$", output, re.M).group(1))
+        assert value == value and value >= 0  # a finite, non-NaN number
+    return called(output)
+
+
 def test_readme_swap_applies_to_and_runs_learn2learns_miniimagenet_example(tmp_path):
     root = extract_example(tmp_path, MINI_IMAGENET_EXAMPLE)
     apply(readme_diff(MINI_IMAGENET_EXAMPLE), root)
     home = tmp_path / "home"
     for mode in ("train", "validation", "test"):  # the example reads root='~/data'
         write_mini_imagenet_cache(home / "data", mode, num_classes=5, images_per_class=2)
-    output = run_python(
-        COUNTING
-        + """
-    import sys, warnings
-    sys.path.insert(0, "examples/vision")
-    import maml_miniimagenet
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", l2la.algorithms.base.NameOnlySwapWarning)
-        maml_miniimagenet.main(ways=5, shots=1, meta_batch_size=2, adaptation_steps=1,
-                               num_iterations=1, cuda=False)
-    print("calls", json.dumps(calls))
-    """,
-        cwd=root,
-        home=home,
+    calls = run_vision_example(
+        root,
+        home,
+        "maml_miniimagenet.main(ways=5, shots=1, meta_batch_size=2, adaptation_steps=1, "
+        "num_iterations=1, cuda=False)",
     )
-    calls = called(output)
     # ADML's objective once per training task, clone() once per validation and test task
     # (without a name-only-swap warning: it is an error here), one optimizer step.
     assert (calls["loss_and_accuracy"], calls["clone"], calls["step"]) == (2, 4, 1)
-    for metric in ("Meta Train Error", "Meta Valid Accuracy", "Meta Test Accuracy"):
-        value = float(re.search(rf"^{metric} (\S+)$", output, re.M).group(1))
-        assert value == value and value >= 0  # a finite, non-NaN number
+
+
+def test_anil_diff_applies_to_and_runs_learn2learns_anil_fc100_example(tmp_path):
+    root = extract_example(tmp_path, ANIL_EXAMPLE)
+    apply(ANIL_DIFF.read_text(), root)
+    home = tmp_path / "home"  # the example reads FC100_{train,val,test}.pickle from ~/data
+    files = write_cifar100(tmp_path / "cifar", train_per_class=2, test_per_class=2)
+    write_metaoptnet_cifar(home / "data", files, "fc100")
+    calls = run_vision_example(
+        root, home, "anil_fc100.main(ways=5, shots=1, adapt_steps=1, meta_bsz=2, iters=1, cuda=0)"
+    )
+    # ADML's objective once per training task (features and head both step: the example's
+    # gradient averaging reads every parameter's .grad), clone() once per validation and test
+    # task, without a name-only-swap warning, one optimizer step.
+    assert (calls["loss_and_accuracy"], calls["clone"], calls["step"]) == (2, 4, 1)
 
 
 def test_sine_diff_applies_to_and_meta_trains_learn2learns_sine_example(tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from data_factories import SyntheticTasks, write_mini_imagenet_cache
-from test_training import Killed, config, final_parameters, stop_at
+from data_factories import digits_config as config
+from test_training import Killed, final_parameters, stop_at
 
 from l2l_adversarial.app.checkpoint import load_checkpoint
 from l2l_adversarial.app.cli import main

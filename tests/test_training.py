@@ -6,31 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factories import SyntheticTasks
+from data_factories import SyntheticTasks, digits_config
 
 from l2l_adversarial.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from l2l_adversarial.app.config import load_config
 from l2l_adversarial.app.training import CHECKPOINT, RunFolderError, build_learner, train
-
-
-def config(method: str = "adml", **train: object) -> dict:
-    overrides = [
-        f"method={method}",
-        "dataset.name=digits",
-        "device=cpu",
-        "task.ways=3",
-        "task.shots=1",
-        "task.query_shots=2",
-        "model.hidden=4",
-        "train.iterations=6",
-        "train.meta_batch_size=2",
-        "train.adaptation_steps=2",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "train.inner_lr=0.1",
-        *(f"train.{k}={v}" for k, v in train.items()),
-    ]
-    return load_config(None, overrides)
 
 
 def final_parameters(learner: torch.nn.Module) -> list[torch.Tensor]:
@@ -60,7 +39,7 @@ def stop_at(iteration: int, error: type[BaseException]):  # noqa: ANN201
 def test_run_killed_and_resumed_matches_uninterrupted_run(
     tmp_path: Path, method: str, train_options: dict
 ) -> None:
-    cfg = config(method, **train_options)
+    cfg = digits_config(method, **train_options)
     reference = final_parameters(train(cfg, tmp_path / "a", SyntheticTasks(), progress=False))
 
     with pytest.raises(Killed):  # dies during iteration 3: the last checkpoint is iteration 2
@@ -81,7 +60,7 @@ def test_run_killed_and_resumed_matches_uninterrupted_run(
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path: Path) -> None:
-    cfg = config("aq")
+    cfg = digits_config("aq")
     reference = final_parameters(train(cfg, tmp_path / "a", SyntheticTasks(), progress=False))
     with pytest.raises(KeyboardInterrupt, match="continue with --resume"):
         train(
@@ -100,7 +79,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path: Pat
 
 
 def test_existing_results_are_never_overwritten_unless_asked(tmp_path: Path) -> None:
-    cfg = config("maml", iterations=2)
+    cfg = digits_config("maml", iterations=2)
     train(cfg, tmp_path, SyntheticTasks(), progress=False)
     before = (tmp_path / CHECKPOINT).read_bytes()
     with pytest.raises(RunFolderError, match="--resume.*--overwrite"):
@@ -111,10 +90,10 @@ def test_existing_results_are_never_overwritten_unless_asked(tmp_path: Path) -> 
 
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
-    train(config("maml", iterations=2), tmp_path / "run", SyntheticTasks(), progress=False)
+    train(digits_config("maml", iterations=2), tmp_path / "run", SyntheticTasks(), progress=False)
     with pytest.raises(CheckpointError, match="belongs to a different run"):
         train(
-            config("adml", iterations=4),
+            digits_config("adml", iterations=4),
             tmp_path / "run",
             SyntheticTasks(),
             resume=True,
@@ -125,7 +104,9 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(checkpoint, kind="train")
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        train(config("maml"), tmp_path / "empty", SyntheticTasks(), resume=True, progress=False)
+        train(
+            digits_config("maml"), tmp_path / "empty", SyntheticTasks(), resume=True, progress=False
+        )
 
 
 def test_checkpoints_refuse_arbitrary_pickled_objects(tmp_path: Path) -> None:
@@ -172,7 +153,7 @@ def test_failed_write_keeps_the_previous_checkpoint(
 def test_channels_last_follows_the_config_and_defaults_to_the_cpu(
     device: str, setting: str, expected: bool
 ) -> None:
-    cfg = config(channels_last=setting)
+    cfg = digits_config(channels_last=setting)
     cfg["device"] = device  # build_learner reads the name only; no GPU is needed
     for method in ("maml", "adml", "maml-ad", "aq"):
         cfg["method"] = method

@@ -48,11 +48,21 @@ class LearnerOptions(TypedDict, total=False):
         channels_last: evaluate (and attack) query sets in channels-last memory format, as
             :class:`~l2l_adversarial.functional.FunctionalModel` describes: same results,
             faster on the CPU; the model must not ``.view()`` its activations.
+        features: a feature extractor before ``model`` (learn2learn's ANIL examples: the
+            learner wraps the head, ``features`` stay outside). Attacks and query scores see
+            ``model(features(x))`` on raw inputs; the inner loop adapts ``model``'s
+            parameters only (the features run once per set, shared by every task and clone);
+            the meta-gradient reaches both. The features are not a submodule of the learner:
+            ``learner.parameters()`` are ``model``'s, as for learn2learn's ``MAML(head)``, so
+            optimise ``list(features.parameters()) + list(learner.parameters())`` and move
+            or switch the features (``.to()``, ``.train()``, ``.eval()``) yourself, as ANIL
+            does.
     """
 
     adaptation_steps: int
     loss_fn: LossFn | None
     channels_last: bool
+    features: nn.Module | None
 
 
 class PlacementOptions(TypedDict, total=False):
@@ -147,7 +157,10 @@ class MetaLearner(MAML):
                     f"allow_nograd and {accepted} (attack for the adversarial ones)"
                 )
         functional = FunctionalModel(
-            model, options.get("loss_fn"), options.get("channels_last", False)
+            model,
+            options.get("loss_fn"),
+            options.get("channels_last", False),
+            options.get("features"),
         )
         allow_nograd = check_flag("allow_nograd", allow_nograd)
         if allow_unused is not None:
@@ -167,8 +180,14 @@ class MetaLearner(MAML):
         """Whether the task loss takes class indices (then labels are checked as classes)."""
         return is_classification_loss(self.functional.loss_fn)
 
+    @property
+    def features(self) -> nn.Module | None:
+        """The feature extractor given as ``features=`` (:class:`LearnerOptions`), or ``None``."""
+        return self.functional.features
+
     def meta_parameters(self) -> Params:
-        """theta: the wrapped model's trainable parameters, by name."""
+        """The wrapped model's trainable parameters, by name: where every inner loop starts
+        (with ``features=``, theta also holds the features' parameters, which are not adapted)."""
         return self.functional.parameters()
 
     def task_objective(
@@ -186,7 +205,7 @@ class MetaLearner(MAML):
     ) -> tuple[Task, int, TaskOps]:
         """The task (checked when called directly), the step count and the ops to run on."""
         if ops is None:
-            task = check_task_metadata(task, self.classification, self.functional.module)
+            task = check_task_metadata(task, self.classification, self.functional.network)
             check_task(*task, classification=self.classification)
             ops = SequentialOps(self)
         return task, self.resolve_steps(steps), ops

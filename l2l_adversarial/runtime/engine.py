@@ -90,10 +90,10 @@ def resolve_engine(learner: object, engine: str = "auto") -> str:
             f"{learner!r}"[:300]
             + "; use engine='sequential' (or 'auto')"
         )
-    obstacle = vmap_obstacle(functional.module)
+    obstacle = vmap_obstacle(functional.network)
     if obstacle:
         raise ValueError(
-            f"engine='vmap' cannot run {type(functional.module).__name__}: {obstacle}. "
+            f"engine='vmap' cannot run {type(functional.network).__name__}: {obstacle}. "
             "Use engine='sequential' (or 'auto')."
         )
     return engine
@@ -261,7 +261,7 @@ class _MetaBatch:
     ) -> None:
         self.learner, self.engine, self.steps = learner, engine, learner.resolve_steps(steps)
         self.streams = GeneratorStates(getattr(learner.attack, "generator", None))
-        module, classification = learner.functional.module, learner.classification
+        module, classification = learner.functional.network, learner.classification
         self.tasks: list[Task] = []
         for index, task in enumerate(tasks):
             self.streams.capture()
@@ -309,7 +309,7 @@ class _MetaBatch:
                 ops: TaskOps = (SequentialOps if self.engine == "sequential" else StackedOps)(
                     self.learner, recorded[chunk] if replay else None, self.streams, start
                 )
-                with explain_randomness(self.learner.functional.module):
+                with explain_randomness(self.learner.functional.network):
                     objective = self.learner.task_objective(task, self.steps, ops)
                 if not replay:
                     recorded.append(ops.recorded)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from l2l_adversarial.functional import (
@@ -193,30 +193,33 @@ def forward(
     """``inputs [T, N, ...] -> outputs [T, N, ...]``: each task's inputs through the model at
     its parameters (``params[name][t]``, or ``params`` for every task if not ``per_task``).
 
-    For first derivatives (attacks): normalisation runs as PyTorch's fused kernels."""
+    For first derivatives (attacks): normalisation runs as PyTorch's fused kernels; the
+    features (if any) run at their parameters detached."""
     folds: dict[int, bool] = {}  # by the inputs' rank, decided on the first call
     folded: Params | None = None
 
     def run(inputs: Tensor) -> Tensor:
         nonlocal folded
+        inputs = _embedded(functional, inputs, detached=True)
         if inputs.dim() not in folds:
             folds[inputs.dim()] = _folds(functional, inputs)
         if not folds[inputs.dim()]:
-            return vmap(functional, in_dims=(0 if per_task else None, 0))(params, inputs)
+            return vmap(functional.head, in_dims=(0 if per_task else None, 0))(params, inputs)
         if folded is None:  # once for every call
             folded = _fold_params(params, per_task, tasks)
-        return _folded_outputs(functional, folded, inputs, primitive_norms=False)
+        return _folded_outputs(functional.head, folded, inputs, primitive_norms=False)
 
     return run
 
 
 def outputs(functional: FunctionalModel, params: Params, per_task: bool, inputs: Tensor) -> Tensor:
     """Each task's outputs ``[T, N, ...]`` at its parameters, differentiable in them."""
+    inputs = _embedded(functional, inputs)
     if not _folds(functional, inputs):
         with PrimitiveNormalisation():
-            return vmap(functional, in_dims=(0 if per_task else None, 0))(params, inputs)
+            return vmap(functional.head, in_dims=(0 if per_task else None, 0))(params, inputs)
     folded = _fold_params(params, per_task, inputs.shape[0])
-    return _folded_outputs(functional, folded, inputs, primitive_norms=False)
+    return _folded_outputs(functional.head, folded, inputs, primitive_norms=False)
 
 
 def scored(functional: FunctionalModel, outputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,6 +257,7 @@ def adapt(
     ``RuntimeError`` (:func:`~l2l_adversarial.functional.refuse_unused`), as in sequence."""
     if steps == 0:
         return [params]
+    inputs = _embedded(functional, inputs)  # once: the features are not adapted
     if _folds(functional, inputs):
         return _folded_adapt(
             functional, params, per_task, inputs, labels, step_size, steps, first_order,
@@ -266,7 +270,7 @@ def adapt(
         p: Params, inputs: Tensor, labels: Tensor, step_size: Tensor | float
     ) -> list[Params]:
         def support_loss(q: Params) -> Tensor:
-            return functional.loss_fn(functional(q, inputs), labels)
+            return functional.loss_fn(functional.head(q, inputs), labels)
 
         stepped = []
         for _ in range(steps):
@@ -304,7 +308,7 @@ def _unused_by_support_loss(
                 name: (p[0] if per_task else p).detach().requires_grad_()
                 for name, p in params.items()
             }
-            loss = functional.loss_fn(functional(first, inputs[0]), labels[0])
+            loss = functional.loss_fn(functional.head(first, inputs[0]), labels[0])
             gradients = torch.autograd.grad(loss, list(first.values()), allow_unused=True)
         known[key] = [name for name, g in zip(first, gradients, strict=True) if g is None]
     return known[key]
@@ -318,12 +322,32 @@ def _fold_params(params: Params, per_task: bool, tasks: int) -> Params:
     return {name: p.repeat(tasks, *[1] * (p.dim() - 1)) for name, p in params.items()}
 
 
+def _embedded(functional: FunctionalModel, inputs: Tensor, detached: bool = False) -> Tensor:
+    """What the adapted module takes: each task's inputs ``[T, N, ...]`` through the
+    features at their parameters, shared by the tasks (detached if ``detached``), folded or
+    vmapped as the features allow (the inputs themselves without features)."""
+    features = functional.features
+    if features is None:
+        return inputs
+    theta = {n: p.detach() if detached else p for n, p in features.named_parameters()}
+
+    def call(params: Params, x: Tensor) -> Tensor:
+        return functional_call(features, params, (x,))
+
+    if fold_obstacle(features, inputs.dim() - 2) is None:
+        folded = _fold_params(theta, False, inputs.shape[0])
+        return _folded_outputs(call, folded, inputs, primitive_norms=False)
+    with PrimitiveNormalisation():
+        return vmap(call, in_dims=(None, 0))(theta, inputs)
+
+
 def _folded_outputs(
-    functional: FunctionalModel, folded: Params, inputs: Tensor, primitive_norms: bool
+    call: Callable[[Params, Tensor], Tensor], folded: Params, inputs: Tensor, primitive_norms: bool
 ) -> Tensor:
+    """``call(folded, inputs)`` on ``T`` tasks' inputs ``[T, N, ...]`` folded into channels."""
     tasks = inputs.shape[0]
     with _Folding(tasks, primitive_norms):
-        outputs = functional(folded, inputs.transpose(0, 1).flatten(1, 2))
+        outputs = call(folded, inputs.transpose(0, 1).flatten(1, 2))
     return outputs.unflatten(1, (tasks, -1)).transpose(0, 1)
 
 
@@ -360,7 +384,7 @@ def _folded_adapt(
         for _ in range(steps):
             if not graph:  # evaluation: each step from detached fast weights
                 folded = {name: p.detach().requires_grad_() for name, p in folded.items()}
-            outputs = _folded_outputs(functional, folded, inputs, second_order)
+            outputs = _folded_outputs(functional.head, folded, inputs, second_order)
             gradients = torch.autograd.grad(
                 _task_losses(functional.loss_fn, outputs, labels).sum(),
                 list(folded.values()),
