@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_factories import SyntheticTasks, digits_config
 from test_algorithms import EPS, WAYS, Weights, ce, inner_loop, make_linear, make_task, weights_of
 from test_engines import assert_gradients_close, make_model, make_tasks, meta_gradient
 from torch import Tensor, nn
@@ -31,7 +32,9 @@ from l2l_adversarial.algorithms import AdversarialMetaLearner
 from l2l_adversarial.app.config import ConfigError, load_config
 from l2l_adversarial.app.configs import CONFIG_FOLDER
 from l2l_adversarial.app.factory import build_learner
-from l2l_adversarial.attacks import Attack, Model
+from l2l_adversarial.app.training import train
+from l2l_adversarial.attacks import Attack, Model, pixel_levels
+from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.functional import kl_divergence
 
 ALPHA, LAMBDA = 0.4, 0.7
@@ -119,6 +122,8 @@ def test_kl_objective_needs_a_classification_loss() -> None:
         FGSM(eps=EPS, objective="kl", loss_fn=nn.functional.mse_loss)
     with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl'; got 'l2'"):
         PGD(eps=EPS).maximising("l2")
+    with pytest.raises(ValueError, match="AutoAttack maximises its own losses"):
+        AdversarialQuerying(nn.Linear(2, 2), lr=0.1, attack=AutoAttack(EPS), robust_loss="trades")
 
 
 # -- R-MAML's meta-gradient -----------------------------------------------------------------
@@ -366,3 +371,30 @@ def test_robustness_keys_are_refused_where_they_mean_nothing() -> None:
     assert math.isclose(
         build_learner(load_config(None, [*base, "method=r-maml"]), 1, 16).robust_weight, 0.2
     )
+
+
+def test_placement_and_attack_keys_reach_the_learner() -> None:
+    config = digits_config("maml-ad", attack_sets="query", attack_target="adapted", attack="pgd",
+                           pgd_steps=3, pgd_step_size=1.5, robust_loss="trades")  # fmt: skip
+    learner = build_learner(config, in_channels=1, image_size=16)
+    assert (learner.attack_sets, learner.attack_target) == ("query", "adapted")
+    assert isinstance(learner.attack, PGD) and learner.attack.steps == 3
+    assert math.isclose(learner.attack.step_size, pixel_levels(1.5))
+    published = build_learner(digits_config("aq"), in_channels=1, image_size=16)
+    assert (published.attack_sets, published.attack_target) == ("query", "adapted")
+
+
+def test_r_maml_trades_trains_alike_on_both_engines(tmp_path: Path) -> None:
+    """Three meta-iterations through the application, FFGSM maximising the KL."""
+    finals = []
+    for engine in ("sequential", "vmap"):
+        config = digits_config("r-maml", iterations=3, attack="ffgsm", robust_loss="trades",
+                               engine=engine, validate_every="null")  # fmt: skip
+        learner = train(config, tmp_path / engine, SyntheticTasks(), progress=False)
+        finals.append({name: p.detach() for name, p in learner.named_parameters()})
+    initial = dict(build_learner(config, 1, 16).named_parameters())
+    for name, value in finals[0].items():
+        if name.endswith(".0.bias"):  # conv biases before BatchNorm: zero gradient, Adam noise
+            continue
+        torch.testing.assert_close(finals[1][name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(value, initial[name])

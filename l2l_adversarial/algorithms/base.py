@@ -301,6 +301,7 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
+        robust.attack(attack)  # an attack that cannot maximise the term's objective says so now
         self.robust = robust
         self.attack_sets, self.attack_target = sets, target
 
