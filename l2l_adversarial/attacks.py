@@ -206,7 +206,12 @@ class Attack(ABC):
         return copied
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
+        return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range}{self._kl})"
+
+    @property
+    def _kl(self) -> str:
+        """``", objective='kl'"`` for a repr where the attack maximises the KL, else ``""``."""
+        return ", objective='kl'" if self.objective == "kl" else ""
 
     def __call__(self, model: Model, inputs: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial copies of ``inputs`` (detached, same space and shape)."""
@@ -472,7 +477,7 @@ class PGD(Attack):
     def __repr__(self) -> str:
         return (
             f"PGD(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
-            f"random_start={self.random_start})"
+            f"random_start={self.random_start}{self._kl})"
         )
 
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:

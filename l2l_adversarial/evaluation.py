@@ -211,6 +211,10 @@ class GradientLearner(FewShotLearner):
     first_order = True  # meta-testing keeps no graph
     attack: Attack | None = None
 
+    def attack_for(self, query: bool) -> None:
+        """None: meta-testing names the attack of every call."""
+        return None
+
     def theta(self) -> Params:
         """The meta-learned parameters, detached."""
         return {name: p.detach() for name, p in self.functional.parameters().items()}

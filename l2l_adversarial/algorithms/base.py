@@ -18,12 +18,23 @@ from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOp
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_task, check_task_metadata, is_classification_loss
+from l2l_adversarial.validation import (
+    check_choice,
+    check_task,
+    check_task_metadata,
+    is_classification_loss,
+)
 
 DEFAULT_TRAINING_EPS = 2 / 255
 """The paper's meta-training FGSM radius, eps = 2 on 8-bit images scaled to [0, 1]."""
 
+ATTACK_SETS = ("support", "query", "both")
+"""Which sets meta-training attacks: the support sets (the inner loops' data), the query
+sets (the meta-objective's), or both."""
 ATTACK_TARGETS = ("initial", "adapted")
+"""Which parameters the query sets are attacked against: theta (``"initial"``) or the task's
+adapted parameters (``"adapted"``). Support sets are attacked before any inner loop, against
+theta."""
 
 
 class LearnerOptions(TypedDict, total=False):
@@ -55,10 +66,24 @@ class LearnerOptions(TypedDict, total=False):
     features: nn.Module | None
 
 
-class AdversarialOptions(LearnerOptions, RobustOptions, total=False):
+class PlacementOptions(TypedDict, total=False):
+    """Where meta-training attacks, for the learners where it means something (each
+    learner's ``published_placement`` is its default, ``placement_sets`` what it takes).
+
+    Attributes:
+        attack_sets: :data:`ATTACK_SETS`: ``"support"``, ``"query"`` or ``"both"``.
+        attack_target: :data:`ATTACK_TARGETS`: ``"initial"`` (theta) or ``"adapted"``.
+    """
+
+    attack_sets: str
+    attack_target: str
+
+
+class AdversarialOptions(LearnerOptions, RobustOptions, PlacementOptions, total=False):
     """:class:`LearnerOptions` plus ``attack``: an :class:`~l2l_adversarial.attacks.Attack`
-    (default ``FGSM(eps=2/255)``), and the robustness term's ``robust_loss`` and
-    ``trades_beta`` (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`)."""
+    (default ``FGSM(eps=2/255)``), the robustness term's ``robust_loss`` and ``trades_beta``
+    (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`) and the attack's placement,
+    ``attack_sets`` and ``attack_target`` (:class:`PlacementOptions`)."""
 
     attack: Attack | None
 
@@ -257,6 +282,10 @@ class MetaLearner(MAML):
     def resolve_steps(self, steps: int | None) -> int:
         return self.adaptation_steps if steps is None else check_steps("steps", steps)
 
+    def attack_for(self, query: bool) -> Attack | None:
+        """The attack that makes a query (or a support) set's adversarial copy."""
+        return self.attack
+
 
 class AdversarialMetaLearner(MetaLearner):
     """A :class:`MetaLearner` that also knows an attack.
@@ -265,11 +294,16 @@ class AdversarialMetaLearner(MetaLearner):
         model, lr, first_order, allow_unused, allow_nograd: as for :class:`MetaLearner`
             (learn2learn's ``MAML`` arguments).
         **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``;
-            ``robust_loss``, ``trades_beta``: :attr:`robust`).
+            ``robust_loss``, ``trades_beta``: :attr:`robust`; ``attack_sets`` and
+            ``attack_target`` default to :attr:`published_placement`).
     """
 
     robust: RobustLoss
     """How the adversarial query rows are scored (:mod:`~l2l_adversarial.algorithms.robust`)."""
+    published_placement: tuple[str, str] = ("both", "initial")
+    """``(attack_sets, attack_target)`` as the method's paper places its attacks: the defaults."""
+    placement_sets: tuple[str, ...] = ATTACK_SETS
+    """The ``attack_sets`` that mean something for the method."""
 
     def configure(
         self,
@@ -277,10 +311,18 @@ class AdversarialMetaLearner(MetaLearner):
         attack: Attack | None = None,
         robust_loss: str = "ce",
         trades_beta: float = DEFAULT_TRADES_BETA,
+        attack_sets: str | None = None,
+        attack_target: str | None = None,
         **options: Any,
     ) -> None:
-        """The attack (default ``FGSM(eps=2/255)``) and the robustness term (:attr:`robust`)."""
+        """The attack (default ``FGSM(eps=2/255)``), the robustness term (:attr:`robust`) and
+        the placement (``None``: :attr:`published_placement`)."""
         super().configure(**options)
+        sets = self.published_placement[0] if attack_sets is None else attack_sets
+        target = self.published_placement[1] if attack_target is None else attack_target
+        check_choice(f"{type(self).__name__}'s attack_sets", sets, self.placement_sets)
+        check_choice("attack_target", target, ATTACK_TARGETS)
+        robust = RobustLoss(robust_loss, trades_beta)
         if attack is None:
             attack = FGSM(eps=DEFAULT_TRAINING_EPS)
         if not isinstance(attack, Attack):
@@ -289,7 +331,39 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
-        self.robust = RobustLoss(robust_loss, trades_beta)
+        robust.attack(attack)  # an attack that cannot maximise the term's objective says so now
+        self.robust = robust
+        self.attack_sets, self.attack_target = sets, target
+
+    @property
+    def attacks_support(self) -> bool:
+        """Whether meta-training attacks the support sets (:data:`ATTACK_SETS`)."""
+        return self.attack_sets in ("support", "both")
+
+    @property
+    def attacks_query(self) -> bool:
+        """Whether meta-training attacks the query sets (:data:`ATTACK_SETS`)."""
+        return self.attack_sets in ("query", "both")
+
+    def adapt_then_attack_query(
+        self, task: Task, steps: int, ops: TaskOps
+    ) -> tuple[Params, Tensor]:
+        """The inner loop of the methods that adapt on one support set (AQ, R-MAML) and their
+        adversarial query set: theta' adapted on the clean support set (with
+        ``attack_sets="both"``, on its adversarial copy), and the query set attacked against
+        theta' (``attack_target="adapted"``) or theta."""
+        support, labels = task.support_inputs, task.support_labels
+        if self.attacks_support:
+            (support,) = ops.perturb([(support, labels, False)])
+        (adapted,) = ops.adapt([(support, labels, self.lr)], steps)
+        against = adapted if self.attack_target == "adapted" else None  # None: theta
+        (query,) = ops.perturb([(task.query_inputs, task.query_labels, True)], against=against)
+        return adapted, query
+
+    def attack_for(self, query: bool) -> Attack | None:
+        """:attr:`robust_attack` for query sets (the robustness term scores them),
+        :attr:`attack` for support sets (the inner loops' cross-entropy)."""
+        return self.robust_attack if query else self.attack
 
     @property
     def robust_attack(self) -> Attack:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from l2l_adversarial.algorithms.base import AdversarialMetaLearner
 from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
-from l2l_adversarial.task import Task
+from l2l_adversarial.task import Task, per_class_prefix
 
 
 class MAMLAD(AdversarialMetaLearner):
@@ -23,7 +26,13 @@ class MAMLAD(AdversarialMetaLearner):
         adversarial_fraction: fraction of each class's clean samples whose adversarial copy
             is added to the set, in ``[0, 1]``; default 1. A fraction strictly between 0 and 1
             selects rows by label: one host read per set.
-        **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions`.
+        **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions`; the
+            placement: ``attack_sets`` (``"both"``, Eq. 2-3; ``"support"`` or ``"query"``
+            leaves the other set clean) and ``attack_target`` (``"initial"``: every set
+            against theta; ``"adapted"``: the query set against theta'_i);
+            ``robust_loss="trades"`` scores the query set with ``L(theta'_i, D') + beta *
+            KL(theta'_i; D' || D'_adv)``, ``D'_adv`` being ``D'`` with the chosen rows
+            replaced by their adversarial copies (the support set keeps its appended rows).
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -59,12 +68,32 @@ class MAMLAD(AdversarialMetaLearner):
         fraction = self.adversarial_fraction
         support = task.support_inputs, task.support_labels
         query = task.query_inputs, task.query_labels
-        if fraction > 0:
-            support_adversarial, query_adversarial = ops.perturb(
-                [(*support, False), (*query, True)]
-            )
-            support = ops.append_rows(*support, support_adversarial, fraction)
-            query = ops.append_rows(*query, query_adversarial, fraction)
+        attack_support = fraction > 0 and self.attacks_support
+        attack_query = fraction > 0 and self.attacks_query
+        query_first = attack_query and self.attack_target == "initial"
+        before = [(*support, False)] if attack_support else []
+        made = ops.perturb(before + ([(*query, True)] if query_first else []))
+        if attack_support:
+            support = ops.append_rows(*support, made.pop(0), fraction)
         (adapted,) = ops.adapt([(*support, self.lr)], steps)
-        (objective,) = ops.score([(adapted, *query)])
+        if not attack_query:
+            (objective,) = ops.score([(adapted, *query)])
+            return objective
+        if not query_first:
+            made = ops.perturb([(*query, True)], against=adapted)
+        if self.robust.kind == "ce":
+            (objective,) = ops.score([(adapted, *ops.append_rows(*query, made[0], fraction))])
+            return objective
+        replaced = _rows_replaced(*query, made[0], fraction)
+        (objective,) = self.robust.score(ops, [(adapted, query[0], replaced, query[1])])
         return objective
+
+
+def _rows_replaced(inputs: Tensor, labels: Tensor, adversarial: Tensor, fraction: float) -> Tensor:
+    """``inputs`` with the rows of ``per_class_prefix(labels, fraction)`` replaced by their
+    adversarial copies (no host read: the same on a stack of tasks)."""
+    if fraction >= 1:
+        return adversarial
+    chosen = per_class_prefix(labels, fraction)
+    chosen = chosen.view(*chosen.shape, *[1] * (inputs.dim() - chosen.dim()))
+    return torch.where(chosen, adversarial, inputs)

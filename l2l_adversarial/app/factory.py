@@ -95,8 +95,9 @@ def build_attack(
         return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
         step = None if pgd_step_size is None else pixel_levels(pgd_step_size)
-        return PGD(eps=eps, steps=pgd_steps, step_size=step, generator=generator,
-                   check_values=False)  # fmt: skip
+        return PGD(
+            eps=eps, steps=pgd_steps, step_size=step, generator=generator, check_values=False
+        )
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
 
 
@@ -110,6 +111,7 @@ LEARNERS: dict[str, type[algorithms.MetaLearner]] = {
 """The gradient-based methods' learner classes (``matching-nets`` is built apart)."""
 LEARNER_KEYWORDS = {
     "clean_inner_lr": "clean_lr",
+    "attack_sets": "attack_sets",
     "attack_target": "attack_target",
     "adversarial_fraction": "adversarial_fraction",
     "robust_weight": "robust_weight",
