@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -347,6 +349,31 @@ def confidence_interval(values: Sequence[float] | np.ndarray) -> tuple[float, fl
     return float(array.mean()), float(Z_95 * array.std() / math.sqrt(array.size))
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from JSON) is of the annotated type ``hint``: a float field
+    takes an int too, neither takes a bool."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        hint = int | float
+    return isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool)
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", str: "a string"}
+
+
+def _check_field_types(cls: type, fields: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ``TypeError`` naming the first of ``fields`` that is not of its annotated type."""
+    hints = typing.get_type_hints(cls)
+    for name, value in fields.items() if isinstance(fields, Mapping) else ():
+        if name in hints and name != "scenarios" and not _has_type(value, hints[name]):
+            expected = _TYPE_NAMES.get(hints[name], hints[name])
+            raise TypeError(f"{prefix}{name} is {value!r}, not {expected}")
+
+
 @dataclass
 class ScenarioResult:
     """One table entry and its curves. Accuracies are in percent.
@@ -402,9 +429,18 @@ class EvaluationResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a value of the wrong type is refused naming its field.
+
+        >>> EvaluationResult.from_dict({"scenarios": [{"accuracy": "abc"}]})
+        Traceback (most recent call last):
+        ValueError: not an EvaluationResult dictionary (scenarios[0].accuracy is 'abc', not a number); expected the output of EvaluationResult.to_dict()
+        """
         try:
             fields = dict(data)
+            entries = fields["scenarios"]
+            for index, entry in enumerate(entries if isinstance(entries, list) else []):
+                _check_field_types(ScenarioResult, entry, f"scenarios[{index}].")
+            _check_field_types(cls, fields)
             fields["scenarios"] = [ScenarioResult(**entry) for entry in fields["scenarios"]]
             return cls(**fields)
         except (TypeError, KeyError) as error:

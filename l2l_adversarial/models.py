@@ -36,11 +36,14 @@ class CNN4(nn.Module):
         torch.Size([2, 5])
     """
 
+    MIN_IMAGE_SIZE = 16
+    """The smallest side its four 2x2 poolings leave a pixel of."""
+
     def __init__(
         self, ways: int, in_channels: int = 3, hidden: int = 32, image_size: int = 84
     ) -> None:
         super().__init__()
-        if ways < 2 or in_channels < 1 or hidden < 1 or image_size < 16:
+        if ways < 2 or in_channels < 1 or hidden < 1 or image_size < self.MIN_IMAGE_SIZE:
             raise ValueError(
                 "CNN4 needs ways >= 2, in_channels >= 1, hidden >= 1 and image_size >= 16 "
                 f"(four 2x2 poolings); got ways={ways}, in_channels={in_channels}, "

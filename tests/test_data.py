@@ -603,9 +603,9 @@ def test_tasks_accept_tensors_and_datasets_without_targets() -> None:
 
 def test_task_argument_errors() -> None:
     dataset = _indexed_dataset(num_classes=4, per_class=5)
-    with pytest.raises(ValueError, match="only 4 classes"):
+    with pytest.raises(ValueError, match="ways=5 classes, but the TensorDataset has 4"):
         FewShotTasks(dataset, 5, 1, 1)
-    with pytest.raises(ValueError, match="shots \\+ query_shots = 6 samples"):
+    with pytest.raises(ValueError, match="shots \\+ query_shots = 1 \\+ 5 = 6 samples of a cl"):
         FewShotTasks(dataset, 2, 1, 5)
     with pytest.raises(ValueError, match="shots must be an int >= 1"):
         FewShotTasks(dataset, 2, 0, 1)

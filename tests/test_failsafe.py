@@ -1,11 +1,11 @@
 """The fail-safe campaign: bad inputs and faults, each through the command line in-process.
 
-Every case asserts the exit status, the first line of the message, and that no file under
-the case's folder (a trained and evaluated run folder, plus anything the case set up)
-changed: the run folder's ``.lock`` aside, which only holds the last writer's process id.
+Every case asserts the exit status, that the message is one line matching a pattern, and
+that no file under the case's folder (a trained and evaluated run folder, plus anything the
+case set up) changed: the run folder's ``.lock`` aside, which only holds the last writer's process id.
 A case's outcome is one of ``handled``, ``traceback`` (an exception escaped, or an internal
 error was reported for a user's mistake), ``accepted`` (exit 0 for a bad input), ``lost``
-(a file changed or vanished) or ``unclear`` (another status or first line).
+(a file changed or vanished) or ``unclear`` (another status, or another message).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TINY = ["-o", "dataset.name=digits", "-o", "dataset.image_size=16", "-o", "devic
         "-o", "train.iterations=2", "-o", "train.meta_batch_size=1", "-o", "train.adaptation_steps=1",
         "-o", "train.checkpoint_every=1", "-o", "train.inner_lr=0.1", "-o", "evaluate.tasks=2",
         "-o", "evaluate.adaptation_steps=1", "-o", "evaluate.eps=[2]", "--quiet"]  # fmt: skip
-CONFIG_ERROR = r"error: invalid configuration \(\d problems?\); fix the keys below:"
+CONFIG_ERROR = r"error: invalid configuration \(\d problems?\): .*; fix th(is key|ese keys)$"
 CUDA = torch.cuda.is_available()
 
 
@@ -134,6 +134,12 @@ def cases() -> list[Case]:
         overwrite("-o", "method=matching-nets", "-o", "train.meta_update=sequential"),
         r"error: train.meta_update: 'sequential' applies to method adml only; ",
     )
+    add("config", "images too small for the CNN", overwrite("-o", "dataset.image_size=8"),
+        r"error: the digits images are 8 x 8 pixels, too small for the 4-layer CNN .*; set "
+        r"dataset.image_size to 16 or more$")  # fmt: skip
+    add("config", "autoattack on 3-way tasks", ["evaluate", "{run}", "--overwrite", "--quiet",
+        "-o", "evaluate.attack=autoattack"], r"error: evaluate.attack: autoattack needs "
+        r"task.ways >= 4 .*, not 3; use evaluate.attack=pgd")  # fmt: skip
     add(
         "config",
         "resume and overwrite",
@@ -213,7 +219,7 @@ def cases() -> list[Case]:
 
     add("data", "cache missing", overwrite("-o", "dataset.name=mini-imagenet", "-o", "dataset.image_size=null",
         "-o", "dataset.root={tmp}/data"),
-        r"error: no mini-imagenet train split of any known format in .*; looked for:$",
+        r"error: no mini-imagenet train split of any known format in .* \(looked for ",
         setup=no_cache, mentions=["mini-imagenet-cache-train.pkl", "docs/data-formats.md"])  # fmt: skip
 
     # -- resume with other settings -------------------------------------------------------
@@ -232,7 +238,7 @@ def cases() -> list[Case]:
             "resume",
             f"other model {text}",
             train_cmd("--resume", "-o", text),
-            r"error: checkpoint '.*checkpoint.pt' belongs to a different run; ",
+            r"error: checkpoint '.*checkpoint.pt' belongs to a different run \(",
         )
     add(
         "resume",
@@ -418,8 +424,20 @@ def cases() -> list[Case]:
         "run folder",
         "report a folder",
         ["report", "{tmp}", "--output", "{tmp}/r"],
-        r"error: is a directory, '.*'; give a file, not a folder",
+        r"error: is a folder, not a file, '.*'; give a file$",
     )
+
+    def a_file(run: Path, tmp: Path) -> None:
+        (tmp / "a-file").write_text("not a folder")
+
+    add("run folder", "train into a file", ["train", "--run-dir", "{tmp}/a-file", *TINY],
+        r"error: is a file, not a folder, '.*a-file'; give a folder", setup=a_file)  # fmt: skip
+    add("run folder", "report into a file", ["report", "{run}/evaluation.json", "--output",
+        "{tmp}/a-file"], r"error: is a file, not a folder, '.*a-file'; give a folder",
+        setup=a_file)  # fmt: skip
+    add("run folder", "report at a radius not evaluated", ["report", "{run}/evaluation.json",
+        "--output", "{tmp}/r", "--epsilon", "7"], r"error: --epsilon 7 is not a radius of the "
+        r"results in '.*evaluation.json' \(evaluated: 2\); pass --epsilon one of those$")  # fmt: skip
     add("run folder", "report the same results twice", ["report", "{run}/evaluation.json",
         "{run}/evaluation.json", "--output", "{tmp}/r"], r"error: these results do not make one table")  # fmt: skip
 
@@ -611,6 +629,8 @@ def run_case(case: Case, trained: Path, tmp: Path, capsys: pytest.CaptureFixture
         return f"accepted: {first}"
     if changed:
         return f"lost: {changed} ({first})"
+    if case.code and len(message.splitlines()) != 1:
+        return f"unclear: {len(message.splitlines())} lines, {message!r}"
     if code != case.code or not re.match(case.first_line, first):
         return f"unclear: exit {code}, {first!r}"
     missing = [text for text in case.mentions if text not in message]

@@ -137,16 +137,34 @@ def load_checkpoint(
         )
     state["digest"] = saved
     mismatched = [
-        f"{key}: checkpoint has {state.get(key)!r}, this run has {value!r}"
-        for key, value in (expected or {}).items()
-        if state.get(key) != value
+        f"{key}: checkpoint has {saved!r}, this run has {value!r}"
+        for key, saved, value in _differences(state, expected or {})
     ]
     if mismatched:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} belongs to a different run; use that run's folder or "
-            "train again:\n  " + "\n  ".join(mismatched)
+            f"checkpoint {str(path)!r} belongs to a different run ({'; '.join(mismatched)}); "
+            "use that run's folder or train again"
         )
     return state
+
+
+def _differences(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, expected value)`` of every key of ``expected`` that
+    ``saved`` holds otherwise, descending into dictionaries (a parameter's shape, not all).
+
+    >>> _differences({"task": {"ways": 5, "shots": 1}}, {"task": {"ways": 4, "shots": 1}})
+    [('task.ways', 5, 4)]
+    """
+    found = []
+    for key, value in expected.items():
+        old = saved.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            found += _differences(old, value, f"{prefix}{key}.")
+        elif old != value:
+            found.append((f"{prefix}{key}", old, value))
+    return found
 
 
 def check_finite_weights(path: str | Path, weights: Mapping[str, torch.Tensor]) -> None:

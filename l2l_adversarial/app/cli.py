@@ -13,6 +13,7 @@ import textwrap
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from l2l_adversarial.app.config import ConfigError
 from l2l_adversarial.app.configs import describe_bundled_configs
@@ -28,6 +29,12 @@ __all__ = ["build_parser", "main"]
 DISTRIBUTED_COMMANDS = ("train", "evaluate")
 """Commands that split their work over the processes of a torchrun launch."""
 
+AGAIN = {
+    "train": "run again, with --resume if it saved a checkpoint (that is kept)",
+    **dict.fromkeys(("evaluate", "report", "quickstart"),
+                    "run again, with --overwrite if it wrote results (those are kept)"),
+}  # fmt: skip
+"""How each command goes on once the disk has room again."""
 DOCUMENTATION = "the documentation: docs/ (mkdocs serve)"
 DESCRIPTION = (
     "Adversarial meta-learning (ADML, MAML-AD, MAML, Adversarial Querying, Matching Networks): "
@@ -165,6 +172,14 @@ def _add_quickstart(commands: argparse._SubParsersAction[argparse.ArgumentParser
     sub.set_defaults(handler=command_quickstart)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake (an unknown option, a value of the wrong type) ends like every other
+    bad input: one ``error:`` line and status 2; its subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}, in {self.prog}; see {self.prog} --help\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and the examples as written (already wrapped), commands' help aligned."""
 
@@ -174,7 +189,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: one subcommand per command, each with its handler."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="l2l-adversarial",
         description=textwrap.fill(DESCRIPTION, 79),
         epilog=f"{EXAMPLES}\n\n{_guide('getting-started.md', 'reproducing.md', 'runs.md')}",
@@ -205,7 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rank, world_size = world()
             return int(args.handler(args))
     except (UserError, OSError) as error:
-        message = str(error) if isinstance(error, UserError) else describe_os_error(error)
+        message = (
+            str(error)
+            if isinstance(error, UserError)
+            else describe_os_error(error, AGAIN.get(args.command, "run again"))
+        )
         where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
         print(f"error{where}: {message}", file=sys.stderr)
         return 2

@@ -350,13 +350,20 @@ def validate_config(
             source = _source_of(key, sources or {})
             problems[index] = (key, f"{problem} [{source}]" if source else problem)
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        listed = "\n".join(f"  {key}: {problem}" for key, problem in problems)
-        raise ConfigError(f"invalid configuration ({count}); fix the keys below:\n{listed}")
+        listed = "; ".join(f"{key}: {problem}" for key, problem in problems)
+        fix = "these keys" if len(problems) > 1 else "this key"
+        raise ConfigError(f"invalid configuration ({count}): {listed}; fix {fix}")
     config: dict[str, Any] = validator.document
     _apply_protocol_preset(config, raw, sources or {})
     _check_dataset_root(config["dataset"])
     if config["train"]["meta_update"] == "sequential":
         _check_sequential_update(config["method"])
+    if config["evaluate"]["attack"] == "autoattack" and config["task"]["ways"] < 4:
+        raise ConfigError(
+            f"evaluate.attack: autoattack needs task.ways >= 4 (its APGD-T targets three other "
+            f"classes), not {config['task']['ways']}; use evaluate.attack=pgd for 2- and 3-way "
+            "tasks"
+        )
     _check_method_keys(config["method"], config["train"])
     for section in ("train", "evaluate"):
         if config["method"] == "matching-nets" and config[section]["engine"] == "vmap":
@@ -428,13 +435,19 @@ def _check_method_keys(method: str, train: Mapping[str, Any]) -> None:
 
 
 def _source_of(key: str, sources: Mapping[str, str]) -> str:
-    """The override (or file) that set ``key`` or the section holding it."""
+    """The override (or file) that set ``key`` or the section holding it, else the overrides
+    that set keys inside it (``-o trian.iterations=3`` made the unknown section ``trian``).
+
+    >>> _source_of("trian", {"": "in 'c.yaml'", "trian.iterations": "set by -o trian.iterations=3"})
+    'set by -o trian.iterations=3'
+    """
     parts = key.split(".")
     for length in range(len(parts), 0, -1):
         source = sources.get(".".join(parts[:length]))
         if source:
             return source
-    return sources.get("", "")
+    inside = [source for name, source in sources.items() if name.startswith(f"{key}.")]
+    return ", ".join(inside) or sources.get("", "")
 
 
 def _check_dataset_root(dataset: Mapping[str, Any]) -> None:
@@ -628,13 +641,12 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
 
 
 def describe_changes(changes: Mapping[str, tuple[Any, Any]], now: str = "now") -> str:
-    """The lines of :func:`config_changes` for an error message, one key per line.
+    """:func:`config_changes` for a one-line error message.
 
-    >>> print(describe_changes({"seed": (0, 3), "train.meta_lr": (0.001, 0.01)}))
-      seed: checkpoint 0, now 3
-      train.meta_lr: checkpoint 0.001, now 0.01
+    >>> describe_changes({"seed": (0, 3), "train.meta_lr": (0.001, 0.01)})
+    'seed: checkpoint 0, now 3; train.meta_lr: checkpoint 0.001, now 0.01'
     """
-    return "\n".join(f"  {key}: checkpoint {a!r}, {now} {b!r}" for key, (a, b) in changes.items())
+    return "; ".join(f"{key}: checkpoint {a!r}, {now} {b!r}" for key, (a, b) in changes.items())
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

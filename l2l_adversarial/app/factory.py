@@ -23,7 +23,7 @@ from torch import nn
 
 from l2l_adversarial import algorithms
 from l2l_adversarial.algorithms import MatchingNetwork
-from l2l_adversarial.app.config import METHODS
+from l2l_adversarial.app.config import METHODS, ConfigError
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
 from l2l_adversarial.data import DATASET_INFO, make_tasks
@@ -125,6 +125,12 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
     method, train, ways, hidden = (
         config["method"], config["train"], config["task"]["ways"], config["model"]["hidden"]
     )  # fmt: skip
+    if image_size < CNN4.MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"the {config['dataset']['name']} images are {image_size} x {image_size} pixels, "
+            f"too small for the 4-layer CNN (four 2x2 poolings need {CNN4.MIN_IMAGE_SIZE}); "
+            f"set dataset.image_size to {CNN4.MIN_IMAGE_SIZE} or more"
+        )
     if method == "matching-nets":
         return MatchingNetwork(
             ways=ways, in_channels=in_channels, image_size=image_size, hidden=hidden,

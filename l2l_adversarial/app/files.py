@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from l2l_adversarial.errors import naming
+
 __all__ = [
     "append_csv_row",
     "atomic_open",
@@ -52,17 +54,13 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
     )
     try:
-        os.fchmod(handle, default_file_mode())
-        with os.fdopen(handle, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        if error.filename is None and error.errno is not None:  # write(), fsync() name no file
-            raise OSError(error.errno, error.strerror, str(target)) from error
-        raise
+        with naming(target):
+            os.fchmod(handle, default_file_mode())
+            with os.fdopen(handle, "wb") as file:
+                yield file
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -76,13 +74,24 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 
 
 def append_csv_row(path: Path, fieldnames: Sequence[str], row: Mapping[str, Any]) -> None:
-    """Append ``row`` to the CSV log at ``path``, writing the header first if it is new."""
-    new = not path.exists()
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fieldnames)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Append ``row`` to the CSV log at ``path``, writing the header first if it is new.
+
+    All or nothing: if the write fails (a full disk), the log is left as it was (a new one not
+    at all, an old one without a partial row) and the ``OSError`` names ``path``.
+    """
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with naming(path), path.open("a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            if size is None:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError:
+        if size is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, size)
+        raise
 
 
 def drop_csv_rows_after(path: Path, fieldnames: Sequence[str], iteration: int) -> None:

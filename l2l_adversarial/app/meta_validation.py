@@ -210,8 +210,8 @@ def validation_monitor(
         )
     except (DatasetFileError, FileNotFoundError) as error:  # a missing split file
         raise DatasetFileError(
-            f"{error}\nmeta-validation (train.validate_every) reads the {split} split: add its "
-            "file, or train without it: -o train.validate_every=null"
+            f"{error} (meta-validation, train.validate_every, reads the {split} split: add its "
+            "file, or train without it: -o train.validate_every=null)"
         ) from error
     return MetaValidator(config, tasks, split=split, epsilons=epsilons)
 

@@ -865,6 +865,20 @@ def _group_results(
     return groups, runs
 
 
+def _check_figure_epsilon(
+    results: Sequence[EvaluationResult], epsilon: float, files: Sequence[str | os.PathLike[str]]
+) -> None:
+    """Raise :class:`ResultsFileError` unless a result has a figure's scenario at
+    ``epsilon`` (``--epsilon``), before any file is written."""
+    if not any(r.find(s.support, s.query, epsilon) for r in results for s in FIGURE_SCENARIOS):
+        radii = sorted({entry.epsilon for result in results for entry in result.scenarios})
+        raise ResultsFileError(
+            f"--epsilon {epsilon:g} is not a radius of the results in "
+            f"{', '.join(repr(os.fspath(f)) for f in files)} (evaluated: "
+            f"{', '.join(f'{radius:g}' for radius in radii)}); pass --epsilon one of those"
+        )
+
+
 def report_results(
     files: Sequence[str | os.PathLike[str]],
     directory: str | os.PathLike[str] = "report",
@@ -879,6 +893,7 @@ def report_results(
     groups, runs = _group_results(files)
     tables = {}
     for (dataset, shots), group in sorted(groups.items()):
+        _check_figure_epsilon(group, epsilon, files)
         try:
             tables[(dataset, shots)] = format_table(group, dataset, shots)
         except ValueError as error:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from l2l_adversarial.app.files import default_file_mode
-from l2l_adversarial.errors import UserError
+from l2l_adversarial.errors import UserError, naming
 
 __all__ = [
     "RESULT_FILES",
@@ -95,8 +95,13 @@ def writer_lock(run_dir: Path, command: str) -> Iterator[None]:
     try:
         _lock_or_refuse(handle, fcntl.LOCK_EX, run_dir, "is in use by {holder}; wait for it "
                         "to finish, or choose another run folder")  # fmt: skip
-        os.ftruncate(handle, 0)
-        os.write(handle, f"{os.getpid()} l2l-adversarial {command}\n".encode())
+        try:
+            with naming(lock_path):
+                os.ftruncate(handle, 0)
+                os.write(handle, f"{os.getpid()} l2l-adversarial {command}\n".encode())
+        except OSError:  # a full disk: no empty lock file left behind (this process holds it)
+            lock_path.unlink()
+            raise
         yield
     finally:
         os.close(handle)  # releases the lock

@@ -118,8 +118,8 @@ def load_trained_learner(
     if changes:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was trained with other settings than its config.yaml "
-            f"and overrides; evaluate with the run's own settings (drop -o of "
-            f"{', '.join(changes)}):\n{describe_changes(changes, 'config')}"
+            f"and overrides ({describe_changes(changes, 'config')}); evaluate with the run's "
+            f"own settings (drop -o of {', '.join(changes)})"
         )
     check_finite_weights(path, state["learner"])
     shape = tasks[0].support_inputs.shape

@@ -270,8 +270,9 @@ class Trainer:
         if refused:
             raise CheckpointError(
                 f"resuming with a changed config, {str(path)!r} was trained with other "
-                f"settings; pass --accept-changes {','.join(refused)} to continue with the new "
-                f"values, or --overwrite to start over:\n{describe_changes(refused)}"
+                f"settings ({describe_changes(refused)}); pass --accept-changes "
+                f"{','.join(refused)} to continue with the new values, or --overwrite to start "
+                "over"
             )
         unknown = sorted(set(accept_changes) - changes.keys())
         if unknown:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from l2l_adversarial.data.errors import DatasetFileError
 from l2l_adversarial.validation import check_choice
 
 MODES = ("train", "validation", "test")
@@ -28,6 +29,17 @@ def as_root(root: str | os.PathLike[str], dataset: str) -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"root {path} is a file; pass the directory that holds {dataset}")
     return path
+
+
+def is_data_file(path: Path) -> bool:
+    """Whether a dataset file is at ``path``; a folder there is refused as one, not taken for
+    a missing file (:class:`~l2l_adversarial.data.errors.DatasetFileError`)."""
+    if path.is_dir():
+        raise DatasetFileError(
+            f"{str(path)!r} is a folder, not a file; put the dataset's file there (rename or "
+            "remove the folder), or point dataset.root elsewhere"
+        )
+    return path.is_file()
 
 
 def uint8_to_float(image: np.ndarray, channels_last: bool) -> Tensor:

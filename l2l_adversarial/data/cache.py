@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from l2l_adversarial.data.errors import DatasetFileError
+from l2l_adversarial.errors import naming
 
 __all__ = ["CACHE_FOLDER", "Decoded", "Plan", "cache_folder", "load_decoded"]
 
@@ -176,6 +178,19 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of the (sparse) file at ``path``: a full disk then raises
+    ``OSError`` here, where writing through a memory map would kill the process (SIGBUS)."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    with path.open("r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without it
+                raise
+
+
 def _fill(plan: Plan, out: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Decode ``plan`` into ``out`` in canonical row order; return (targets, classes)."""
     classes = sorted(set(plan.names))
@@ -244,14 +259,17 @@ def load_decoded(
     os.close(handle)
     partial = Path(temporary)
     try:
-        memmap = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        targets, classes = _fill(built, memmap)
-        memmap.flush()
-        del memmap
-        os.replace(partial, images_path)
+        with naming(images_path):
+            memmap = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            _reserve(partial)
+            targets, classes = _fill(built, memmap)
+            memmap.flush()
+            del memmap
+            os.replace(partial, images_path)
     finally:
         partial.unlink(missing_ok=True)
-    np.save(targets_path, targets, allow_pickle=False)
+    with naming(targets_path):
+        np.save(targets_path, targets, allow_pickle=False)
     manifest = {
         "version": _VERSION,
         "key": key,
@@ -263,7 +281,8 @@ def load_decoded(
         "images_sampled_sha256": _sampled_digest(images_path),
         "targets_sha256": _array_digest(targets),
     }
-    _write_text(manifest_path, json.dumps(manifest))
+    with naming(manifest_path):
+        _write_text(manifest_path, json.dumps(manifest))
     _log.info("decoded %d images into %s", shape[0], images_path)
     images = np.load(images_path, mmap_mode="r", allow_pickle=False)
     targets.setflags(write=False)

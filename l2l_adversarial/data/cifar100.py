@@ -24,7 +24,7 @@ import torchvision.datasets
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from l2l_adversarial.data._images import MODES, UInt8Items, as_root, check_mode
+from l2l_adversarial.data._images import MODES, UInt8Items, as_root, check_mode, is_data_file
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import safe_load
 from l2l_adversarial.validation import check_choice
@@ -126,6 +126,7 @@ class CIFAR100Meta(UInt8Items, Dataset[tuple[Tensor, int]]):
         image, label = test[0]  # float32 (3, 32, 32); label in [0, 20)
     """
 
+    NAME = "cifar100"
     STANDARD_IMAGES = {"train": 50000, "test": 10000}
     IMAGES_PER_CLASS = 600
 
@@ -146,7 +147,7 @@ class CIFAR100Meta(UInt8Items, Dataset[tuple[Tensor, int]]):
         self.transform = transform
         self.strict = strict
         folder = self.root / _FOLDER
-        missing = [name for name in _FILES if not (folder / name).is_file()]
+        missing = [name for name in _FILES if not is_data_file(folder / name)]
         if missing and download:
             _download(self.root)
         elif missing:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from l2l_adversarial.data._images import MODES
+from l2l_adversarial.data._images import MODES, is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.cifar100 import _FILES, _FOLDER, _download, _how_to_obtain, _read_cifar100
 from l2l_adversarial.data.errors import DatasetFileError
@@ -73,7 +73,7 @@ class _FewShotCIFAR(StandardSplit):
     def _locate_pickle(cls, root: Path, mode: str) -> list[Path] | None:
         name = cls._pickle_name(mode)
         for folder in (root, root / cls.FOLDER):
-            if (folder / name).is_file():
+            if is_data_file(folder / name):
                 return [folder / name]
         return None
 
@@ -114,7 +114,7 @@ class _FewShotCIFAR(StandardSplit):
     @classmethod
     def _locate_cifar(cls, root: Path, mode: str) -> list[Path] | None:
         files = [root / _FOLDER / name for name in _FILES]
-        return files if all(path.is_file() for path in files) else None
+        return files if all(map(is_data_file, files)) else None
 
     @classmethod
     def _expected_cifar(cls, root: Path, mode: str) -> str:

@@ -33,6 +33,7 @@ class Digits(Dataset[tuple[Tensor, int]]):
         image, digit = train[0]  # image: (1, 28, 28) in [0, 1], digit in 0..4
     """
 
+    NAME = "digits"
     MODES = ("train", "test")
     CLASSES = {"train": (0, 1, 2, 3, 4), "test": (5, 6, 7, 8, 9)}
 

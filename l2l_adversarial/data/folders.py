@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor
 
 from l2l_adversarial.data._decode import IMAGE_SUFFIXES, decode_image
-from l2l_adversarial.data._images import MODES, check_mode
+from l2l_adversarial.data._images import MODES, check_mode, is_data_file
 from l2l_adversarial.data.cache import Decoded, Plan
 from l2l_adversarial.data.cifar100 import random_class_split
 from l2l_adversarial.data.errors import DatasetFileError, DatasetNotFoundError
@@ -68,11 +68,11 @@ def _read_split_file(path: Path, classes: list[str]) -> dict[str, list[str]]:
         "The split file is JSON or YAML mapping train, validation and test to lists of class "
         f"folder names; see {GUIDE}."
     )
+    if not is_data_file(path):
+        raise DatasetFileError(f"split file {path} does not exist. {hint}")
     try:
         text = path.read_text(encoding="utf-8")
         document = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except FileNotFoundError as err:
-        raise DatasetFileError(f"split file {path} does not exist. {hint}") from err
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         raise DatasetFileError(f"split file {path} cannot be read ({err}). {hint}") from err
     if not isinstance(document, dict) or not set(document) <= set(MODES):

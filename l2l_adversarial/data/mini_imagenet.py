@@ -30,7 +30,7 @@ import numpy as np
 from learn2learn.data import utils as l2l_data_utils
 
 from l2l_adversarial.data._decode import decode_image
-from l2l_adversarial.data._images import MODES, check_mode
+from l2l_adversarial.data._images import MODES, check_mode, is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import python2_text, safe_load
@@ -82,7 +82,7 @@ def _first_dir(
 # -- learn2learn's pickles ----------------------------------------------------------------------
 def _l2l_locate(root: Path, mode: str) -> list[Path] | None:
     path = MiniImageNet.file_path(root, mode)
-    return [path] if path.is_file() else None
+    return [path] if is_data_file(path) else None
 
 
 def _l2l_expected(root: Path, mode: str) -> str:
@@ -107,7 +107,7 @@ def _torchmeta_files(folder: Path, mode: str) -> tuple[Path, Path]:
 
 def _torchmeta_locate(root: Path, mode: str) -> list[Path] | None:
     folder = _first_dir(
-        root, ("miniimagenet",), lambda d: all(p.is_file() for p in _torchmeta_files(d, mode))
+        root, ("miniimagenet",), lambda d: all(map(is_data_file, _torchmeta_files(d, mode)))
     )
     return None if folder is None else list(_torchmeta_files(folder, mode))
 
@@ -219,7 +219,7 @@ def _metaoptnet_name(mode: str) -> str:
 
 def _metaoptnet_locate(root: Path, mode: str) -> list[Path] | None:
     name = _metaoptnet_name(mode)
-    folder = _first_dir(root, ("miniImageNet",), lambda d: (d / name).is_file())
+    folder = _first_dir(root, ("miniImageNet",), lambda d: is_data_file(d / name))
     return None if folder is None else [folder / name]
 
 
@@ -285,7 +285,7 @@ def _ravi_locate(root: Path, mode: str) -> list[Path] | None:
     folder = _first_dir(
         root,
         ("mini-imagenet", "miniImagenet"),
-        lambda d: (d / csv_name).is_file() and (d / "images").is_dir(),
+        lambda d: is_data_file(d / csv_name) and (d / "images").is_dir(),
     )
     if folder is None:
         return None

@@ -133,14 +133,14 @@ class ImageSplit(UInt8Items, Dataset[tuple[Tensor, int]]):
             sources = candidate.locate(self.root, self.mode)
             if sources is not None:
                 return candidate, sources
-        looked = "\n".join(
-            f"  - {candidate.name}: {candidate.expected(self.root, self.mode)}"
+        looked = " | ".join(
+            f"{candidate.name}: {candidate.expected(self.root, self.mode)}"
             for candidate in candidates
         )
         which = "any known format" if format == "auto" else f"format {format!r}"
         raise DatasetNotFoundError(
-            f"no {self.NAME} {self.mode} split of {which} in {self.root}; looked for:\n{looked}\n"
-            f"Put one of these in dataset.root (or point dataset.root at the folder holding "
+            f"no {self.NAME} {self.mode} split of {which} in {self.root} (looked for {looked}); "
+            f"put one of these in dataset.root (or point dataset.root at the folder holding "
             f"them); every format is described in {GUIDE}.{_folder_hint(self.root)}"
         )
 

@@ -171,21 +171,7 @@ class FewShotTasks:
             seed = random.SystemRandom().randrange(2**63)
         _check_count("seed", seed, 0)
         self.meta_dataset = as_meta_dataset(dataset)
-        per_class = shots + query_shots
-        counts = {label: len(rows) for label, rows in self.meta_dataset.labels_to_indices.items()}
-        if len(counts) < ways:
-            raise TaskSizeError(
-                f"ways={ways} but the dataset has only {len(counts)} classes; lower ways "
-                "(task.ways), or give this split more classes (an image folder's "
-                "dataset.split_ratio or dataset.split_file; docs/data-formats.md)"
-            )
-        short = sorted(label for label, count in counts.items() if count < per_class)
-        if short:
-            raise TaskSizeError(
-                f"every class needs shots + query_shots = {per_class} samples, but class(es) "
-                f"{short[:10]} have only {min(counts[label] for label in short)}; lower shots "
-                "or query_shots, or drop the small classes from the dataset"
-            )
+        self._check_size(ways, shots, query_shots)
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         self.num_tasks, self.seed = num_tasks, seed
         #: the split as one tensor to gather tasks from, or None: loaded per sample.
@@ -198,6 +184,33 @@ class FewShotTasks:
             )
         self._next_index = 0
         self._pool_choice = random.Random(seed)
+
+    def _check_size(self, ways: int, shots: int, query_shots: int) -> None:
+        """Raise :class:`TaskSizeError`, naming the split, the class and the counts, unless
+        every task can be filled."""
+        dataset = self.meta_dataset.dataset
+        name, mode, root = (getattr(dataset, key, None) for key in ("NAME", "mode", "root"))
+        split = f"the {name} {mode} split" if name and mode else f"the {type(dataset).__name__}"
+        split += f" in {str(root)!r}" if root else ""
+        counts = {label: len(rows) for label, rows in self.meta_dataset.labels_to_indices.items()}
+        if len(counts) < ways:
+            raise TaskSizeError(
+                f"a task takes ways={ways} classes, but {split} has {len(counts)}; lower ways "
+                "(task.ways), or give this split more classes (an image folder's "
+                "dataset.split_ratio or dataset.split_file; docs/data-formats.md)"
+            )
+        per_class = shots + query_shots
+        short = sorted((count, label) for label, count in counts.items() if count < per_class)
+        if short:
+            count, label = short[0]
+            names = getattr(dataset, "classes", None)
+            others = f" ({len(short) - 1} more classes too)" if len(short) > 1 else ""
+            raise TaskSizeError(
+                f"a task takes shots + query_shots = {shots} + {query_shots} = {per_class} "
+                f"samples of a class, but class {names[label] if names else label!r} of {split} "
+                f"has {count}{others}; lower task.shots or task.query_shots, or drop the small "
+                "classes from the dataset"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from l2l_adversarial.data._decode import decode_image
+from l2l_adversarial.data._images import is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetFileError
 from l2l_adversarial.data.safe_pickle import python2_text, safe_load
@@ -40,7 +41,7 @@ def _files(folder: Path, mode: str) -> list[Path]:
 def _locate(root: Path, mode: str) -> list[Path] | None:
     for folder in (root, *(root / name for name in _FOLDERS)):
         files = _files(folder, mode)
-        if all(path.is_file() for path in files):
+        if all(map(is_data_file, files)):
             return files
     return None
 
