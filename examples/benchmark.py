@@ -39,7 +39,7 @@ from l2l_adversarial.errors import UserError, describe_os_error
 
 
 def benchmark(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--dataset", choices=BENCHMARK_DATASETS, required=True)
     parser.add_argument("--shots", type=int, choices=(1, 5), required=True)
     parser.add_argument("--root", required=True, help="folder holding the dataset files")

@@ -73,6 +73,7 @@ __all__ = [
     "FFGSM",
     "PGD",
     "is_classification_loss",
+    "paper_attack",
     "pixel_levels",
 ]
 
@@ -205,7 +206,12 @@ class Attack(ABC):
         return copied
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range})"
+        return f"{type(self).__name__}(eps={self.eps:.6g}, data_range={self.data_range}{self._kl})"
+
+    @property
+    def _kl(self) -> str:
+        """``", objective='kl'"`` for a repr where the attack maximises the KL, else ``""``."""
+        return ", objective='kl'" if self.objective == "kl" else ""
 
     def __call__(self, model: Model, inputs: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial copies of ``inputs`` (detached, same space and shape)."""
@@ -471,7 +477,7 @@ class PGD(Attack):
     def __repr__(self) -> str:
         return (
             f"PGD(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
-            f"random_start={self.random_start})"
+            f"random_start={self.random_start}{self._kl})"
         )
 
     def perturb_pixels(self, forward: Model, pixels: Tensor, labels: Tensor) -> Tensor:
@@ -480,3 +486,14 @@ class PGD(Attack):
             gradient = self.input_gradient(forward, adversarial, labels)
             adversarial = self.project(adversarial + self.step_size * gradient.sign(), pixels)
         return adversarial
+
+
+def paper_attack(eps: float) -> Attack:
+    """The paper's meta-test attack at radius ``eps``: FGSM (Sec. 4), the default of
+    :func:`~l2l_adversarial.evaluation.evaluate`.
+
+    Example:
+        >>> paper_attack(2 / 255)
+        FGSM(eps=0.00784314, data_range=(0.0, 1.0))
+    """
+    return FGSM(eps)

@@ -86,6 +86,14 @@ class AutoAttack(Attack):
             )
         self.square_queries, self.seed, self.generator = square_queries, int(seed), generator
 
+    def _set_objective(self, objective: str) -> None:
+        if objective != "ce":
+            raise ValueError(
+                f"AutoAttack maximises its own losses (CE, DLR, margin), not objective="
+                f"{objective!r}; for TRADES's attack use PGD(...).maximising('kl')"
+            )
+        super()._set_objective(objective)
+
     def __repr__(self) -> str:
         return (
             f"AutoAttack(eps={self.eps:.6g}, APGD-CE, APGD-T, FAB-T, "

@@ -19,8 +19,9 @@ Where adversarial samples come from (``protocol``):
   that is scored (theta after k steps, for every step k): a white-box attack on the final
   classifier, as in Adversarial Querying (Goldblum et al.).
 
-Any :class:`~l2l_adversarial.attacks.Attack` can be used (``make_attack=FGSM`` by default;
-``functools.partial(PGD, steps=20)`` for PGD). Attacks with a random start are seeded from
+Any :class:`~l2l_adversarial.attacks.Attack` can be used (by default
+:func:`~l2l_adversarial.attacks.paper_attack`, FGSM; ``functools.partial(PGD, steps=20)`` for
+PGD). Attacks with a random start are seeded from
 ``(seed, task index)`` (:func:`~l2l_adversarial.transforms.derive_seed`), so the same tasks
 and seed give identical results, and every method sees the same random starts.
 
@@ -70,11 +71,11 @@ from torch import Tensor, nn
 
 from l2l_adversarial.algorithms.base import MetaLearner, check_step_size
 from l2l_adversarial.algorithms.task_ops import SequentialOps, TaskOps
-from l2l_adversarial.attacks import FGSM, PIXEL_LEVEL, Attack, pixel_levels
+from l2l_adversarial.attacks import PIXEL_LEVEL, Attack, paper_attack, pixel_levels
 from l2l_adversarial.data.prefetch import MetaBatches
 from l2l_adversarial.distributed import gather_strided, rank_indices
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params, accuracy
-from l2l_adversarial.runtime import SeededStarts, StackedOps, resolve_engine
+from l2l_adversarial.runtime import SeededStarts, StackedOps, check_stackable, resolve_engine
 from l2l_adversarial.runtime.layouts import explain_randomness
 from l2l_adversarial.task import Task
 from l2l_adversarial.transforms import (
@@ -211,6 +212,10 @@ class GradientLearner(FewShotLearner):
 
     first_order = True  # meta-testing keeps no graph
     attack: Attack | None = None
+
+    def attack_for(self, query: bool) -> None:
+        """None: meta-testing names the attack of every call."""
+        return None
 
     def theta(self) -> Params:
         """The meta-learned parameters, detached."""
@@ -468,7 +473,7 @@ def evaluate(
     *,
     method: str,
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    make_attack: Callable[[float], Attack] = FGSM,
+    make_attack: Callable[[float], Attack] = paper_attack,
     pixel_scale: float = PIXEL_LEVEL,
     protocol: str = "paper",
     scenarios: Sequence[Scenario] | None = None,
@@ -644,13 +649,8 @@ def _check_chunk(
                 f"{name} is {other}-way {task.support_labels.shape[0] / other:g}-shot but "
                 f"tasks[0] is {ways}-way {shots}-shot: evaluate each setting separately"
             )
-        if engine == "vmap" and any(
-            a.shape != b.shape for a, b in zip(task, chunk[0], strict=True)
-        ):
-            raise ValueError(
-                f"engine='vmap' stacks the tasks of a chunk, but {name} has other tensor shapes "
-                f"than {names[0]}: use engine='sequential' (or 'auto')"
-            )
+    if engine == "vmap":
+        check_stackable(checked, names)
     data_range = attacks[0].input_range
     check_meta_batch(checked, data_range=data_range, shots=shots, names=names)
     return checked

@@ -66,14 +66,7 @@ DOWNLOADER = "download_file_from_google_drive"
 class MetaLossLearner(Protocol):
     """Anything with the algorithms' per-task ``meta_loss`` (ADML, MAMLAD, AdversarialQuerying)."""
 
-    def meta_loss(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> Tensor: ...
+    def meta_loss(self, *task: Tensor, steps: int | None = None) -> Tensor: ...
 
 
 def _split_names(batch: Mapping[str, Any]) -> tuple[str, str]:

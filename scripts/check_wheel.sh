@@ -22,7 +22,7 @@ step "a user's virtual environment with torch and learn2learn ($("$PYTHON" --ver
 "$PYTHON" -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1  # .pyc written on first import: a faster install
 # The learn2learn wheel that scripts/install.sh built (built now if it has not).
 "$PY" -m pip install -q "$(bash "$SRC/scripts/build_learn2learn.sh" "$PY")"
 before="$("$PY" -m pip list --format=freeze | grep -iE '^(torch|torchvision|learn2learn)==')"

@@ -547,16 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shots, tables = args.shots, args.tables
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    plan = Plan(
-        device,
-        args.quick,
-        args.warmup,
-        args.iterations,
-        args.eval_tasks,
-        shots,
-        tables,
-        args.benchmarks,
-    )
+    plan = Plan(device, args.quick, args.warmup, args.iterations, args.eval_tasks, shots, tables,
+                args.benchmarks)  # fmt: skip
     settings = apply_deterministic_settings(device, True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as temporary:
@@ -587,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         say("benchmark estimates: short train and evaluate runs of the benchmark configs")
         result["benchmark_estimates"] = estimate_benchmarks(plan, roots, work)
     result["seconds"] = time.perf_counter() - started
-    output = Path(args.output)
+    return report(result, Path(args.output))
+
+
+def report(result: dict[str, Any], output: Path) -> int:
+    """Write and print the results; 0 if every check passed, else 1."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "gpu-check.json").write_text(json.dumps(result, indent=2))
     (output / "gpu-check.md").write_text(markdown(result))

@@ -28,10 +28,11 @@ def test_every_bundled_name_resolves_to_its_file() -> None:
 def test_the_benchmark_configs_hold_each_methods_published_attack_placement(
     tmp_path: Path,
 ) -> None:
-    keys = ("attack", "eps", "pgd_steps", "pgd_step_size", "attack_target")
+    keys = ("attack", "eps", "pgd_steps", "pgd_step_size", "attack_sets", "attack_target")
     placements = {  # method: the training attack (PGD's default 7 steps unused by FGSM)
-        "maml": None, "maml-ad": ("fgsm", 2.0, 7, None, None),
-        "adml": ("fgsm", 2.0, 7, None, "initial"), "aq": ("pgd", 8.0, 7, 2.0, "adapted"),
+        "maml": None, "maml-ad": ("fgsm", 2.0, 7, None, "both", "initial"),
+        "adml": ("fgsm", 2.0, 7, None, "both", "initial"),
+        "aq": ("pgd", 8.0, 7, 2.0, "query", "adapted"),
         "r-maml-ce": None, "r-maml-trades": None,  # trained as the r-maml configs (below)
     }  # fmt: skip
     assert set(placements) == set(BENCHMARK_METHODS)

@@ -121,7 +121,7 @@ def test_the_library_never_imports_the_application() -> None:
 
 
 CONCRETE = {
-    "l2l_adversarial.algorithms": {"ADML", "MAML", "MAMLAD", "AdversarialQuerying", "MatchingNetwork"},
+    "l2l_adversarial.algorithms": {"ADML", "MAML", "MAMLAD", "RMAML", "AdversarialQuerying", "MatchingNetwork"},
     "l2l_adversarial.attacks": {"FGSM", "FFGSM", "PGD"},
     "l2l_adversarial.autoattack": {"AutoAttack"},
 }  # fmt: skip
@@ -139,7 +139,12 @@ def imported_names(path: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "runtime").glob("*.py")), ids=lambda p: p.stem)
+RUNNERS = [*sorted((PACKAGE / "runtime").glob("*.py")), PACKAGE / "evaluation.py",
+           PACKAGE / "app" / "training.py", PACKAGE / "app" / "meta_validation.py"]  # fmt: skip
+"""The runtime, evaluation and training: they see capabilities, never concrete classes."""
+
+
+@pytest.mark.parametrize("path", RUNNERS, ids=lambda p: p.stem)
 def test_the_runtime_imports_no_concrete_algorithm_or_attack(path: Path) -> None:
     names = imported_names(path)
     modules = imports_of(path, {module_name(p) for p in PACKAGE.rglob("*.py")})

@@ -30,14 +30,7 @@ from l2l_adversarial.transforms import QUERY_STREAM
 ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS = ["dataset.name=digits", "dataset.image_size=16"]
-PRESET = {
-    "attack": "pgd",
-    "pgd_steps": 20,
-    "pgd_step_size": 2.0,
-    "eps": [8.0],
-    "tasks": 1000,
-    "curves": False,
-}
+PRESET = dict(attack="pgd", pgd_steps=20, pgd_step_size=2.0, eps=[8.0], tasks=1000, curves=False)
 
 
 def _governed(config: dict) -> dict:

@@ -15,20 +15,16 @@ objectives, task by task or batched.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from torch import Tensor, nn
-from typing_extensions import Unpack
+from torch import Tensor
 
 from l2l_adversarial.algorithms.base import (
-    ATTACK_TARGETS,
     AdversarialMetaLearner,
-    AdversarialOptions,
     check_step_size,
 )
 from l2l_adversarial.algorithms.task_ops import TaskOps
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_choice
 
 
 class ADMLObjective(NamedTuple):
@@ -61,12 +57,17 @@ class ADML(AdversarialMetaLearner):
             (``requires_grad=False``) parameters, on every path
             (:class:`~l2l_adversarial.algorithms.base.MetaLearner`).
         clean_lr: alpha2, the inner step size on clean support samples; defaults to ``lr``.
-        attack_target: ``"initial"`` (Algorithm 1: all adversarial samples against theta) or
-            ``"adapted"`` (``D'_adv`` against theta'_c, the model that is scored on it).
         **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions`: ``attack``
             (makes ``D_adv`` and ``D'_adv``; default ``FGSM(eps=2/255)``),
             ``adaptation_steps`` (inner steps per branch; the paper: 5 in meta-training),
-            ``loss_fn``, ``channels_last``.
+            ``loss_fn``, ``channels_last``; the placement: ``attack_sets`` (``"both"``,
+            Algorithm 1; with ``"query"``, ``D_adv = D_c``; with ``"support"``,
+            ``D'_adv = D'_c``) and ``attack_target`` (``"initial"``, Algorithm 1: all
+            adversarial samples against theta; ``"adapted"``: ``D'_adv`` against theta'_c,
+            the model scored on it); ``robust_loss="trades"`` replaces
+            ``L(theta'_c, D'_adv)`` with ``L(theta'_c, D'_c) + beta * KL(theta'_c; D'_c ||
+            D'_adv)`` (``D'_adv`` then maximising the KL; the inner loop on ``D_adv`` keeps
+            the cross-entropy).
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -83,22 +84,14 @@ class ADML(AdversarialMetaLearner):
         ("clean_support_loss", "clean_support_accuracy"),
     )
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         clean_lr: float | None = None,
-        attack_target: str = "initial",
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         self.clean_lr = self.lr if clean_lr is None else check_step_size("clean_lr", clean_lr)
-        check_choice("attack_target", attack_target, ATTACK_TARGETS)
-        self.attack_target = attack_target
 
     def task_objective(
         self, task: Task, steps: int | None = None, ops: TaskOps | None = None
@@ -115,22 +108,24 @@ class ADML(AdversarialMetaLearner):
         task, steps, ops = self._prepare(task, steps, ops)
         support, labels = task.support_inputs, task.support_labels
         query, query_labels = task.query_inputs, task.query_labels
+        query_first = self.attacks_query and self.attack_target == "initial"
         # lines 5-6 and 8-9: D_adv and D'_adv against theta (D'_adv after line 7 if "adapted")
-        if self.attack_target == "initial":
-            query_adversarial, support_adversarial = ops.perturb(
-                [(query, query_labels, True), (support, labels, False)]
-            )
-        else:
-            (support_adversarial,) = ops.perturb([(support, labels, False)])
+        before = [(query, query_labels, True)] if query_first else []
+        before += [(support, labels, False)] if self.attacks_support else []
+        made = ops.perturb(before)
+        query_adversarial = made.pop(0) if query_first else query
+        support_adversarial = made.pop(0) if self.attacks_support else support
         # line 7: theta'_adv from D_adv (step alpha1), theta'_c from D_c (step alpha2)
         theta_adv, theta_c = ops.adapt(
             [(support_adversarial, labels, self.lr), (support, labels, self.clean_lr)], steps
         )
-        if self.attack_target == "adapted":
+        if self.attacks_query and not query_first:
             (query_adversarial,) = ops.perturb([(query, query_labels, True)], against=theta_c)
         # line 11: L(theta'_adv, D'_c) + L(theta'_c, D'_adv)
-        adversarial_branch, clean_branch = ops.score(
-            [(theta_adv, query, query_labels), (theta_c, query_adversarial, query_labels)]
+        adversarial_branch, clean_branch = self.robust.score(
+            ops,
+            [(theta_c, query, query_adversarial, query_labels)],
+            others=[(theta_adv, query, query_labels)],
         )
         return ADMLObjective(
             adversarial_branch.loss,

@@ -8,17 +8,9 @@ By default the queries are attacked against the adapted parameters theta', as in
 
 from __future__ import annotations
 
-from torch import nn
-from typing_extensions import Unpack
-
-from l2l_adversarial.algorithms.base import (
-    ATTACK_TARGETS,
-    AdversarialMetaLearner,
-    AdversarialOptions,
-)
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner
 from l2l_adversarial.algorithms.task_ops import TaskObjective, TaskOps
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_choice
 
 
 class AdversarialQuerying(AdversarialMetaLearner):
@@ -26,9 +18,13 @@ class AdversarialQuerying(AdversarialMetaLearner):
 
     Args:
         model, lr, first_order, allow_unused, allow_nograd: as for :class:`ADML`.
-        attack_target: ``"adapted"`` (default) or ``"initial"``.
         **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions` (Goldblum et
-            al. used PGD; pass ``attack=PGD(...)`` to match them).
+            al. used PGD-7 of step 2/255 at 8/255; pass ``attack=PGD(...)`` to match them);
+            the placement: ``attack_sets`` ``"query"`` (default) or ``"both"`` (the inner
+            loop then adapts on the adversarial support set, attacked against theta),
+            ``attack_target`` ``"adapted"`` (default) or ``"initial"``;
+            ``robust_loss="trades"`` replaces ``L(theta', D'_adv)`` with
+            ``L(theta', D') + beta * KL(theta'; D' || D'_adv)``, as their TRADES variant.
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -37,30 +33,16 @@ class AdversarialQuerying(AdversarialMetaLearner):
         >>> aq.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        *,
-        attack_target: str = "adapted",
-        **options: Unpack[AdversarialOptions],
-    ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
-        check_choice("attack_target", attack_target, ATTACK_TARGETS)
-        self.attack_target = attack_target
+    published_placement = ("query", "adapted")
+    placement_sets = ("query", "both")
 
     def task_objective(
         self, task: Task, steps: int | None = None, ops: TaskOps | None = None
     ) -> TaskObjective:
         """``L(theta', D'_adv)`` for one task, theta' adapted on the clean support set."""
         task, steps, ops = self._prepare(task, steps, ops)
-        (adapted,) = ops.adapt([(task.support_inputs, task.support_labels, self.lr)], steps)
-        attacked = adapted if self.attack_target == "adapted" else None  # None: theta
-        (query_adversarial,) = ops.perturb(
-            [(task.query_inputs, task.query_labels, True)], against=attacked
+        adapted, query_adversarial = self.adapt_then_attack_query(task, steps, ops)
+        (objective,) = self.robust.score(
+            ops, [(adapted, task.query_inputs, query_adversarial, task.query_labels)]
         )
-        (objective,) = ops.score([(adapted, query_adversarial, task.query_labels)])
         return objective

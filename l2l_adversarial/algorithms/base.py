@@ -3,26 +3,38 @@ a functional inner loop and one per-task objective, and the options they all tak
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from typing import cast
+from typing import Any
 
 import torch
 from learn2learn.algorithms import MAML
 from torch import Tensor, nn
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import TypedDict
 
 from l2l_adversarial.algorithms.robust import DEFAULT_TRADES_BETA, RobustLoss, RobustOptions
 from l2l_adversarial.algorithms.task_ops import Objective, SequentialOps, TaskOps
 from l2l_adversarial.attacks import FGSM, Attack
 from l2l_adversarial.functional import FunctionalModel, LossFn, Params
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_task, check_task_metadata, is_classification_loss
+from l2l_adversarial.validation import (
+    check_choice,
+    check_task,
+    check_task_metadata,
+    is_classification_loss,
+)
 
 DEFAULT_TRAINING_EPS = 2 / 255
 """The paper's meta-training FGSM radius, eps = 2 on 8-bit images scaled to [0, 1]."""
 
+ATTACK_SETS = ("support", "query", "both")
+"""Which sets meta-training attacks: the support sets (the inner loops' data), the query
+sets (the meta-objective's), or both."""
 ATTACK_TARGETS = ("initial", "adapted")
+"""Which parameters the query sets are attacked against: theta (``"initial"``) or the task's
+adapted parameters (``"adapted"``). Support sets are attacked before any inner loop, against
+theta."""
 
 
 class LearnerOptions(TypedDict, total=False):
@@ -54,10 +66,24 @@ class LearnerOptions(TypedDict, total=False):
     features: nn.Module | None
 
 
-class AdversarialOptions(LearnerOptions, RobustOptions, total=False):
+class PlacementOptions(TypedDict, total=False):
+    """Where meta-training attacks, for the learners where it means something (each
+    learner's ``published_placement`` is its default, ``placement_sets`` what it takes).
+
+    Attributes:
+        attack_sets: :data:`ATTACK_SETS`: ``"support"``, ``"query"`` or ``"both"``.
+        attack_target: :data:`ATTACK_TARGETS`: ``"initial"`` (theta) or ``"adapted"``.
+    """
+
+    attack_sets: str
+    attack_target: str
+
+
+class AdversarialOptions(LearnerOptions, RobustOptions, PlacementOptions, total=False):
     """:class:`LearnerOptions` plus ``attack``: an :class:`~l2l_adversarial.attacks.Attack`
-    (default ``FGSM(eps=2/255)``), and the robustness term's ``robust_loss`` and
-    ``trades_beta`` (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`)."""
+    (default ``FGSM(eps=2/255)``), the robustness term's ``robust_loss`` and ``trades_beta``
+    (:class:`~l2l_adversarial.algorithms.robust.RobustOptions`) and the attack's placement,
+    ``attack_sets`` and ``attack_target`` (:class:`PlacementOptions`)."""
 
     attack: Attack | None
 
@@ -121,16 +147,12 @@ class MetaLearner(MAML):
         first_order: bool = False,
         allow_unused: bool | None = None,
         allow_nograd: bool = False,
-        **options: Unpack[LearnerOptions],
+        **options: Any,
     ) -> None:
-        for name in options:
-            if name not in LearnerOptions.__optional_keys__:
-                accepted = ", ".join(sorted(AdversarialOptions.__optional_keys__))
-                raise TypeError(
-                    f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
-                    "the learners take learn2learn's model, lr, first_order, allow_unused, "
-                    f"allow_nograd and {accepted} (attack for the adversarial ones)"
-                )
+        own = {
+            k: options.pop(k) for k in list(options) if k not in LearnerOptions.__optional_keys__
+        }
+        self._check_keywords(own)
         functional = FunctionalModel(
             model,
             options.get("loss_fn"),
@@ -149,6 +171,42 @@ class MetaLearner(MAML):
         )
         self.adaptation_steps = check_steps("adaptation_steps", options.get("adaptation_steps", 1))
         self.functional = functional
+        self.configure(**own)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """The signature a subclass shows (``help``, ``inspect``): learn2learn's arguments,
+        its own keywords (every :meth:`configure` up the hierarchy) and ``**options``."""
+        super().__init_subclass__(**kwargs)
+        init = inspect.signature(MetaLearner.__init__).parameters.values()
+        learn2learn = [p for p in init if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # not self
+        options = [p for p in init if p.kind is p.VAR_KEYWORD]
+        cls.__signature__ = inspect.Signature([*learn2learn, *cls._own_keywords(), *options])
+
+    @classmethod
+    def _own_keywords(cls) -> list[inspect.Parameter]:
+        """The keyword-only parameters of every :meth:`configure` in the class hierarchy."""
+        return [
+            parameter
+            for klass in cls.__mro__
+            if "configure" in vars(klass)
+            for parameter in inspect.signature(vars(klass)["configure"]).parameters.values()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        ]
+
+    def _check_keywords(self, own: dict[str, Any]) -> None:
+        accepted = [p.name for p in self._own_keywords()]
+        for name in own:
+            if name not in accepted:
+                known = ", ".join([*sorted(LearnerOptions.__optional_keys__), *accepted])
+                raise TypeError(
+                    f"{type(self).__name__}() got an unexpected keyword argument {name!r}; "
+                    "it takes learn2learn's model, lr, first_order, allow_unused, allow_nograd "
+                    f"and the keywords {known}"
+                )
+
+    def configure(self, **options: Any) -> None:
+        """Take the learner's own keywords (the constructor's beyond :class:`LearnerOptions`):
+        a subclass declares them keyword-only, sets them and passes the rest up."""
 
     @property
     def classification(self) -> bool:
@@ -198,17 +256,16 @@ class MetaLearner(MAML):
         objective = self.task_objective(task, steps)
         return objective.total, objective.accuracy
 
-    def meta_loss(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-        steps: int | None = None,
-    ) -> Tensor:
-        """The meta-objective of one task, differentiable in theta."""
-        task = Task(support_inputs, support_labels, query_inputs, query_labels)
-        return self.task_objective(task, steps).total
+    def meta_loss(self, *task: Tensor, steps: int | None = None) -> Tensor:
+        """The meta-objective of one task (the arguments of :meth:`loss_and_accuracy`),
+        differentiable in theta."""
+        if len(task) != 4:
+            raise TypeError(
+                f"meta_loss takes a task's four tensors (support_inputs, support_labels, "
+                f"query_inputs, query_labels) and steps= by keyword, got {len(task)} positional "
+                "arguments"
+            )
+        return self.task_objective(Task(*task), steps).total
 
     attack: Attack | None = None
     """The attack of the adversarial learners (``None``: a clean learner)."""
@@ -225,6 +282,10 @@ class MetaLearner(MAML):
     def resolve_steps(self, steps: int | None) -> int:
         return self.adaptation_steps if steps is None else check_steps("steps", steps)
 
+    def attack_for(self, query: bool) -> Attack | None:
+        """The attack that makes a query (or a support) set's adversarial copy."""
+        return self.attack
+
 
 class AdversarialMetaLearner(MetaLearner):
     """A :class:`MetaLearner` that also knows an attack.
@@ -233,28 +294,35 @@ class AdversarialMetaLearner(MetaLearner):
         model, lr, first_order, allow_unused, allow_nograd: as for :class:`MetaLearner`
             (learn2learn's ``MAML`` arguments).
         **options: :class:`AdversarialOptions` (``attack`` defaults to ``FGSM(eps=2/255)``;
-            ``robust_loss``, ``trades_beta``: :attr:`robust`).
+            ``robust_loss``, ``trades_beta``: :attr:`robust`; ``attack_sets`` and
+            ``attack_target`` default to :attr:`published_placement`).
     """
 
     robust: RobustLoss
     """How the adversarial query rows are scored (:mod:`~l2l_adversarial.algorithms.robust`)."""
+    published_placement: tuple[str, str] = ("both", "initial")
+    """``(attack_sets, attack_target)`` as the method's paper places its attacks: the defaults."""
+    placement_sets: tuple[str, ...] = ATTACK_SETS
+    """The ``attack_sets`` that mean something for the method."""
 
-    def __init__(
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
-        **options: Unpack[AdversarialOptions],
+        *,
+        attack: Attack | None = None,
+        robust_loss: str = "ce",
+        trades_beta: float = DEFAULT_TRADES_BETA,
+        attack_sets: str | None = None,
+        attack_target: str | None = None,
+        **options: Any,
     ) -> None:
-        attack = options.pop("attack", None)  # MetaLearner refuses unknown keywords
-        robust = RobustLoss(
-            options.pop("robust_loss", "ce"), options.pop("trades_beta", DEFAULT_TRADES_BETA)
-        )
-        super().__init__(
-            model, lr, first_order, allow_unused, allow_nograd, **cast(LearnerOptions, options)
-        )
+        """The attack (default ``FGSM(eps=2/255)``), the robustness term (:attr:`robust`) and
+        the placement (``None``: :attr:`published_placement`)."""
+        super().configure(**options)
+        sets = self.published_placement[0] if attack_sets is None else attack_sets
+        target = self.published_placement[1] if attack_target is None else attack_target
+        check_choice(f"{type(self).__name__}'s attack_sets", sets, self.placement_sets)
+        check_choice("attack_target", target, ATTACK_TARGETS)
+        robust = RobustLoss(robust_loss, trades_beta)
         if attack is None:
             attack = FGSM(eps=DEFAULT_TRAINING_EPS)
         if not isinstance(attack, Attack):
@@ -263,7 +331,39 @@ class AdversarialMetaLearner(MetaLearner):
                 f"got {type(attack).__name__}"
             )
         self.attack = attack
+        robust.attack(attack)  # an attack that cannot maximise the term's objective says so now
         self.robust = robust
+        self.attack_sets, self.attack_target = sets, target
+
+    @property
+    def attacks_support(self) -> bool:
+        """Whether meta-training attacks the support sets (:data:`ATTACK_SETS`)."""
+        return self.attack_sets in ("support", "both")
+
+    @property
+    def attacks_query(self) -> bool:
+        """Whether meta-training attacks the query sets (:data:`ATTACK_SETS`)."""
+        return self.attack_sets in ("query", "both")
+
+    def adapt_then_attack_query(
+        self, task: Task, steps: int, ops: TaskOps
+    ) -> tuple[Params, Tensor]:
+        """The inner loop of the methods that adapt on one support set (AQ, R-MAML) and their
+        adversarial query set: theta' adapted on the clean support set (with
+        ``attack_sets="both"``, on its adversarial copy), and the query set attacked against
+        theta' (``attack_target="adapted"``) or theta."""
+        support, labels = task.support_inputs, task.support_labels
+        if self.attacks_support:
+            (support,) = ops.perturb([(support, labels, False)])
+        (adapted,) = ops.adapt([(support, labels, self.lr)], steps)
+        against = adapted if self.attack_target == "adapted" else None  # None: theta
+        (query,) = ops.perturb([(task.query_inputs, task.query_labels, True)], against=against)
+        return adapted, query
+
+    def attack_for(self, query: bool) -> Attack | None:
+        """:attr:`robust_attack` for query sets (the robustness term scores them),
+        :attr:`attack` for support sets (the inner loops' cross-entropy)."""
+        return self.robust_attack if query else self.attack
 
     @property
     def robust_attack(self) -> Attack:

@@ -269,16 +269,10 @@ class MatchingNetwork(nn.Module):
         loss = nn.functional.nll_loss(log_probabilities, query_labels)
         return loss, accuracy(log_probabilities.detach(), query_labels)
 
-    def meta_loss(
-        self,
-        support_inputs: Tensor,
-        support_labels: Tensor,
-        query_inputs: Tensor,
-        query_labels: Tensor,
-    ) -> Tensor:
-        """Episodic training loss of one task: the query negative log-likelihood."""
-        loss, _ = self.loss_and_accuracy(support_inputs, support_labels, query_inputs, query_labels)
-        return loss
+    def meta_loss(self, *task: Tensor) -> Tensor:
+        """Episodic training loss of one task (the arguments of :meth:`loss_and_accuracy`):
+        the query negative log-likelihood."""
+        return self.loss_and_accuracy(*task)[0]
 
     def query_model(
         self, support_inputs: Tensor, support_labels: Tensor

@@ -14,20 +14,14 @@ their R-MAML with adversarial cross-entropy) or TRADES's ``KL(f(D') || f(D'_adv)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from torch import Tensor, nn
-from typing_extensions import Unpack
+from torch import Tensor
 
-from l2l_adversarial.algorithms.base import (
-    ATTACK_TARGETS,
-    AdversarialMetaLearner,
-    AdversarialOptions,
-)
+from l2l_adversarial.algorithms.base import AdversarialMetaLearner
 from l2l_adversarial.algorithms.robust import check_weight
 from l2l_adversarial.algorithms.task_ops import TaskOps
 from l2l_adversarial.task import Task
-from l2l_adversarial.validation import check_choice
 
 DEFAULT_ROBUST_WEIGHT = 0.2
 """lambda with ``robust_loss="ce"``: MetaAdv's ``metafgsm.py`` steps the adversarial query loss
@@ -58,11 +52,13 @@ class RMAML(AdversarialMetaLearner):
         robust_weight: lambda, the weight of the robustness term; default
             :data:`DEFAULT_ROBUST_WEIGHT` (0.2) with ``robust_loss="ce"`` and ``trades_beta``
             (default 6.0) with ``robust_loss="trades"``.
-        attack_target: ``"adapted"`` (default: ``D'_adv`` against theta', as R-MAML) or
-            ``"initial"`` (against theta).
         **options: :class:`~l2l_adversarial.algorithms.base.AdversarialOptions`; Wang et al.
             train with FGSM from a random start of step 1.25 eps (``attack=FFGSM(eps)``) or
             PGD. ``robust_loss="trades"`` makes R the KL term (the attack then maximises it).
+            The placement: ``attack_sets`` ``"query"`` (default: the meta-update only) or
+            ``"both"`` (the inner loop adapts on the adversarial support set, attacked
+            against theta: MetaAdv's ``metafgsminout.py``), ``attack_target`` ``"adapted"``
+            (default: ``D'_adv`` against theta') or ``"initial"`` (against theta).
 
     Example:
         >>> import torch, l2l_adversarial as l2la
@@ -71,38 +67,30 @@ class RMAML(AdversarialMetaLearner):
         >>> rmaml.meta_loss(xs, ys, torch.rand(6, 8), torch.arange(3).repeat(2)).backward()
     """
 
-    def __init__(
+    published_placement = ("query", "adapted")
+    placement_sets = ("query", "both")
+
+    def configure(
         self,
-        model: nn.Module,
-        lr: float,
-        first_order: bool = False,
-        allow_unused: bool | None = None,
-        allow_nograd: bool = False,
         *,
         robust_weight: float | None = None,
-        attack_target: str = "adapted",
-        **options: Unpack[AdversarialOptions],
+        **options: Any,
     ) -> None:
-        super().__init__(model, lr, first_order, allow_unused, allow_nograd, **options)
+        super().configure(**options)
         if robust_weight is None:
             trades = self.robust.kind == "trades"
             robust_weight = self.robust.beta if trades else DEFAULT_ROBUST_WEIGHT
         self.robust_weight = check_weight("robust_weight", robust_weight)
-        check_choice("attack_target", attack_target, ATTACK_TARGETS)
-        self.attack_target = attack_target
 
     def task_objective(
         self, task: Task, steps: int | None = None, ops: TaskOps | None = None
     ) -> RMAMLObjective:
         """``L(theta', D') + lambda * R`` for one task, differentiable in theta."""
         task, steps, ops = self._prepare(task, steps, ops)
-        query, labels = task.query_inputs, task.query_labels
-        (adapted,) = ops.adapt([(task.support_inputs, task.support_labels, self.lr)], steps)
-        against = adapted if self.attack_target == "adapted" else None  # None: theta
-        (query_adversarial,) = ops.perturb(
-            [(query, labels, True)], against=against, attack=self.robust_attack
+        adapted, query_adversarial = self.adapt_then_attack_query(task, steps, ops)
+        (pair,) = ops.score_pairs(
+            [(adapted, task.query_inputs, query_adversarial, task.query_labels)]
         )
-        (pair,) = ops.score_pairs([(adapted, query, query_adversarial, labels)])
         robust = self.robust.term(pair)
         return RMAMLObjective(
             pair.clean.loss + self.robust_weight * robust,

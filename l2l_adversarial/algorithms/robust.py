@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from torch import Tensor
 from typing_extensions import TypedDict
 
-from l2l_adversarial.algorithms.task_ops import PairScore, PairSet, TaskObjective, TaskOps
+from l2l_adversarial.algorithms.task_ops import (
+    PairScore,
+    PairSet,
+    ScoreSet,
+    TaskObjective,
+    TaskOps,
+)
 from l2l_adversarial.attacks import Attack
 from l2l_adversarial.validation import check_choice
 
@@ -90,12 +96,18 @@ class RobustLoss:
         KL divergence between the clean and the adversarial outputs (``"trades"``)."""
         return pair.divergence if self.kind == "trades" else pair.adversarial.loss
 
-    def score(self, ops: TaskOps, sets: Sequence[PairSet]) -> list[TaskObjective]:
-        """Each set's adversarial score and adversarial accuracy: ``L(adversarial rows)``
-        (``"ce"``, the clean rows unused) or ``L(clean rows) + beta * KL`` (``"trades"``)."""
+    def score(
+        self, ops: TaskOps, sets: Sequence[PairSet], others: Sequence[ScoreSet] = ()
+    ) -> list[TaskObjective]:
+        """``others``' task losses, then each set's adversarial score and adversarial
+        accuracy: ``L(adversarial rows)`` (``"ce"``, the clean rows unused; one
+        :meth:`~TaskOps.score` call with ``others``) or ``L(clean rows) + beta * KL``
+        (``"trades"``)."""
         if self.kind == "ce":
-            return ops.score([(params, adversarial, y) for params, _, adversarial, y in sets])
-        return [
+            adversarial = [(params, rows, y) for params, _, rows, y in sets]
+            return ops.score([*others, *adversarial])
+        scored = ops.score(others) if others else []
+        return scored + [
             TaskObjective(pair.clean.loss + self.beta * self.term(pair), pair.adversarial.accuracy)
             for pair in ops.score_pairs(sets)
         ]

@@ -128,6 +128,10 @@ class OpsLearner(Protocol):
         """theta, by name."""
         ...
 
+    def attack_for(self, query: bool) -> Attack | None:
+        """The attack that makes a query (or a support) set's adversarial copy."""
+        ...
+
 
 class _AttacksOwn:
     """Random starts from the attack's own generator, as it stands."""
@@ -176,17 +180,40 @@ class TaskOps(ABC):
         stream: tuple[int, ...] = (),
     ) -> list[Tensor]:
         """Adversarial copies of the sets' inputs against the model at ``against`` (theta if
-        ``None``) with ``attack`` (the learner's if ``None``), random starts from ``stream``."""
+        ``None``) with ``attack`` (if ``None``, the learner's for query and for support sets:
+        :meth:`OpsLearner.attack_for`), random starts from ``stream``."""
         if against is None and self._replay is not None:
             replayed, self._replay = self._replay[: len(sets)], self._replay[len(sets) :]
             return replayed
-        attack = self.learner.attack if attack is None else attack
-        if attack is None:
-            raise ValueError(f"{type(self.learner).__name__} has no attack: pass attack=")
-        adversarial = self._perturb(sets, against, attack, stream)
+        adversarial = [torch.empty(0)] * len(sets)
+        for chosen, members in self._attacks(sets, attack):
+            made = self._perturb([sets[i] for i in members], against, chosen, stream)
+            for i, samples in zip(members, made, strict=True):
+                adversarial[i] = samples
         if against is None:
             self.recorded += adversarial
         return adversarial
+
+    def _attacks(
+        self, sets: Sequence[AttackSet], attack: Attack | None
+    ) -> list[tuple[Attack, list[int]]]:
+        """``(attack, indices of its sets)``: one call for all sets where one attack makes
+        them, else one for the support sets and one for the query sets."""
+        everything = list(range(len(sets)))
+        if not sets:
+            return []
+        if attack is not None:
+            return [(attack, everything)]
+        support, query = self.learner.attack_for(False), self.learner.attack_for(True)
+        if support is None or query is None:
+            raise ValueError(f"{type(self.learner).__name__} has no attack: pass attack=")
+        if support is query:
+            return [(support, everything)]
+        by_kind = [
+            (chosen, [i for i in everything if sets[i][2] == is_query])
+            for chosen, is_query in ((support, False), (query, True))
+        ]
+        return [(chosen, members) for chosen, members in by_kind if members]
 
     @abstractmethod
     def _perturb(

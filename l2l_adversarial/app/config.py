@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from cerberus import Validator
 
+from l2l_adversarial.algorithms import RMAML, AdversarialQuerying
+from l2l_adversarial.algorithms.base import ATTACK_SETS, ATTACK_TARGETS
 from l2l_adversarial.data.registry import DATASET_INFO
 from l2l_adversarial.data.registry import DATASETS as _DATA_DATASETS
 from l2l_adversarial.errors import UserError
@@ -48,6 +50,8 @@ __all__ = [
 METHODS = ("maml", "maml-ad", "adml", "aq", "r-maml", "matching-nets")
 ADVERSARIAL_METHODS = ("maml-ad", "adml", "aq", "r-maml")
 """Methods that attack in meta-training: they take the attack and robustness-term keys."""
+PLACEMENT_SETS = {"aq": AdversarialQuerying.placement_sets, "r-maml": RMAML.placement_sets}
+"""The ``train.attack_sets`` of the methods that do not take all of them."""
 DATASETS = _DATA_DATASETS  # the data package's registry: one list of names
 # ship inside an installed package: no root needed
 BUNDLED_DATASETS = tuple(name for name, info in DATASET_INFO.items() if info.bundled)
@@ -202,14 +206,23 @@ SCHEMA: dict[str, Any] = {
             "attack": {"type": "string", "allowed": ["fgsm", "ffgsm", "pgd"], "default": "fgsm"},
             "eps": _number(min=0, max=255, default=2.0),
             "pgd_steps": _integer(min=1, default=7),
-            # PGD step size in pixel levels; null: 2.5 * eps / pgd_steps
-            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
-            "attack_target": {
+            # the attack's placement (l2l_adversarial.algorithms.base.PlacementOptions): which
+            # sets meta-training attacks and against which parameters; null: as the method's
+            # paper does (adml, maml-ad: both, initial; aq, r-maml: query, adapted)
+            "attack_sets": {
                 "type": "string",
-                "allowed": ["initial", "adapted"],
+                "allowed": list(ATTACK_SETS),
                 "nullable": True,
                 "default": None,
             },
+            "attack_target": {
+                "type": "string",
+                "allowed": list(ATTACK_TARGETS),
+                "nullable": True,
+                "default": None,
+            },
+            # PGD's step in pixel levels; null: 2.5 * eps / pgd_steps
+            "pgd_step_size": _number(min=0, max=255, nullable=True, default=None),
             "adversarial_fraction": _number(min=0, max=1, default=1.0),
             # how adversarial query rows are scored (l2l_adversarial.algorithms.robust): the
             # task loss (ce) or TRADES's CE(clean) + trades_beta * KL(clean || adversarial)
@@ -396,6 +409,18 @@ def _check_sequential_update(method: str) -> None:
 
 def _check_method_keys(method: str, train: Mapping[str, Any]) -> None:
     """Refuse training keys that the method would ignore."""
+    for key in ("attack_sets", "attack_target"):
+        if train[key] is not None and method not in ADVERSARIAL_METHODS:
+            raise ConfigError(
+                f"train.{key} places the attack of meta-training, which {method} does not "
+                f"make; remove it or use one of {', '.join(ADVERSARIAL_METHODS)}"
+            )
+    accepted = PLACEMENT_SETS.get(method, ATTACK_SETS)
+    if train["attack_sets"] is not None and train["attack_sets"] not in accepted:
+        raise ConfigError(
+            f"train.attack_sets: {train['attack_sets']!r} means nothing for {method}, whose "
+            f"adversarial rows are its queries; use one of {', '.join(accepted)}"
+        )
     if train["robust_weight"] is not None and method != "r-maml":
         raise ConfigError(
             f"train.robust_weight applies to method r-maml only (its lambda), not {method}; "

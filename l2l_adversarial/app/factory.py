@@ -14,20 +14,15 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from l2l_adversarial.algorithms import (
-    ADML,
-    MAML,
-    MAMLAD,
-    RMAML,
-    AdversarialQuerying,
-    MatchingNetwork,
-)
+from l2l_adversarial import algorithms
+from l2l_adversarial.algorithms import MatchingNetwork
 from l2l_adversarial.app.config import METHODS, ConfigError
 from l2l_adversarial.attacks import FFGSM, FGSM, PGD, Attack, pixel_levels
 from l2l_adversarial.autoattack import AutoAttack
@@ -100,9 +95,28 @@ def build_attack(
         return FFGSM(eps=eps, generator=generator, check_values=False)
     if name == "pgd":
         step = None if pgd_step_size is None else pixel_levels(pgd_step_size)
-        return PGD(eps=eps, steps=pgd_steps, step_size=step, generator=generator,
-                   check_values=False)  # fmt: skip
+        return PGD(
+            eps=eps, steps=pgd_steps, step_size=step, generator=generator, check_values=False
+        )
     raise ValueError(f"attack must be one of 'fgsm', 'ffgsm', 'pgd'; got {name!r}")
+
+
+LEARNERS: dict[str, type[algorithms.MetaLearner]] = {
+    "maml": algorithms.MAML,
+    "maml-ad": algorithms.MAMLAD,
+    "adml": algorithms.ADML,
+    "aq": algorithms.AdversarialQuerying,
+    "r-maml": algorithms.RMAML,
+}
+"""The gradient-based methods' learner classes (``matching-nets`` is built apart)."""
+LEARNER_KEYWORDS = {
+    "clean_inner_lr": "clean_lr",
+    "attack_sets": "attack_sets",
+    "attack_target": "attack_target",
+    "adversarial_fraction": "adversarial_fraction",
+    "robust_weight": "robust_weight",
+}
+"""``train`` keys passed to the learners that take them, as the keyword they take."""
 
 
 def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
@@ -135,35 +149,21 @@ def build_learner(config: dict[str, Any], in_channels: int, image_size: int) -> 
         "adaptation_steps": train["adaptation_steps"],
         "channels_last": channels_last,
     }
-    if method == "maml":
-        return MAML(model, **common)
-    common.update(
-        attack=build_attack(train["attack"], train["eps"], train["pgd_steps"], seed=config["seed"],
-                            pgd_step_size=train["pgd_step_size"]),
-        robust_loss=train["robust_loss"],
-        trades_beta=train["trades_beta"],
-    )  # fmt: skip
-    if method == "adml":
-        return ADML(
-            model,
-            **common,
-            clean_lr=train["clean_inner_lr"],
-            attack_target=train["attack_target"] or "initial",
-        )
-    if method == "maml-ad":
-        return MAMLAD(model, **common, adversarial_fraction=train["adversarial_fraction"])
-    if method == "aq":
-        return AdversarialQuerying(
-            model, **common, attack_target=train["attack_target"] or "adapted"
-        )
-    if method == "r-maml":
-        return RMAML(
-            model,
-            **common,
-            robust_weight=train["robust_weight"],
-            attack_target=train["attack_target"] or "adapted",
-        )
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method not in LEARNERS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    learner = LEARNERS[method]
+    accepted = inspect.signature(learner).parameters
+    if "attack" in accepted:
+        common.update(
+            attack=build_attack(train["attack"], train["eps"], train["pgd_steps"],
+                                seed=config["seed"], pgd_step_size=train["pgd_step_size"]),
+            robust_loss=train["robust_loss"],
+            trades_beta=train["trades_beta"],
+        )  # fmt: skip
+    for key, keyword in LEARNER_KEYWORDS.items():  # None: the learner's own default
+        if keyword in accepted and train[key] is not None:
+            common[keyword] = train[key]
+    return learner(model, **common)
 
 
 def evaluation_attack(settings: dict[str, Any]) -> Callable[[float], Attack]:

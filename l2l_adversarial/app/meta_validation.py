@@ -36,7 +36,7 @@ from l2l_adversarial.app.checkpoint import CheckpointError, load_checkpoint, sav
 from l2l_adversarial.app.config import BUNDLED_DATASETS, ConfigError
 from l2l_adversarial.app.factory import task_source
 from l2l_adversarial.app.files import append_csv_row, drop_csv_rows_after
-from l2l_adversarial.attacks import FGSM
+from l2l_adversarial.attacks import paper_attack
 from l2l_adversarial.data import DatasetFileError
 from l2l_adversarial.evaluation import Scenario, evaluate, few_shot_learner
 from l2l_adversarial.task import Task
@@ -149,7 +149,7 @@ class MetaValidator:
                 self.tasks,
                 method=self.config["method"],
                 epsilons=self.epsilons,
-                make_attack=FGSM,
+                make_attack=paper_attack,
                 scenarios=SCENARIOS,
                 seed=settings["seed"],
                 device=trainer.device,

@@ -52,6 +52,7 @@ from l2l_adversarial.validation import (
 
 __all__ = [
     "ENGINES",
+    "check_stackable",
     "fitting_chunk_size",
     "meta_batch_objective",
     "meta_step",
@@ -279,7 +280,7 @@ class _MetaBatch:
         count = len(self.tasks)
         self.chunk_size = chunk_size or min(count, _FITTING_CHUNKS.get(learner, count))
         if engine == "vmap":
-            _check_stackable(self.tasks)
+            check_stackable(self.tasks)
         self.recorded: list[list[Tensor]] = []
 
     def shrink_chunks(self) -> None:
@@ -330,13 +331,20 @@ class _MetaBatch:
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _check_stackable(tasks: Sequence[Task]) -> None:
-    """vmap stacks the tasks: their shapes must be equal."""
+def check_stackable(tasks: Sequence[Task], names: Sequence[str] | None = None) -> None:
+    """Refuse tasks ``engine='vmap'`` cannot stack: their tensor shapes must be equal.
+
+    Example:
+        >>> import torch
+        >>> task = Task(torch.rand(2, 3), torch.arange(2), torch.rand(4, 3), torch.arange(4))
+        >>> check_stackable([task, task])  # equal shapes: nothing to say
+    """
+    names = names or [f"task {index}" for index in range(len(tasks))]
     shapes = [tuple(tuple(t.shape) for t in task) for task in tasks]
-    for index, task_shapes in enumerate(shapes):
+    for name, task_shapes in zip(names, shapes, strict=True):
         if task_shapes != shapes[0]:
             raise ValueError(
-                f"engine='vmap' cannot run this meta-batch: task {index} has tensor shapes "
-                f"{task_shapes} but task 0 has {shapes[0]}; vmap stacks the tasks, so their "
-                "shapes must be equal. Use engine='sequential' (or 'auto')."
+                f"engine='vmap' stacks the tasks, so their shapes must be equal, but {name} has "
+                f"tensor shapes {task_shapes} and {names[0]} {shapes[0]}. Use "
+                "engine='sequential' (or 'auto')."
             )
