@@ -327,9 +327,9 @@ def test_cifar_fs_and_fc100_from_metaoptnet_pickles_equal_cifar_100_python(
     tmp_path: Path, cls: type[CIFARFS]
 ) -> None:
     files = write_cifar100(tmp_path / "torchvision", train_per_class=3, test_per_class=2)
-    write_metaoptnet_cifar(tmp_path / "metaoptnet" / cls.FOLDER, files, cls.SPLIT)
+    write_metaoptnet_cifar(tmp_path / "metaoptnet" / cls.FOLDER, files, cls.NAME)
     for mode in ("train", "validation", "test"):
-        split = few_shot_cifar_split(cls.SPLIT)[mode]
+        split = few_shot_cifar_split(cls.NAME)[mode]
         a = cls(tmp_path / "torchvision", mode, strict=False, cache_dir=False)
         b = cls(tmp_path / "metaoptnet", mode, strict=False, cache_dir=False)
         assert (a.format, b.format) == ("cifar-100-python", "metaoptnet")

@@ -16,6 +16,25 @@ from l2l_adversarial.validation import check_choice
 MODES = ("train", "validation", "test")
 
 
+def check_uint8_rows(data: object, shape: tuple[int | str, ...], where: str, hint: str) -> None:
+    """Raise :class:`DatasetFileError` unless ``data`` is a uint8 array of ``shape`` (a name
+    such as ``"N"``: any size); ``where`` names the file, ``hint`` how to obtain it again."""
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == len(shape)
+        and all(
+            isinstance(size, str) or size == n for size, n in zip(shape, data.shape, strict=True)
+        )
+    ):
+        expected = ", ".join(map(str, shape))
+        raise DatasetFileError(
+            f"{where}: 'data' must be a uint8 array of shape ({expected}), got "
+            f"{type(data).__name__} dtype={getattr(data, 'dtype', None)} "
+            f"shape={getattr(data, 'shape', None)}. {hint}"
+        )
+
+
 def check_mode(mode: str) -> None:
     """Raise ``ValueError`` unless ``mode`` is one of :data:`MODES`."""
     check_choice("mode", mode, MODES)

@@ -24,7 +24,14 @@ import torchvision.datasets
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from l2l_adversarial.data._images import MODES, UInt8Items, as_root, check_mode, is_data_file
+from l2l_adversarial.data._images import (
+    MODES,
+    UInt8Items,
+    as_root,
+    check_mode,
+    check_uint8_rows,
+    is_data_file,
+)
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import safe_load
 from l2l_adversarial.validation import check_choice
@@ -210,17 +217,7 @@ def _read_cifar100(root: Path, strict: bool) -> tuple[np.ndarray, np.ndarray, li
         record = safe_load(path, encoding="bytes", how_to_obtain=hint)
         data = _field(record, "data", path, hint)
         fine = np.asarray(_field(record, "fine_labels", path, hint))
-        if not (
-            isinstance(data, np.ndarray)
-            and data.dtype == np.uint8
-            and data.ndim == 2
-            and data.shape[1] == 3072
-        ):
-            raise DatasetFileError(
-                f"{path}: 'data' must be a uint8 array of shape (N, 3072) (32 x 32 RGB rows), "
-                f"got {type(data).__name__} dtype={getattr(data, 'dtype', None)} "
-                f"shape={getattr(data, 'shape', None)}. {hint}"
-            )
+        check_uint8_rows(data, ("N", 3072), str(path), hint)  # 32 x 32 RGB rows
         if (
             fine.shape != (len(data),)
             or fine.dtype.kind not in "iu"

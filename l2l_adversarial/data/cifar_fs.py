@@ -53,7 +53,6 @@ def _fine_names() -> list[str]:
 
 
 class _FewShotCIFAR(StandardSplit):
-    SPLIT: ClassVar[str] = ""
     PICKLE_PREFIX: ClassVar[str] = ""
     FOLDER: ClassVar[str] = ""
     IMAGES_PER_CLASS = 600
@@ -89,7 +88,7 @@ class _FewShotCIFAR(StandardSplit):
         hint = f"Obtain it again from MetaOptNet's data release; see {GUIDE}."
         data, labels, _ = metaoptnet_record(path, ("data", "labels"), hint)
         fine = _fine_names()
-        wanted = set(few_shot_cifar_split(cls.SPLIT)[mode])
+        wanted = set(few_shot_cifar_split(cls.NAME)[mode])
         if labels.size and (labels.min() < 0 or labels.max() >= 100):
             raise DatasetFileError(
                 f"{path} is mislabelled: labels must be CIFAR-100 fine label ids in [0, 100), "
@@ -125,7 +124,7 @@ class _FewShotCIFAR(StandardSplit):
         cls, root: Path, mode: str, sources: list[Path], options: dict[str, Any]
     ) -> Plan:
         images, fine_labels, names = _read_cifar100(root, strict=False)
-        wanted = set(few_shot_cifar_split(cls.SPLIT)[mode])
+        wanted = set(few_shot_cifar_split(cls.NAME)[mode])
         keep = np.flatnonzero(
             np.isin(fine_labels, [names.index(name) for name in wanted if name in names])
         )
@@ -161,7 +160,6 @@ class CIFARFS(_FewShotCIFAR):
     """
 
     NAME = "cifar-fs"
-    SPLIT = "cifar-fs"
     PICKLE_PREFIX = "CIFAR_FS"
     FOLDER = "CIFAR-FS"
     STANDARD_CLASSES = {"train": 64, "validation": 16, "test": 20}
@@ -179,7 +177,6 @@ class FC100(_FewShotCIFAR):
     """
 
     NAME = "fc100"
-    SPLIT = "fc100"
     PICKLE_PREFIX = "FC100"
     FOLDER = "FC100"
     STANDARD_CLASSES = {"train": 60, "validation": 20, "test": 20}

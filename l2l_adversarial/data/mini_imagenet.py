@@ -30,7 +30,7 @@ import numpy as np
 from learn2learn.data import utils as l2l_data_utils
 
 from l2l_adversarial.data._decode import decode_image
-from l2l_adversarial.data._images import MODES, check_mode, is_data_file
+from l2l_adversarial.data._images import MODES, check_mode, check_uint8_rows, is_data_file
 from l2l_adversarial.data.cache import Plan
 from l2l_adversarial.data.errors import DatasetDownloadError, DatasetFileError
 from l2l_adversarial.data.safe_pickle import python2_text, safe_load
@@ -239,16 +239,7 @@ def metaoptnet_record(
             f"{path} should be a dict with keys {list(keys)}, found {found}. {hint}"
         )
     data, labels = record["data"], np.asarray(record["labels"])
-    if not (
-        isinstance(data, np.ndarray)
-        and data.dtype == np.uint8
-        and data.ndim == 4
-        and data.shape[3] == 3
-    ):
-        raise DatasetFileError(
-            f"{path}: 'data' must be a uint8 array (N, H, W, 3), got {type(data).__name__} "
-            f"dtype={getattr(data, 'dtype', None)} shape={getattr(data, 'shape', None)}. {hint}"
-        )
+    check_uint8_rows(data, ("N", "H", "W", 3), str(path), hint)
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
         raise DatasetFileError(
             f"{path}: 'labels' must give one integer label per image ({len(data)} images), got "
